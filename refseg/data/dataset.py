@@ -1,0 +1,108 @@
+"""RefSegDataset: one item per sentence of a refer-format split, letterboxed to S x S.
+
+What an item holds depends on the supervision budget, and the data set reads
+only what that budget allows:
+
+- full:  image, text, mask (letterboxed).
+- click: image, text, click_center, click_corners; never reads a mask when
+         the refs store clicks (SynthRef does). For data without stored
+         clicks (real RefCOCO) `ReferData.clicks` derives them from the mask
+         once per ref, which is the only mask read in this mode.
+- text:  image and text only.
+- eval:  as full, plus `orig_mask`, the mask at the original resolution.
+
+Every item also carries no_target, the ids, orig_hw and letterbox; see
+docs/DESIGN.md for the table of keys.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from refseg.data.refer import ReferData
+from refseg.data.transforms import Letterbox
+
+SUPERVISION = ("full", "click", "text", "eval")
+LIST_KEYS = ("text", "orig_mask")  # always lists after collate: strings, per-image sizes
+
+
+class RefSegDataset(Dataset):
+    """Torch Dataset over `data.samples(split)`.
+
+    Item keys and types:
+        image: uint8 (3, S, S), letterboxed RGB in [0, 255].
+        text: str.
+        mask: float32 (1, S, S) in {0, 1} (full, eval).
+        orig_mask: uint8 (H, W) in {0, 1} (eval).
+        click_center: float32 (2,) [x, y], letterboxed pixels (click); NaN for no-target.
+        click_corners: float32 (2, 2) [[x0, y0], [x1, y1]] (click); NaN for no-target.
+        no_target: bool ().
+        image_id, ref_id, sent_id, ann_id: int.
+        orig_hw: int64 (2,) original (height, width).
+        letterbox: float32 (3,) (scale, pad_x, pad_y); content occupies the top-left
+            (S - pad_y) x (S - pad_x) pixels.
+    """
+
+    def __init__(self, data: ReferData, split: str, size: int = 320, supervision: str = "full"):
+        if supervision not in SUPERVISION:
+            raise ValueError(f"supervision must be one of {SUPERVISION}, got {supervision!r}")
+        self.data = data
+        self.split = split
+        self.supervision = supervision
+        self.letterbox = Letterbox(size)
+        self.samples = data.samples(split)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        s = self.samples[index]
+        image = self.data.load_image(s.image_id)  # (H, W, 3) uint8
+        h, w = image.shape[:2]
+        lb = self.letterbox.params(h, w)
+        item = {
+            "image": torch.from_numpy(self.letterbox.apply_image(image)).permute(2, 0, 1).contiguous(),  # (3, S, S)
+            "text": s.text,
+            "no_target": torch.tensor(s.no_target),
+            "image_id": s.image_id,
+            "ref_id": s.ref_id,
+            "sent_id": s.sent_id,
+            "ann_id": s.ann_id,
+            "orig_hw": torch.tensor([h, w], dtype=torch.long),
+            "letterbox": torch.tensor(lb.as_tuple(), dtype=torch.float32),
+        }
+        if self.supervision in ("full", "eval"):
+            mask = self.data.get_mask(s.ann_id, image_id=s.image_id)  # (H, W) uint8
+            item["mask"] = torch.from_numpy(self.letterbox.apply_mask(mask)).float()[None]  # (1, S, S)
+            if self.supervision == "eval":
+                item["orig_mask"] = torch.from_numpy(mask)
+        elif self.supervision == "click":
+            clicks = self.data.clicks(s.ref_id)
+            if clicks is None:
+                center, corners = np.full(2, np.nan), np.full((2, 2), np.nan)
+            else:
+                center = self.letterbox.apply_points(np.asarray(clicks[0], dtype=np.float64), (h, w))
+                corners = self.letterbox.apply_points(np.asarray(clicks[1], dtype=np.float64), (h, w))
+            item["click_center"] = torch.tensor(center, dtype=torch.float32)  # (2,)
+            item["click_corners"] = torch.tensor(corners, dtype=torch.float32)  # (2, 2)
+        return item
+
+
+def collate(batch: list[dict]) -> dict:
+    """Batch items: tensors are stacked (B, ...), ints/bools become (B,) tensors;
+    `text` (list[str]) and `orig_mask` (list of (H_i, W_i) uint8) stay lists."""
+    out = {}
+    for key in batch[0]:
+        values = [item[key] for item in batch]
+        first = values[0]
+        if key in LIST_KEYS or not isinstance(first, (torch.Tensor, bool, int)):
+            out[key] = values
+        elif isinstance(first, torch.Tensor):
+            out[key] = torch.stack(values)
+        elif isinstance(first, bool):
+            out[key] = torch.tensor(values, dtype=torch.bool)
+        else:
+            out[key] = torch.tensor(values, dtype=torch.long)
+    return out

@@ -1,0 +1,401 @@
+"""Read refer-format data sets: RefCOCO, RefCOCO+, RefCOCOg, RRSIS-D, SynthRef.
+
+A data set is a folder holding `refs(<split_by>).p` (a pickled list of ref
+dicts) and `instances.json` (COCO style), plus an images folder. The refs'
+own `file_name` is ignored; images are found through `instances.json`.
+
+RRSIS-D quirks are resolved here, once: annotations name their category
+`categories_id`; category ids start at 0 (never tested for truthiness);
+ids coincide. After `load_refer` every ref in `refs_by_id` carries
+`category_id`, `class_name`, `no_target`, `weak` and normalised
+`sentences` (each with `sent_id`, `text` and, if stored, `form`), plus
+whatever extra keys the file had (click_center, click_corners, ...).
+
+Every error names the file, the id and the field at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from refseg.data.image import load_image_rgb
+
+SPLIT_ORDER = ("train", "val", "testA", "testB", "test")
+
+
+class ReferFormatError(ValueError):
+    """A refer-format data set is missing a piece or holds a malformed field."""
+
+
+class ReferFileNotFoundError(ReferFormatError, FileNotFoundError):
+    """A file the data set needs (refs, instances.json, an image) does not exist."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One (image, expression) pair: a sentence of a ref. `ann_id` is -1 for no-target refs."""
+
+    sent_id: int
+    ref_id: int
+    ann_id: int
+    image_id: int
+    category_id: int
+    class_name: str
+    text: str
+    form: Optional[str]
+    no_target: bool
+    weak: bool
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that builds only dict, list, tuple, set, str, bytes, int, float, bool and None.
+
+    `find_class` refuses every global (a class, os.system, eval, ...) before
+    looking it up, so a pickle that tries to run code fails without running
+    it. Those types need no global in the opcodes real refs files use;
+    the exceptions are sets in protocols < 4 and bytes written by Python 3
+    in protocol 2, which are refused too (re-pickle with protocol >= 4).
+    """
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(
+            f"global '{module}.{name}' is not allowed: refs files may hold only plain containers and scalars"
+        )
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("persistent ids are not allowed in refs files")
+
+
+def load_refs_file(path) -> list:
+    """Read a pickled refs file with `RestrictedUnpickler`; Python 2 pickles are read as UTF-8 (latin-1 fallback)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReferFileNotFoundError(f"refs file not found: {path}")
+    last = None
+    for encoding in ("utf-8", "latin1"):
+        try:
+            with open(path, "rb") as f:
+                refs = RestrictedUnpickler(f, encoding=encoding).load()
+            break
+        except UnicodeDecodeError as e:
+            last = e
+        except Exception as e:  # pickle raises many types on corrupt input
+            raise ReferFormatError(f"{path}: cannot unpickle refs: {e}") from e
+    else:
+        raise ReferFormatError(f"{path}: cannot decode strings in refs: {last}")
+    if not isinstance(refs, list):
+        raise ReferFormatError(f"{path}: expected a list of ref dicts, got {type(refs).__name__}")
+    return refs
+
+
+def find_refs_file(ann_dir: Path, split_by: Optional[str]) -> tuple[Path, str]:
+    """Return (path, split_by) of the refs file; auto-detect when exactly one `refs(*).p` exists."""
+    found = sorted(ann_dir.glob("refs(*).p"))
+    names = ", ".join(p.name for p in found) or "none"
+    if split_by is not None:
+        path = ann_dir / f"refs({split_by}).p"
+        if not path.is_file():
+            raise ReferFileNotFoundError(f"refs file not found: {path} (refs files in {ann_dir}: {names})")
+        return path, split_by
+    if not found:
+        if not ann_dir.is_dir():
+            raise ReferFileNotFoundError(f"data set folder not found: {ann_dir}")
+        raise ReferFileNotFoundError(f"no refs(<split_by>).p file in {ann_dir}")
+    if len(found) > 1:
+        raise ReferFormatError(f"several refs files in {ann_dir} ({names}); choose one with split_by / --split-by")
+    return found[0], found[0].name[len("refs(") : -len(").p")]
+
+
+def _int(value, where: str, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ReferFormatError(f"{where}: field '{field}' must be an integer, got {value!r}")
+    return int(value)
+
+
+def check_segmentation(seg, where: str) -> None:
+    """Raise ReferFormatError unless `seg` is polygons, a list of RLEs, or a bare RLE dict."""
+    if isinstance(seg, dict):
+        seg = [seg]
+    elif not isinstance(seg, list):
+        raise ReferFormatError(f"{where}: field 'segmentation' has unknown form {type(seg).__name__}")
+    for part in seg:
+        if isinstance(part, dict):
+            size = part.get("size")
+            if not isinstance(part.get("counts"), (str, bytes, list)) or not isinstance(size, (list, tuple)) \
+                    or len(size) != 2:
+                raise ReferFormatError(f"{where}: field 'segmentation' RLE needs 'counts' (str, bytes or list) "
+                                       "and 'size' [h, w]")
+        elif isinstance(part, (list, tuple)):
+            if len(part) % 2:  # the numbers themselves are checked when decoded
+                raise ReferFormatError(f"{where}: field 'segmentation' polygon must be an even list of numbers")
+        else:
+            raise ReferFormatError(f"{where}: field 'segmentation' has unknown form (list of {type(part).__name__})")
+
+
+def _read_instances(path: Path) -> tuple[dict, dict, dict]:
+    """instances.json -> (images, annotations, categories), each keyed by id."""
+    if not path.is_file():
+        raise ReferFileNotFoundError(f"instances file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            inst = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReferFormatError(f"{path}: not valid JSON: {e}") from e
+    for key in ("images", "annotations"):
+        if not isinstance(inst.get(key), list):
+            raise ReferFormatError(f"{path}: field '{key}' must be a list")
+    images = {}
+    for i, im in enumerate(inst["images"]):
+        where = f"{path}: image {im.get('id', f'#{i}')}"
+        if not isinstance(im.get("file_name"), str):
+            raise ReferFormatError(f"{where}: field 'file_name' missing or not a string")
+        iid = _int(im.get("id"), where, "id")
+        images[iid] = {"id": iid, "file_name": im["file_name"], "height": _int(im.get("height"), where, "height"),
+                       "width": _int(im.get("width"), where, "width")}
+    anns = {}
+    for i, a in enumerate(inst["annotations"]):
+        where = f"{path}: annotation {a.get('id', f'#{i}')}"
+        cat = a["category_id"] if "category_id" in a else a.get("categories_id")
+        bbox = a.get("bbox")
+        if bbox is not None and (not isinstance(bbox, (list, tuple)) or len(bbox) != 4):
+            raise ReferFormatError(f"{where}: field 'bbox' must be [x, y, w, h], got {bbox!r}")
+        if "segmentation" not in a:
+            raise ReferFormatError(f"{where}: field 'segmentation' missing")
+        check_segmentation(a["segmentation"], where)
+        aid = _int(a.get("id"), where, "id")
+        anns[aid] = dict(a, id=aid, image_id=_int(a.get("image_id"), where, "image_id"),
+                         category_id=_int(cat, where, "category_id"))
+    categories = {}
+    for c in inst.get("categories", []):
+        where = f"{path}: category {c.get('id')}"
+        categories[_int(c.get("id"), where, "id")] = str(c.get("name", ""))
+    return images, anns, categories
+
+
+def decode_segmentation(seg, h: int, w: int, where: str = "segmentation") -> np.ndarray:
+    """Segmentation -> (h, w) uint8 {0,1} mask.
+
+    `seg` is polygons (list of [x0, y0, x1, y1, ...]; polygons under 3 points
+    have no area and are skipped), a list of RLEs, or a bare RLE; RLE counts
+    may be compressed (str or bytes) or uncompressed (list of run lengths).
+    """
+    check_segmentation(seg, where)
+    parts = [seg] if isinstance(seg, dict) else seg
+    try:
+        polys = [[float(v) for v in p] for p in parts if isinstance(p, (list, tuple)) and len(p) >= 6]
+    except (TypeError, ValueError) as e:
+        raise ReferFormatError(f"{where}: field 'segmentation' polygon must be an even list of numbers") from e
+    rles = mask_utils.frPyObjects(polys, h, w) if polys else []
+    for part in parts:
+        if not isinstance(part, dict):
+            continue
+        size = [int(v) for v in part["size"]]
+        if size != [h, w]:
+            raise ReferFormatError(f"{where}: RLE size {size} differs from the image size {[h, w]}")
+        counts = part["counts"]
+        if isinstance(counts, list):
+            rles.append(mask_utils.frPyObjects({"size": size, "counts": counts}, h, w))
+        else:
+            rles.append({"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
+    if not rles:
+        return np.zeros((h, w), dtype=np.uint8)
+    m = mask_utils.decode(mask_utils.merge(rles, intersect=False) if len(rles) > 1 else rles[0])
+    return np.ascontiguousarray(m.astype(np.uint8))
+
+
+def clicks_from_mask(mask: np.ndarray):
+    """SynthRef click definitions, from an (H, W) {0,1} mask.
+
+    Returns (center [x, y], corners [[x0, y0], [x1, y1]]) as ints, or None for
+    an empty mask. center = the pixel farthest from the mask border (maximum
+    of the Euclidean distance transform, the image border counting as
+    border; ties go to the first pixel in row order); corners = top-left and
+    bottom-right pixels of the mask's box, inclusive.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    m = np.asarray(mask).astype(bool)
+    if not m.any():
+        return None
+    dist = distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]  # (H, W); outside the image counts as background
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)  # argmax: first maximum in row order
+    rows, cols = np.nonzero(m.any(axis=1))[0], np.nonzero(m.any(axis=0))[0]
+    return [int(x), int(y)], [[int(cols[0]), int(rows[0])], [int(cols[-1]), int(rows[-1])]]
+
+
+def _sentence_text(s: dict, where: str) -> str:
+    if isinstance(s.get("sent"), str):
+        return s["sent"]
+    if isinstance(s.get("raw"), str):
+        return s["raw"]
+    if isinstance(s.get("tokens"), list):
+        return " ".join(str(t) for t in s["tokens"])
+    raise ReferFormatError(f"{where}: sentence has none of 'sent', 'raw', 'tokens'")
+
+
+def _normalise_ref(ref, where_file: str, index: int, images: dict, anns: dict, categories: dict) -> dict:
+    if not isinstance(ref, dict):
+        raise ReferFormatError(f"{where_file}: ref #{index} is a {type(ref).__name__}, not a dict")
+    where = f"{where_file}: ref {ref.get('ref_id', f'#{index}')}"
+    for key in ("ref_id", "ann_id", "image_id", "split", "sentences"):
+        if key not in ref:
+            raise ReferFormatError(f"{where}: field '{key}' missing")
+    ref_id, ann_id = _int(ref["ref_id"], where, "ref_id"), _int(ref["ann_id"], where, "ann_id")
+    image_id = _int(ref["image_id"], where, "image_id")
+    if image_id not in images:
+        raise ReferFormatError(f"{where}: field 'image_id' = {image_id} has no entry in instances.json images")
+    no_target = bool(ref.get("no_target", False)) or ann_id == -1
+    cat = ref["category_id"] if "category_id" in ref else ref.get("categories_id")
+    if no_target and ann_id != -1:
+        raise ReferFormatError(f"{where}: field 'no_target' is true but 'ann_id' = {ann_id} names an object")
+    if not no_target:
+        if ann_id not in anns:
+            raise ReferFormatError(f"{where}: field 'ann_id' = {ann_id} has no entry in instances.json annotations")
+        if anns[ann_id]["image_id"] != image_id:
+            raise ReferFormatError(f"{where}: field 'image_id' = {image_id} but annotation {ann_id} "
+                                   f"lies on image {anns[ann_id]['image_id']}")
+        cat = anns[ann_id]["category_id"] if cat is None else cat
+    if cat is None:
+        raise ReferFormatError(f"{where}: field 'category_id' missing")
+    cat = _int(cat, where, "category_id")
+    sentences = ref["sentences"]
+    if not isinstance(sentences, list) or not sentences:
+        raise ReferFormatError(f"{where}: field 'sentences' must be a non-empty list")
+    sent_ids = ref.get("sent_ids")
+    if sent_ids is not None and (not isinstance(sent_ids, list) or len(sent_ids) != len(sentences)):
+        raise ReferFormatError(f"{where}: field 'sent_ids' must be a list as long as 'sentences'")
+    norm = []
+    for j, s in enumerate(sentences):
+        if not isinstance(s, dict):
+            raise ReferFormatError(f"{where}: field 'sentences' item {j} is not a dict")
+        sid = s.get("sent_id", sent_ids[j] if sent_ids is not None else None)
+        sid = _int(sid, f"{where} sentence {j}", "sent_id")
+        norm.append(dict(s, sent_id=sid, text=_sentence_text(s, f"{where} sentence {sid}"), form=s.get("form")))
+    for key in ("click_center", "click_corners"):
+        if ref.get(key) is not None and np.asarray(ref[key]).shape != ((2,) if key == "click_center" else (2, 2)):
+            raise ReferFormatError(f"{where}: field '{key}' has shape {np.asarray(ref[key]).shape}")
+    class_name = ref.get("class_name") or categories.get(cat, str(cat))
+    return dict(ref, ref_id=ref_id, ann_id=ann_id, image_id=image_id, category_id=cat, split=str(ref["split"]),
+                sentences=norm, sent_ids=[s["sent_id"] for s in norm], class_name=class_name,
+                no_target=no_target, weak=bool(ref.get("weak", False)))
+
+
+class ReferData:
+    """A loaded refer-format data set. Build it with `load_refer`.
+
+    Attributes:
+        ann_dir, images_dir: Paths; refs_file: the refs file read; split_by: e.g. "unc".
+        refs_by_id: {ref_id: normalised ref dict}, in file order.
+        images: {image_id: {"id", "file_name", "height", "width"}}.
+        anns: {ann_id: annotation dict with `category_id` resolved}.
+        categories: {category_id: name}.
+    """
+
+    def __init__(self, ann_dir: Path, images_dir: Path, refs_file: Path, split_by: str,
+                 refs_by_id: dict, images: dict, anns: dict, categories: dict):
+        self.ann_dir, self.images_dir, self.refs_file, self.split_by = ann_dir, images_dir, refs_file, split_by
+        self.refs_by_id, self.images, self.anns, self.categories = refs_by_id, images, anns, categories
+        self._instances = ann_dir / "instances.json"
+        self._clicks: dict = {}
+        self._samples: dict[str, list[Sample]] = {}
+        for ref in refs_by_id.values():
+            for s in ref["sentences"]:
+                self._samples.setdefault(ref["split"], []).append(Sample(
+                    sent_id=s["sent_id"], ref_id=ref["ref_id"], ann_id=ref["ann_id"], image_id=ref["image_id"],
+                    category_id=ref["category_id"], class_name=ref["class_name"], text=s["text"], form=s["form"],
+                    no_target=ref["no_target"], weak=ref["weak"]))
+
+    def splits(self) -> list[str]:
+        """Split names: train, val, testA, testB, test first (those present), then the others sorted."""
+        present = set(self._samples)
+        return [s for s in SPLIT_ORDER if s in present] + sorted(present - set(SPLIT_ORDER))
+
+    def samples(self, split: str) -> list[Sample]:
+        """One Sample per sentence of the split, in refs-file order then sentence order."""
+        if split not in self._samples:
+            raise KeyError(f"split {split!r} not in {self.refs_file} (splits: {', '.join(self.splits())})")
+        return list(self._samples[split])
+
+    def image_size(self, image_id: int) -> tuple[int, int]:
+        """(height, width) of an image as instances.json records it."""
+        im = self.images[image_id]
+        return im["height"], im["width"]
+
+    def load_image(self, image_id: int) -> np.ndarray:
+        """(H, W, 3) uint8 RGB of the image, matching instances.json's height and width.
+
+        EXIF orientation is applied unless only the stored (un-rotated) pixels
+        match the annotated size, as happens for some COCO photos.
+        """
+        if image_id not in self.images:
+            raise KeyError(f"image {image_id} has no entry in {self._instances}")
+        im = self.images[image_id]
+        path = self.images_dir / im["file_name"]
+        if not path.is_file():
+            raise ReferFileNotFoundError(
+                f"image {image_id}: file not found: {path} (field 'file_name' in {self._instances})")
+        hw = (im["height"], im["width"])
+        img = load_image_rgb(path)
+        if img.shape[:2] != hw:
+            raw = load_image_rgb(path, exif=False)
+            if raw.shape[:2] != hw:
+                raise ReferFormatError(
+                    f"image {image_id}: {path} is {img.shape[1]}x{img.shape[0]} (w x h) but {self._instances} "
+                    f"says {hw[1]}x{hw[0]}")
+            img = raw
+        return img
+
+    def get_mask(self, ann_id: int, image_id: Optional[int] = None) -> np.ndarray:
+        """(H, W) uint8 {0,1} mask of an annotation at the image's original resolution.
+
+        ann_id == -1 (no-target) gives zeros; pass `image_id` to size them.
+        """
+        if ann_id == -1:
+            if image_id is None:
+                raise ValueError("get_mask(-1) needs image_id to know the size of the empty mask")
+            return np.zeros(self.image_size(image_id), dtype=np.uint8)
+        if ann_id not in self.anns:
+            raise KeyError(f"annotation {ann_id} has no entry in {self._instances}")
+        ann = self.anns[ann_id]
+        h, w = self.image_size(ann["image_id"])
+        return decode_segmentation(ann.get("segmentation"), h, w, f"{self._instances}: annotation {ann_id}")
+
+    def clicks(self, ref_id: int):
+        """(center [x, y], corners [[x0, y0], [x1, y1]]) of a ref, original pixels; None for no-target.
+
+        Stored `click_center` / `click_corners` are returned as they are;
+        otherwise they are derived from the mask (see `clicks_from_mask`) and
+        remembered.
+        """
+        ref = self.refs_by_id[ref_id]
+        if ref["no_target"]:
+            return None
+        if ref.get("click_center") is not None and ref.get("click_corners") is not None:
+            return ref["click_center"], ref["click_corners"]
+        if ref_id not in self._clicks:
+            self._clicks[ref_id] = clicks_from_mask(self.get_mask(ref["ann_id"]))
+        return self._clicks[ref_id]
+
+
+def load_refer(ann_dir, split_by: Optional[str] = None, images_dir=None) -> ReferData:
+    """Load a refer-format data set from `ann_dir` (images from `images_dir`, default `ann_dir/images`)."""
+    ann_dir = Path(ann_dir)
+    refs_file, split_by = find_refs_file(ann_dir, split_by)
+    images, anns, categories = _read_instances(ann_dir / "instances.json")
+    refs_by_id: dict = {}
+    for i, raw in enumerate(load_refs_file(refs_file)):
+        ref = _normalise_ref(raw, str(refs_file), i, images, anns, categories)
+        if ref["ref_id"] in refs_by_id:
+            raise ReferFormatError(f"{refs_file}: ref {ref['ref_id']}: field 'ref_id' is duplicated")
+        refs_by_id[ref["ref_id"]] = ref
+    images_dir = Path(images_dir) if images_dir is not None else ann_dir / "images"
+    return ReferData(ann_dir, images_dir, refs_file, split_by, refs_by_id, images, anns, categories)

@@ -1,0 +1,424 @@
+"""Atomic safetensors checkpoints with JSON state; `load_model`, `export_heads`.
+
+A checkpoint is a folder (`RUN/last/`, `RUN/best/`):
+
+    model.safetensors      the weights that are not frozen (heads only when the
+                           encoders are frozen: those come back from their pip
+                           packages when the model is rebuilt)
+    model.json             {"config": model.config, "stored": [names], ...};
+                           refseg.modeling rebuilds the model from "config"
+    optimizer.safetensors  AdamW moments, keyed by parameter name
+    state.json             step, epoch, data-order position, schedule, RNG
+                           states, optimizer hyper-parameters, metrics
+    manifest.json          name, size and SHA-256 of every file above; written
+                           last, so a folder without a matching manifest is not
+                           a checkpoint
+
+Nothing is pickled. A checkpoint is written into a hidden temporary folder
+beside its final name and then renamed into place; the previous one is first
+renamed aside (`.last.old-*`) and deleted only after the new one is in place,
+so a crash at any point leaves a complete checkpoint that `find_checkpoint`
+returns.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT = "refseg-checkpoint"
+VERSION = 1
+MODEL_FILE, MODEL_JSON = "model.safetensors", "model.json"
+OPTIM_FILE, STATE_JSON, MANIFEST = "optimizer.safetensors", "state.json", "manifest.json"
+
+PathLike = Union[str, Path]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, or does not fit the model."""
+
+
+# ---- which weights are stored -------------------------------------------------
+
+
+def frozen_prefixes(model: nn.Module) -> List[str]:
+    """Names of the outermost sub-modules whose parameters are all frozen
+    (requires_grad False), e.g. ["visual", "text"] for a head-only model."""
+    out: List[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name == p or name.startswith(p + ".") for p in out):
+            continue
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            out.append(name)
+    return out
+
+
+def _under(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name.startswith(p + ".") for p in prefixes)
+
+
+def stored_state(model: nn.Module, include_frozen: bool = False) -> Dict[str, torch.Tensor]:
+    """The state-dict entries a checkpoint stores: everything outside frozen
+    sub-modules (trainable parameters and their modules' buffers), or all."""
+    sd = model.state_dict()
+    if include_frozen:
+        return dict(sd)
+    skip = frozen_prefixes(model)
+    return {k: v for k, v in sd.items() if not _under(k, skip)}
+
+
+# ---- files ------------------------------------------------------------------------
+
+
+def sha256_of(path: PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems (and directories on some OSes) refuse
+        pass
+    finally:
+        os.close(fd)
+
+
+def _save_safetensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, str(path), metadata={"format": FORMAT})
+    os.chmod(path, 0o644)  # safetensors creates 0600 files; shipped weights must be readable by all
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def _contiguous(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def is_complete(ckpt: PathLike) -> bool:
+    """True when the folder's manifest exists and every file it lists has its size."""
+    ckpt = Path(ckpt)
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+        return all((ckpt / f).stat().st_size == meta["size"] for f, meta in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def find_checkpoint(run: PathLike, name: str = "last") -> Optional[Path]:
+    """RUN/<name> if complete, else a complete copy left aside by an
+    interrupted save (the one with the highest step), else None."""
+    run = Path(run)
+    if is_complete(run / name):
+        return run / name
+    aside = [p for p in run.glob(f".{name}.old-*") if is_complete(p)]
+    if not aside:
+        return None
+    return max(aside, key=lambda p: json.loads((p / STATE_JSON).read_text()).get("step", -1)
+               if (p / STATE_JSON).exists() else -1)
+
+
+def write_atomic_dir(final: Path, write_files) -> Path:
+    """Write a folder atomically: `write_files(tmp_dir)` fills a hidden temp
+    folder, a manifest is added, then it is renamed to `final`."""
+    final = Path(final)
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(f".{final.name}.tmp-*"):  # left by a crashed save
+        shutil.rmtree(stale, ignore_errors=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = parent / f".{final.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        write_files(tmp)
+        files = {}
+        for p in sorted(tmp.iterdir()):
+            _fsync(p)
+            files[p.name] = {"size": p.stat().st_size, "sha256": sha256_of(p)}
+        _write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "files": files})
+        _fsync(tmp / MANIFEST)
+        _fsync(tmp)
+        old = None
+        if final.exists():
+            old = parent / f".{final.name}.old-{tag}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    for older in parent.glob(f".{final.name}.old-*"):  # from an earlier interrupted save
+        shutil.rmtree(older, ignore_errors=True)
+    return final
+
+
+# ---- RNG and optimizer state as JSON + safetensors -------------------------------
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
+
+
+def rng_state() -> Dict[str, Any]:
+    """Python, NumPy and torch (CPU, and every cuda device if initialised) RNG states, JSON-able."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": _b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, names: Dict[nn.Parameter, str]
+                    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(tensors keyed "<param name>/<slot>", JSON part with the param groups)."""
+    sd = optimizer.state_dict()
+    index_to_name = {}
+    for group, sd_group in zip(optimizer.param_groups, sd["param_groups"]):
+        for p, i in zip(group["params"], sd_group["params"]):
+            index_to_name[i] = names[p]
+    tensors, scalars = {}, {}
+    for i, slots in sd["state"].items():
+        for slot, v in slots.items():
+            key = f"{index_to_name[i]}/{slot}"
+            if torch.is_tensor(v):
+                tensors[key] = v
+            else:
+                scalars[key] = v
+    groups = []
+    for sd_group in sd["param_groups"]:
+        g = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sd_group.items() if k != "params"}
+        g["param_names"] = [index_to_name[i] for i in sd_group["params"]]
+        groups.append(g)
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, names: Dict[nn.Parameter, str],
+                         tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
+    current = [[names[p] for p in g["params"]] for g in optimizer.param_groups]
+    saved = [g["param_names"] for g in meta["param_groups"]]
+    if current != saved:
+        raise CheckpointError("the optimizer's parameters differ from the checkpoint's: "
+                              f"{sum(map(len, current))} now, {sum(map(len, saved))} saved")
+    name_to_index, groups = {}, []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        names_in_group = g.pop("param_names")
+        g["params"] = [name_to_index.setdefault(n, len(name_to_index)) for n in names_in_group]
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    state: Dict[int, Dict[str, Any]] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        name, slot = key.rsplit("/", 1)
+        state.setdefault(name_to_index[name], {})[slot] = v
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ---- training checkpoints ------------------------------------------------------
+
+
+def model_meta(model: nn.Module, stored: Iterable[str], dtype: str = "float32") -> Dict[str, Any]:
+    config = getattr(model, "config", None)
+    if config is None:
+        raise CheckpointError(f"{type(model).__name__} has no `config` dict to rebuild it from")
+    return {"format": FORMAT, "version": VERSION, "config": config, "stored": sorted(stored), "dtype": dtype,
+            "frozen": frozen_prefixes(model)}
+
+
+def save_checkpoint(final: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    state: Optional[Dict[str, Any]] = None, include_frozen: bool = False,
+                    with_rng: bool = True) -> Path:
+    """Write a checkpoint folder atomically (see the module docstring). `state`
+    is any JSON-able dict (step, epoch, ...); RNG states are added to it."""
+    weights = _contiguous(stored_state(model, include_frozen))
+    names = {p: n for n, p in model.named_parameters()}
+    state = dict(state or {})
+    if with_rng:
+        state["rng"] = rng_state()
+    if optimizer is not None:
+        opt_tensors, state["optimizer"] = optimizer_state(optimizer, names)
+        opt_tensors = _contiguous(opt_tensors)
+
+    def write(tmp: Path) -> None:
+        _save_safetensors(weights, tmp / MODEL_FILE)
+        _write_json(tmp / MODEL_JSON, model_meta(model, weights))
+        if optimizer is not None:
+            _save_safetensors(opt_tensors, tmp / OPTIM_FILE)
+        _write_json(tmp / STATE_JSON, state)
+
+    return write_atomic_dir(Path(final), write)
+
+
+def load_training_state(ckpt: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                        restore_rng: bool = True) -> Dict[str, Any]:
+    """Load weights (+ optimizer, + RNG) from a checkpoint folder into live
+    objects, for `--resume`; returns its state.json dict."""
+    ckpt = Path(ckpt)
+    if not is_complete(ckpt):
+        raise CheckpointError(f"{ckpt} is not a complete checkpoint (no valid {MANIFEST})")
+    meta = json.loads((ckpt / MODEL_JSON).read_text())
+    load_weights(model, load_file(str(ckpt / MODEL_FILE)), meta, source=str(ckpt))
+    state = json.loads((ckpt / STATE_JSON).read_text())
+    if optimizer is not None:
+        if "optimizer" not in state:
+            raise CheckpointError(f"{ckpt} holds no optimizer state")
+        names = {p: n for n, p in model.named_parameters()}
+        load_optimizer_state(optimizer, names, load_file(str(ckpt / OPTIM_FILE)), state["optimizer"])
+    if restore_rng and "rng" in state:
+        set_rng_state(state["rng"])
+    return state
+
+
+# ---- models -------------------------------------------------------------------------
+
+
+def build_model(config: Dict[str, Any]) -> nn.Module:
+    """Rebuild a model from its `config` dict with refseg.modeling."""
+    from refseg import modeling
+
+    return modeling.build(config)
+
+
+def load_weights(model: nn.Module, weights: Dict[str, torch.Tensor], meta: Optional[Dict[str, Any]] = None,
+                 source: str = "checkpoint", strict: bool = True) -> None:
+    """Copy stored weights into `model`, checking names and shapes.
+
+    Keys of the model not in the file must lie in frozen sub-modules (rebuilt
+    from their packages); anything else missing, any key the model lacks and
+    any shape mismatch raises CheckpointError listing them (strict) or warns.
+    """
+    own = model.state_dict()
+    if meta is not None and sorted(meta.get("stored", weights)) != sorted(weights):
+        raise CheckpointError(f"{source}: the weights file does not hold the parameters its JSON lists")
+    frozen = frozen_prefixes(model)
+    unexpected = sorted(k for k in weights if k not in own)
+    missing = sorted(k for k in own if k not in weights and not _under(k, frozen))
+    shapes = sorted(f"{k}: stored {tuple(weights[k].shape)}, model {tuple(own[k].shape)}"
+                    for k in weights if k in own and weights[k].shape != own[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"missing (model has, file lacks) {len(missing)}: {', '.join(missing[:20])}")
+    if unexpected:
+        problems.append(f"unexpected (file has, model lacks) {len(unexpected)}: {', '.join(unexpected[:20])}")
+    if shapes:
+        problems.append(f"shape mismatch {len(shapes)}: {'; '.join(shapes[:20])}")
+    if problems:
+        message = f"{source} does not fit {type(model).__name__}:\n  " + "\n  ".join(problems)
+        if strict:
+            raise CheckpointError(message)
+        warnings.warn(message, stacklevel=2)
+    with torch.no_grad():
+        for k, v in weights.items():
+            if k in own and v.shape == own[k].shape:
+                own[k].copy_(v.to(own[k].dtype))
+
+
+def _resolve(path: PathLike) -> Tuple[Path, Path]:
+    """(weights file, its JSON) for a checkpoint folder, a run folder or a .safetensors file."""
+    path = Path(path)
+    if path.is_file() or path.suffix == ".safetensors":
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file")
+        return path, path.with_suffix(".json")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint, run folder or .safetensors file")
+    if (path / MODEL_FILE).exists():
+        if not is_complete(path):
+            raise CheckpointError(f"{path} is an incomplete checkpoint (interrupted save?)")
+        return path / MODEL_FILE, path / MODEL_JSON
+    for name in ("best", "last"):
+        found = find_checkpoint(path, name)
+        if found is not None:
+            return found / MODEL_FILE, found / MODEL_JSON
+    raise CheckpointError(f"{path} holds no complete checkpoint (looked for {MODEL_FILE}, best/, last/)")
+
+
+def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", strict: bool = True) -> nn.Module:
+    """Rebuild a model and load its weights.
+
+    path: a checkpoint folder (RUN/best), a run folder (best/, else last/), or
+    a `<stem>.safetensors` file with its `<stem>.json` beside it. When the JSON
+    holds a "sha256" the file is checked against it. Returns the model in
+    eval mode on `device`.
+    """
+    weights_path, json_path = _resolve(path)
+    if not json_path.exists():
+        raise CheckpointError(f"{weights_path}: no {json_path.name} beside it (it holds the model config)")
+    meta = json.loads(json_path.read_text())
+    if "config" not in meta:
+        raise CheckpointError(f"{json_path}: no 'config' entry to rebuild the model from")
+    if meta.get("sha256") and sha256_of(weights_path) != meta["sha256"]:
+        raise CheckpointError(f"{weights_path}: SHA-256 does not match {json_path.name}; the file is corrupt or changed")
+    model = build_model(meta["config"])
+    load_weights(model, load_file(str(weights_path)), meta, source=str(weights_path), strict=strict)
+    return model.to(device).eval()
+
+
+def export_heads(model: nn.Module, out_stem: PathLike, extra_meta: Optional[Dict[str, Any]] = None,
+                 fp16: bool = False, include_frozen: bool = False) -> Tuple[Path, Path]:
+    """Write `<stem>.safetensors` (non-frozen weights; floats as fp16 when
+    `fp16`) and `<stem>.json` (config, stored names, dtype, SHA-256 of the
+    weights file, and `extra_meta`'s keys, e.g. command and scores), as
+    shipped in refseg/weights/. Returns both paths."""
+    out_stem = Path(out_stem)
+    if out_stem.suffix in (".safetensors", ".json"):
+        out_stem = out_stem.with_suffix("")
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    weights = _contiguous(stored_state(model, include_frozen))
+    if fp16:
+        weights = {k: (v.half() if v.is_floating_point() else v) for k, v in weights.items()}
+    st_path, json_path = Path(f"{out_stem}.safetensors"), Path(f"{out_stem}.json")
+    tmp = st_path.with_name(f".{st_path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    _save_safetensors(weights, tmp)
+    meta = model_meta(model, weights, dtype="float16" if fp16 else "float32")
+    meta["sha256"] = sha256_of(tmp)
+    clash = sorted(set(extra_meta or {}) & set(meta))
+    if clash:
+        raise ValueError(f"extra_meta may not override {clash}")
+    meta.update(extra_meta or {})
+    os.replace(tmp, st_path)
+    tmp_json = json_path.with_name(f".{json_path.name}.tmp")
+    _write_json(tmp_json, meta)
+    os.replace(tmp_json, json_path)
+    return st_path, json_path

@@ -1,0 +1,234 @@
+"""TrainConfig: every setting of `refseg train`, one comment per field.
+
+The command-line flags are derived from the dataclass (`batch_size` ->
+`--batch-size`, the field's comment -> its help), a `--config FILE` (JSON or
+YAML holding a subset of the fields) sets a base, and flags given on the
+command line override it. The resolved config is written as
+`RUN/config.json` beside each run, which `--config` reads back unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+CACHE_CHOICES = ("auto", "on", "off")
+SUPERVISION_CHOICES = ("full", "click", "text")
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = "lts"  # a name in refseg.modeling.MODELS
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the model factory (JSON on the command line)
+    # data
+    data: str = ""  # refer-format folder holding refs(<split_by>).p and instances.json
+    split_by: Optional[str] = None  # refs file to read: unc, google, umd (None = the only one present)
+    images: Optional[str] = None  # images folder (None = DATA/images)
+    train_split: str = "train"  # split trained on
+    val_split: str = "val"  # split validated on ("" = no validation)
+    size: int = 320  # letterbox side, pixels
+    supervision: str = "full"  # training signal: full (masks), click, text
+    # batching and length
+    batch_size: int = 32  # sentences per optimiser step, summed over all processes
+    images_per_batch: int = 8  # distinct images per batch; their sentences share one visual encoding (0 = sentences drawn independently)
+    epochs: int = 10  # passes over the training sentences (ignored when max_steps > 0)
+    max_steps: int = 0  # optimiser steps to run (0 = epochs x steps per epoch)
+    # optimisation
+    lr: float = 3e-4  # AdamW peak learning rate
+    min_lr: float = 3e-6  # learning rate at the end of the cosine decay
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (not applied to biases and norms)
+    warmup_steps: int = 200  # linear warm-up from 0 to lr, steps
+    grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
+    amp: str = "auto"  # mixed precision: auto (bf16, or fp16 + GradScaler, only on cuda), off, bf16, fp16
+    # machine
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...
+    threads: int = 0  # torch CPU threads per process (0 = torch's default, split between processes)
+    workers: int = 0  # DataLoader worker processes for the uncached path
+    cache_features: str = "auto"  # precompute frozen encoder features: auto (when both encoders are frozen), on, off
+    cache_dir: Optional[str] = None  # keep the feature cache memory-mapped here, reused across runs (None = in memory)
+    # validation, logging, checkpoints
+    val_every: int = 500  # validate every this many steps, and at the end (0 = only at the end)
+    val_max_samples: int = 1000  # validate on the first this many sentences of val_split (0 = all)
+    log_every: int = 10  # write train metrics to log.csv / TensorBoard every this many steps
+    save_every: int = 0  # write RUN/last every this many steps (0 = at each validation and at the end)
+    save_frozen: bool = False  # also store frozen encoder weights (for encoders no pip package can rebuild)
+    progress: bool = True  # show a tqdm progress bar
+    seed: int = 0  # seed of the model init, data order and dropout
+    out: str = ""  # run folder (default runs/<model>-<date>-<time>)
+    resume: Optional[str] = None  # run folder to continue from its last/ checkpoint
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError on an inconsistent config; return self."""
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
+        if self.cache_features not in CACHE_CHOICES:
+            raise ValueError(f"cache_features must be one of {CACHE_CHOICES}, got {self.cache_features!r}")
+        if self.supervision not in SUPERVISION_CHOICES:
+            raise ValueError(f"supervision must be one of {SUPERVISION_CHOICES}, got {self.supervision!r}")
+        for name in ("batch_size", "size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("images_per_batch", "epochs", "max_steps", "warmup_steps", "threads", "workers",
+                     "val_every", "val_max_samples", "log_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.epochs == 0 and self.max_steps == 0:
+            raise ValueError("set epochs or max_steps")
+        if not isinstance(self.model_kwargs, dict):
+            raise ValueError(f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}")
+        return self
+
+    # ---- serialisation -------------------------------------------------
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        """Build from a mapping of field names; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+        return cls(**{k: _coerce(cls, k, v) for k, v in d.items()})
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write JSON (or YAML when the name ends in .yaml / .yml)."""
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        else:
+            text = json.dumps(self.to_dict(), indent=2) + "\n"
+        path.write_text(text)
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "TrainConfig":
+        return cls.from_dict(read_config_file(path))
+
+
+def read_config_file(path: Union[str, Path]) -> Dict[str, Any]:
+    """A JSON or YAML file (chosen by suffix; JSON otherwise) -> dict."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        d = yaml.safe_load(text) or {}
+    else:
+        d = json.loads(text)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(d).__name__}")
+    return d
+
+
+# ---- CLI flags derived from the dataclass -----------------------------------
+
+
+def field_comments(cls=TrainConfig) -> Dict[str, str]:
+    """{field name: its trailing `# comment`} read from the class source ({} if unavailable)."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    pattern = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
+    return {m.group(1): m.group(2).strip() for m in map(pattern.match, source.splitlines()) if m}
+
+
+def _base_type(cls, name: str):
+    """The field's type with Optional[...] stripped, and whether None is allowed."""
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Union and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return hint, False
+
+
+def _coerce(cls, name: str, value):
+    """Check / convert a value read from a file to the field's type."""
+    base, optional = _base_type(cls, name)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"TrainConfig.{name} may not be null")
+    origin = typing.get_origin(base) or base
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"TrainConfig.{name} must be a mapping, got {value!r}")
+        return dict(value)
+    if origin is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"TrainConfig.{name} must be true or false, got {value!r}")
+        return value
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin in (int, float, str) and not isinstance(value, origin):
+        raise ValueError(f"TrainConfig.{name} must be {origin.__name__}, got {value!r}")
+    return value
+
+
+def _parse_json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, e.g. '{{\"dim\": 128}}': {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _optional_str(text: str) -> Optional[str]:
+    return None if text.lower() in ("", "none", "null") else text
+
+
+CHOICES = {"amp": AMP_CHOICES, "cache_features": CACHE_CHOICES, "supervision": SUPERVISION_CHOICES}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
+    """One flag per field. Defaults are suppressed, so that the parsed
+    namespace holds only the flags actually given (they override --config)."""
+    comments = field_comments(cls)
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="JSON or YAML file of TrainConfig fields; flags given here override it")
+    group = parser.add_argument_group("training config (TrainConfig fields)")
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = f"{comments.get(f.name, '')} [default: {json.dumps(default)}]".strip()
+        base, optional = _base_type(cls, f.name)
+        origin = typing.get_origin(base) or base
+        kw: Dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if origin is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if origin is dict:
+            kw.update(type=_parse_json_dict, metavar="JSON")
+        elif optional:
+            kw.update(type=_optional_str, metavar=f.name.upper())
+        else:
+            kw.update(type=origin, metavar=f.name.upper())
+        if f.name in CHOICES:
+            kw.update(choices=CHOICES[f.name], metavar=None)
+        group.add_argument(flag, **kw)
+
+
+def config_from_args(args: argparse.Namespace, cls=TrainConfig) -> TrainConfig:
+    """defaults <- --config FILE <- flags given on the command line."""
+    values: Dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(read_config_file(args.config))
+    names = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return cls.from_dict(values).validate()

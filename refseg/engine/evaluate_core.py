@@ -1,0 +1,195 @@
+"""Evaluate a model on a refer-format split: the loop behind `refseg eval`
+and the periodic validation of `refseg train`.
+
+Per sentence: the (1, S, S) mask logits are un-letterboxed to the original
+(H, W) with `Letterbox.invert`; the predicted mask is `logits > 0`, emptied
+when `no_target_logits > 0`; the point is the argmax of the un-letterboxed
+logits. Both go into `RISMetrics` with the original-resolution ground truth.
+Sentences are visited image by image, so each image is encoded once per batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from refseg.data.transforms import Letterbox
+from refseg.engine.distributed import DistInfo, gather_objects
+from refseg.metrics import RISMetrics
+
+
+def image_ordered(samples: Sequence) -> List[int]:
+    """Sample indices grouped by image (first appearance), data set order within an image."""
+    first: Dict[int, int] = {}
+    for i, s in enumerate(samples):
+        first.setdefault(s.image_id, i)
+    return sorted(range(len(samples)), key=lambda i: (first[samples[i].image_id], i))
+
+
+def eval_batches(samples: Sequence, batch_size: int, rank: int = 0, world_size: int = 1) -> List[List[int]]:
+    """Batches of sample indices in image order; whole batches are dealt out to ranks round-robin."""
+    order = image_ordered(samples)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return batches[rank::world_size]
+
+
+@torch.no_grad()
+def predict_masks(out: Dict[str, torch.Tensor], orig_hw: torch.Tensor, letterbox: Letterbox):
+    """Model outputs of B sentences -> [(pred (H, W) bool ndarray, point (x, y), logits (H, W) tensor)].
+
+    orig_hw: (B, 2) original height, width of each sentence's image.
+    """
+    logits = out["mask_logits"].float()  # (B, 1, S, S)
+    no_target = out["no_target_logits"].float() > 0  # (B,)
+    results = []
+    for i in range(logits.shape[0]):
+        h, w = (int(v) for v in orig_hw[i])
+        lg = letterbox.invert(logits[i, 0], (h, w))  # (H, W)
+        flat = int(torch.argmax(lg))
+        point = (flat % w, flat // w)
+        pred = torch.zeros_like(lg, dtype=torch.bool) if no_target[i] else lg > 0
+        results.append((pred.cpu().numpy(), point, lg))
+    return results
+
+
+def _resolve_dataset(dataset_or_data, split: str, size: int):
+    """(RefSegDataset with eval supervision, its ReferData) from a dataset, a ReferData or a folder."""
+    from refseg.data.dataset import RefSegDataset
+    from refseg.data.refer import load_refer
+
+    if isinstance(dataset_or_data, RefSegDataset):
+        ds = dataset_or_data
+        if ds.supervision != "eval":
+            ds = RefSegDataset(ds.data, ds.split, ds.letterbox.size, "eval")
+            ds.samples = list(dataset_or_data.samples)
+        return ds, ds.data
+    data = load_refer(dataset_or_data) if isinstance(dataset_or_data, (str, Path)) else dataset_or_data
+    return RefSegDataset(data, split, size, "eval"), data
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, dataset_or_data, split: str = "val", batch_size: int = 32,
+                   device: Optional[Union[str, torch.device]] = None, max_samples: Optional[int] = None,
+                   progress: bool = True, save_vis: Optional[Union[str, Path]] = None, *, cache=None,
+                   dist: Optional[DistInfo] = None, amp_dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
+    """RIS metrics of `model` on a split.
+
+    dataset_or_data: a RefSegDataset (its split and size are used), a
+      ReferData, or a refer folder (then `split` is read, letterboxed to
+      `model.image_size`, default 320).
+    max_samples: evaluate the first this many sentences (data set order).
+    save_vis: a folder to write `<sent_id>.png` overlays (prediction in red,
+      ground truth in blue, the point as a cross) for every sentence evaluated.
+    cache: a FeatureCache of exactly these samples (used by training).
+    dist: rank / world size; each rank evaluates its share and the metrics
+      are merged, so every rank returns the totals.
+
+    Returns RISMetrics.compute() (oIoU, mIoU, P@0.5..0.9, PointM, n, and
+    N-acc / T-acc when no-target sentences exist) plus "by_form": {form:
+    the same dict} for the sentences that carry a form.
+    """
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from refseg.data.dataset import collate
+
+    dist = dist or DistInfo()
+    device = torch.device(device) if device is not None else _device_of(model)
+    size = int(getattr(model, "image_size", 320))
+    dataset, data = _resolve_dataset(dataset_or_data, split, size)
+    if max_samples:
+        dataset.samples = dataset.samples[:max_samples]
+    samples = dataset.samples
+    letterbox = dataset.letterbox
+    if cache is not None and len(cache) != len(samples):
+        raise ValueError(f"the feature cache holds {len(cache)} sentences, the split {len(samples)}")
+    batches = eval_batches(samples, batch_size, dist.rank, dist.world_size)
+    vis_dir = Path(save_vis) if save_vis else None
+    if vis_dir is not None:
+        vis_dir.mkdir(parents=True, exist_ok=True)
+
+    was_training = model.training
+    model.eval()
+    overall, by_form = RISMetrics(), {}
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else _null()
+    bar = tqdm(total=sum(map(len, batches)), desc=f"eval {dataset.split}", unit="sent",
+               disable=not progress or not dist.is_main, leave=False)
+    loader = None
+    if cache is None:
+        loader = iter(DataLoader(dataset, batch_sampler=batches, collate_fn=collate))
+    for rows in batches:
+        if cache is None:
+            batch = next(loader)
+            images, image_index = _unique_images(batch)
+            with autocast:
+                vis = model.encode_image(images.to(device))
+                txt = model.encode_text(batch["text"])
+                out = model.decode(vis, txt, image_index.to(device))
+            gts = [m.numpy() for m in batch["orig_mask"]]
+            orig_hw = batch["orig_hw"]
+        else:
+            batch = cache.batch(rows, device)
+            with autocast:
+                out = model.decode(batch["vis"], batch["txt"], batch["image_index"])
+            gts = [data.get_mask(samples[r].ann_id, image_id=samples[r].image_id) for r in rows]
+            orig_hw = batch["orig_hw"]
+        for r, gt, (pred, point, logits) in zip(rows, gts, predict_masks(out, orig_hw, letterbox)):
+            s = samples[r]
+            overall.update(pred, gt, point=point, no_target=s.no_target)
+            if s.form is not None:
+                by_form.setdefault(s.form, RISMetrics()).update(pred, gt, point=point, no_target=s.no_target)
+            if vis_dir is not None:
+                _save_overlay(vis_dir, data, s, pred, gt, point)
+        bar.update(len(rows))
+    bar.close()
+    model.train(was_training)
+
+    if dist.enabled:
+        parts = gather_objects((overall.state_dict(), {k: m.state_dict() for k, m in by_form.items()}), dist)
+        overall, by_form = RISMetrics(), {}
+        for o, forms in parts:
+            overall.merge(RISMetrics.from_state(o))
+            for k, st in forms.items():
+                by_form.setdefault(k, RISMetrics()).merge(RISMetrics.from_state(st))
+    result = overall.compute()
+    result["by_form"] = {k: by_form[k].compute() for k in sorted(by_form)}
+    return result
+
+
+def _unique_images(batch: Dict[str, Any]):
+    """(unique images (M, 3, S, S) uint8, image_index (B,) long) from a collated batch."""
+    ids = batch["image_id"]
+    uniq, first, index = [], {}, []
+    for j, im in enumerate(ids.tolist()):
+        if im not in first:
+            first[im] = len(uniq)
+            uniq.append(j)
+        index.append(first[im])
+    return batch["image"][uniq], torch.tensor(index, dtype=torch.long)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _save_overlay(folder: Path, data, sample, pred: np.ndarray, gt: np.ndarray, point) -> None:
+    from refseg.vis import overlay, save_image_atomic
+
+    inter, union = np.count_nonzero(pred & (gt > 0)), np.count_nonzero(pred | (gt > 0))
+    iou = 1.0 if union == 0 else inter / union
+    img = overlay(data.load_image(sample.image_id), [pred, gt > 0],
+                  captions=[f"{sample.text}  (IoU {iou:.2f})", "ground truth"],
+                  colors=[(255, 64, 64), (64, 160, 255)], point=[point])
+    save_image_atomic(img, folder / f"{sample.sent_id}.png")

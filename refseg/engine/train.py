@@ -1,0 +1,485 @@
+"""`refseg train`: train a model on a refer-format data set.
+
+    refseg train --data data/synthref --batch-size 32 --max-steps 3000 --out runs/lts
+    refseg train --config runs/lts/config.json --lr 1e-4 --out runs/lts-lr1e-4
+    refseg train --resume runs/lts --max-steps 6000       # continue exactly where last/ stopped
+    refseg train --nproc 2 ...                             # = torchrun --nproc_per_node 2 -m refseg.cli train ...
+
+What a run does:
+1. Builds the model (`refseg.modeling.MODELS[model](**model_kwargs)`), with
+   the seed set, and the data set (`RefSegDataset`, one item per sentence).
+2. When both encoders are frozen (cache_features=auto), encodes every image
+   and sentence of the training split (and the validation subset) once into
+   an fp16 cache (engine/cache.py); a step then only runs `model.decode`.
+   Otherwise every step runs the encoders too (on the unique images of the
+   batch only).
+3. AdamW over the trainable parameters (no decay on biases and norms),
+   linear warm-up then cosine decay to min_lr, gradient clipping, autocast
+   (+ GradScaler for fp16) on cuda, DistributedDataParallel under torchrun
+   (gloo on CPU, NCCL on cuda; rank 0 alone logs and writes checkpoints).
+4. Logs to RUN/log.csv (time, step, epoch, tag, value) and TensorBoard
+   (RUN/tb); validates every val_every steps with RISMetrics and keeps the
+   checkpoint of the best val mIoU in RUN/best/, the latest in RUN/last/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from refseg.engine import distributed
+from refseg.engine.config import TrainConfig, add_config_arguments, config_from_args, read_config_file
+
+# (model name, supervision) -> name of the loss in refseg.losses: loss(out, batch) -> {"loss": ..., parts}
+LOSSES = {
+    ("lts", "full"): "lts_loss",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes to train with (launches torchrun --nproc_per_node N); batch_size is split between them")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and "RANK" not in os.environ:
+        return distributed.launch(args.nproc, _to_argv(args))
+    base: Dict[str, Any] = {}
+    if getattr(args, "resume", None):
+        run_config = Path(args.resume) / "config.json"
+        if not run_config.exists():
+            raise SystemExit(f"refseg train: --resume {args.resume}: no config.json in that folder")
+        base = read_config_file(run_config)
+        base["out"] = str(args.resume)
+    if args.config:
+        base.update(read_config_file(args.config))
+    names = set(TrainConfig.__dataclass_fields__)
+    base.update({k: v for k, v in vars(args).items() if k in names})
+    try:
+        cfg = TrainConfig.from_dict(base).validate()
+    except ValueError as e:
+        raise SystemExit(f"refseg train: {e}")
+    if not cfg.data:
+        raise SystemExit("refseg train: --data is required (a refer-format folder)")
+    train(cfg)
+    return 0
+
+
+def _to_argv(args: argparse.Namespace) -> List[str]:
+    """The flags given (config fields present in the namespace, --config), for the torchrun relaunch."""
+    import json
+
+    argv = ["--config", args.config] if args.config else []
+    for name in TrainConfig.__dataclass_fields__:
+        if name not in vars(args):
+            continue
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
+        else:
+            argv += [flag, "none" if value is None else str(value)]
+    return argv
+
+
+# ---- pieces -------------------------------------------------------------------------
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for full precision. auto: bf16 (or fp16) on cuda, off elsewhere."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up over warmup_steps to lr, then cosine decay to min_lr at total_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay on matrices / kernels only."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    from refseg.modeling import MODELS
+
+    if cfg.model not in MODELS:
+        raise SystemExit(f"refseg train: unknown model {cfg.model!r}; known: {', '.join(sorted(MODELS))}")
+    kwargs = dict(cfg.model_kwargs)
+    kwargs.setdefault("image_size", cfg.size)
+    model = MODELS[cfg.model](**kwargs)
+    if int(getattr(model, "image_size", cfg.size)) != cfg.size:
+        raise SystemExit(f"refseg train: the model's image_size {model.image_size} differs from --size {cfg.size}")
+    return model
+
+
+def loss_function(cfg: TrainConfig) -> Callable:
+    from refseg import losses
+
+    name = LOSSES.get((cfg.model, cfg.supervision))
+    if name is None:
+        known = ", ".join(f"{m}/{s}" for m, s in sorted(LOSSES))
+        raise SystemExit(f"refseg train: no loss for model {cfg.model!r} with supervision {cfg.supervision!r} "
+                         f"(known: {known})")
+    return getattr(losses, name)
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """model.train(), with frozen sub-modules (the encoders) kept in eval mode."""
+    from refseg.engine.checkpoint import frozen_prefixes
+
+    model.train()
+    for name in frozen_prefixes(model):
+        model.get_submodule(name).eval()
+
+
+class StepModule(nn.Module):
+    """forward(batch) -> the model's output dict. A cached batch carries `vis`
+    and `txt` and runs decode only; otherwise the encoders run on `images`
+    (the batch's unique images) and `text`. DDP wraps this module."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        if "vis" in batch:
+            vis, txt = batch["vis"], batch["txt"]
+        else:
+            vis, txt = self.model.encode_image(batch["images"]), self.model.encode_text(batch["text"])
+        return self.model.decode(vis, txt, batch["image_index"])
+
+
+def to_step_batch(items: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    """A collated batch of data set items -> the uncached step's inputs: unique images + image_index."""
+    from refseg.engine.evaluate_core import _unique_images
+
+    images, image_index = _unique_images(items)
+    out = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in items.items() if k != "image"}
+    out["images"] = images.to(device)
+    out["image_index"] = image_index.to(device)
+    return out
+
+
+class RunLog:
+    """log.csv rows (time, step, epoch, tag, value) + TensorBoard scalars; inert off rank 0."""
+
+    def __init__(self, run: Path, enabled: bool):
+        self.enabled = enabled
+        self.csv = None
+        self.tb = None
+        if not enabled:
+            return
+        path = run / "log.csv"
+        new = not path.exists()
+        self.csv_file = open(path, "a", newline="")
+        self.csv = csv.writer(self.csv_file)
+        if new:
+            self.csv.writerow(["time", "step", "epoch", "tag", "value"])
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run / "tb"))
+        except ImportError:  # tensorboard is a dependency, but keep training without it
+            self.tb = None
+
+    def scalars(self, step: int, epoch: int, values: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        now = round(time.time(), 3)
+        for tag, v in values.items():
+            v = float(v)
+            self.csv.writerow([now, step, epoch, tag, f"{v:.6g}"])
+            if self.tb is not None and math.isfinite(v):
+                self.tb.add_scalar(tag, v, step)
+        self.csv_file.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.csv_file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---- the run ------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -> Dict[str, Any]:
+    """Run training as configured; returns {"run", "step", "best", "val", "train_loss"}.
+
+    model / data: ready-built objects to use instead of building them from
+    cfg.model / cfg.data (tests, notebooks); cfg still names them in config.json.
+    """
+    from refseg.data.dataset import RefSegDataset, collate
+    from refseg.engine import cache as feature_cache
+    from refseg.engine import checkpoint as ckpt
+    from refseg.engine.evaluate_core import evaluate_model
+    from refseg.engine.sampler import GroupBatchSampler
+
+    cfg.validate()
+    info = distributed.env_info()
+    device = resolve_device(cfg.device, info.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    info = distributed.init(device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    elif info.enabled and device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
+    main_rank = info.is_main
+    progress = cfg.progress and main_rank
+
+    run = Path(cfg.out or f"runs/{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}")
+    run = Path(distributed.broadcast_object(str(run), info))
+    if main_rank:
+        run.mkdir(parents=True, exist_ok=True)
+        TrainConfig.from_dict({**cfg.to_dict(), "out": str(run), "resume": None}).save(run / "config.json")
+    distributed.barrier(info)
+
+    # data, model, loss
+    if data is None:
+        from refseg.data.refer import load_refer
+
+        data = load_refer(cfg.data, split_by=cfg.split_by, images_dir=cfg.images)
+    seed_everything(cfg.seed)
+    if model is None:
+        model = build_model(cfg)
+    model.to(device)
+    loss_fn = loss_function(cfg)
+    train_ds = RefSegDataset(data, cfg.train_split, cfg.size, cfg.supervision)
+    val_ds = None
+    if cfg.val_split:
+        if cfg.val_split in data.splits():
+            val_ds = RefSegDataset(data, cfg.val_split, cfg.size, "text")
+            if cfg.val_max_samples:
+                val_ds.samples = val_ds.samples[:cfg.val_max_samples]
+        elif main_rank:
+            print(f"refseg train: no split {cfg.val_split!r} in {cfg.data}; training without validation",
+                  file=sys.stderr)
+
+    # feature cache
+    use_cache = cfg.cache_features == "on" or (cfg.cache_features == "auto" and feature_cache.encoders_frozen(model))
+    if cfg.cache_features == "on" and not feature_cache.encoders_frozen(model):
+        raise SystemExit("refseg train: --cache-features on needs frozen encoders (their outputs need gradients)")
+    train_cache = val_cache = None
+    if use_cache:
+        cache_dir = cfg.cache_dir or (str(run / "cache") if info.enabled else None)
+        t0 = time.perf_counter()
+        caches = []
+        for ds in [train_ds] + ([val_ds] if val_ds is not None else []):
+            if main_rank:
+                caches.append(feature_cache.get_cache(model, ds, device, cache_dir, workers=cfg.workers,
+                                                      progress=progress))
+            distributed.barrier(info)
+            if not main_rank:
+                caches.append(feature_cache.get_cache(model, ds, device, cache_dir, build=False))
+        train_cache = caches[0]
+        val_cache = caches[1] if len(caches) > 1 else None
+        if main_rank and progress:
+            mb = sum(c.nbytes() for c in caches) / 2**20
+            print(f"feature cache: {len(train_cache)} train sentences / {train_cache.meta['n_images']} images"
+                  f"{f', {len(val_cache)} val sentences' if val_cache else ''}, {mb:.0f} MiB, "
+                  f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    # optimisation
+    optimizer = make_optimizer(model, cfg)
+    amp_dtype = resolve_amp(cfg.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16 and device.type == "cuda")
+    sampler = GroupBatchSampler([s.image_id for s in train_ds.samples], cfg.batch_size, cfg.images_per_batch,
+                                seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+    steps_per_epoch = len(sampler)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"refseg train: split {cfg.train_split!r} has no sentences")
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    # resume
+    step, epoch, position, best = 0, 0, 0, None
+    if cfg.resume:
+        found = ckpt.find_checkpoint(cfg.resume, "last")
+        if found is None:
+            raise SystemExit(f"refseg train: --resume {cfg.resume}: no complete last/ checkpoint there")
+        state = ckpt.load_training_state(found, model, optimizer, restore_rng=True)
+        step, epoch, position, best = state["step"], state["epoch"], state["position"], state.get("best")
+        if state.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
+        if main_rank and progress:
+            print(f"resumed from {found} at step {step} (epoch {epoch}, batch {position})", file=sys.stderr)
+
+    step_module: nn.Module = StepModule(model)
+    if info.enabled:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    log = RunLog(run, main_rank)
+    last_val: Dict[str, Any] = {}
+
+    def state_dict() -> Dict[str, Any]:
+        return {"step": step, "epoch": epoch, "position": position, "total_steps": total_steps,
+                "scheduler": {"kind": "warmup_cosine", "step": step, "lr": lr_at(min(step, total_steps - 1), cfg,
+                                                                                 total_steps)},
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "best": _jsonable(best or {}) or None, "val": _jsonable(last_val), "config": cfg.to_dict()}
+
+    def save(name: str) -> None:
+        if main_rank:
+            ckpt.save_checkpoint(run / name, model, optimizer, state_dict(), include_frozen=cfg.save_frozen)
+        distributed.barrier(info)
+
+    def validate() -> None:
+        nonlocal best, last_val
+        if val_ds is None:
+            return
+        result = evaluate_model(model, val_ds, batch_size=max(cfg.batch_size, 32), device=device,
+                                progress=progress, cache=val_cache, dist=info, amp_dtype=amp_dtype)
+        set_train_mode(model)
+        last_val = result
+        log.scalars(step, epoch, {f"val/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+        for form, r in result["by_form"].items():
+            log.scalars(step, epoch, {f"val_{form}/{k}": r[k] for k in ("mIoU", "oIoU", "PointM")})
+        improved = best is None or result["mIoU"] > best["mIoU"]
+        if improved:
+            best = {"step": step, **{k: v for k, v in result.items() if k != "by_form"}}
+        save("last")
+        if improved:
+            save("best")
+        if progress:
+            from refseg.metrics import format_table
+
+            print(f"\nstep {step}: val {cfg.val_split}\n{format_table(result)}", file=sys.stderr)
+
+    # the loop
+    from tqdm.auto import tqdm
+
+    set_train_mode(model)
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    running: Dict[str, float] = {}
+    n_running, t_log, seen_log = 0, time.perf_counter(), 0
+    loss_ema = None
+    while step < total_steps:
+        batches = sampler.batches(epoch)
+        if use_cache:
+            source = (train_cache.batch(rows, device) for rows in batches[position:])
+        else:
+            loader = torch.utils.data.DataLoader(
+                train_ds, batch_sampler=batches[position:], collate_fn=collate, num_workers=cfg.workers,
+                generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+            source = (to_step_batch(items, device) for items in loader)
+        for batch in source:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg, total_steps)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            with autocast():
+                out = step_module(batch)
+                losses = loss_fn(out, batch)
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"step {step}: loss is {loss.item()}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
+            else:
+                grad_norm = float("nan")
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            position += 1
+            if position >= len(batches):
+                epoch, position = epoch + 1, 0
+
+            # bookkeeping
+            n = len(batch["image_index"]) * info.world_size
+            seen_log += n
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            for k, v in values.items():
+                running[k] = running.get(k, 0.0) + v
+            running["grad_norm"] = running.get("grad_norm", 0.0) + grad_norm
+            n_running += 1
+            loss_ema = values["loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * values["loss"]
+            dt = time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_ema:.4f}", sps=f"{n / max(dt, 1e-9):.1f}", refresh=False)
+            if step % cfg.log_every == 0 or step == total_steps:
+                elapsed = time.perf_counter() - t_log
+                row = {f"train/{k}": v / n_running for k, v in running.items()}
+                row.update({"train/lr": lr, "train/samples_per_s": seen_log / max(elapsed, 1e-9)})
+                log.scalars(step, epoch, row)
+                running, n_running, t_log, seen_log = {}, 0, time.perf_counter(), 0
+            validated = False
+            if cfg.val_every and step % cfg.val_every == 0 and step < total_steps:
+                validate()
+                validated = True
+            if cfg.save_every and step % cfg.save_every == 0 and not validated and step < total_steps:
+                save("last")
+            if step >= total_steps:
+                break
+    bar.close()
+    if val_ds is not None:
+        validate()
+    else:
+        save("last")
+    log.close()
+    summary = {"run": str(run), "step": step, "best": best, "val": last_val, "train_loss": loss_ema}
+    distributed.barrier(info)
+    distributed.shutdown()
+    return summary
+
+
+def _jsonable(d: Dict[str, Any]) -> Dict[str, Any]:
+    """NaN -> None, recursively, for JSON files."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out[k] = _jsonable(v)
+        elif isinstance(v, float) and not math.isfinite(v):
+            out[k] = None
+        else:
+            out[k] = v
+    return out

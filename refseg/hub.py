@@ -1,0 +1,63 @@
+"""Named models shipped inside the package (``refseg/weights/``).
+
+Each shipped model is a pair ``<name>.safetensors`` (head weights only; the
+frozen encoders come from their own pip packages) and ``<name>.json`` (the
+model config, the SHA-256 of the weights file, the command that trained it
+and its measured scores). Nothing is ever downloaded.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+from typing import List, Union
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def available_models() -> List[str]:
+    """Names accepted by ``load``, e.g. ``["lts-synthref"]``."""
+    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.json") if p.with_suffix(".safetensors").exists())
+
+
+def model_card(name: str) -> dict:
+    """The JSON metadata of a shipped model."""
+    path = WEIGHTS_DIR / f"{name}.json"
+    if not path.exists():
+        raise KeyError(f"unknown model {name!r}; available: {available_models()}")
+    return json.loads(path.read_text())
+
+
+def sha256_of(path: Union[str, Path]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load(name_or_path: Union[str, Path], device: str = "cpu") -> "torch.nn.Module":  # noqa: F821
+    """Load a shipped model by name, or a checkpoint / run folder by path.
+
+    The shipped weights are checked against the SHA-256 in their JSON card
+    before use. Returns the model in eval mode on ``device``.
+    """
+    from refseg.engine.checkpoint import load_model
+
+    name = str(name_or_path)
+    if name in available_models():
+        card = model_card(name)
+        weights = WEIGHTS_DIR / f"{name}.safetensors"
+        digest = sha256_of(weights)
+        if card.get("sha256") and digest != card["sha256"]:
+            raise RuntimeError(
+                f"{weights}: SHA-256 {digest} does not match {card['sha256']} in {weights.with_suffix('.json')}; "
+                "the file is corrupt or was changed."
+            )
+        model = load_model(weights)
+    elif Path(name).exists():
+        model = load_model(Path(name))
+    else:
+        raise FileNotFoundError(
+            f"{name!r} is neither a shipped model ({', '.join(available_models()) or 'none'}) nor an existing path"
+        )
+    return model.to(device).eval()

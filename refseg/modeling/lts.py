@@ -1,0 +1,210 @@
+"""LTS: Locate then Segment (Jing et al., CVPR 2021), refseg's fully supervised head.
+
+    model = LTS(visual, text, LTSHead(visual.channels, visual.strides, text.dim))
+    vis = model.encode_image(images)          # (B_img, 3, S, S) uint8 -> list of maps
+    txt = model.encode_text(texts)            # list[str] -> TextFeatures
+    out = model.decode(vis, txt, image_index) # sentence b reads vis[...][image_index[b]]
+
+Design (choices beyond the paper, made to reach SynthRef targets with
+frozen cached encoders on a CPU budget; see docs/DESIGN.md for contracts):
+
+1. Fuse, on the stride-16 grid (20 x 20 at 320 px). The stride-16 map and
+   the upsampled stride-32 map are projected to width D and summed; this
+   grid is language-free and computed once per *image*. Per sentence:
+   ``x = A(g) + B(LN(g) * s) + C(coords) + pe`` with ``s`` the sentence
+   vector projected to D (LTS's element-wise multiplicative fusion), the
+   CoordConv x/y channels and a 2D sine encoding ``pe``.
+   Text: tokens are projected to D and refined by ``text_layers`` small
+   self-attention layers (task-specific context on top of the frozen
+   encoder); ``s`` = projected encoder sentence vector + masked mean of the
+   refined tokens.
+2. Locate: ``depth`` pre-norm layers of [self-attention among the grid
+   positions (position encoding on q/k each layer) -> cross-attention to
+   the text tokens (padding masked) -> MLP]. Self-attention lets a position
+   find the relation anchor or the other candidates of an ordinal
+   ("left of the blue circle", "the leftmost green square"); the earlier
+   cross-attention-only design stalled on exactly those forms
+   (shared/MEASURED.md). A linear layer gives the one-channel position
+   prior logits (B, 1, h, w).
+3. No-target: a sentence-conditioned query attention-pools the located
+   tokens; an MLP over [pooled, s, max prior logit] gives one logit.
+4. Segment: [located features, sigmoid(prior)] -> 3x3 conv at stride 16,
+   then x2 steps up an FPN: + stride-8 lateral gated by the sentence
+   (sigmoid(W s) per channel), + stride-4 lateral, + stride-2 lateral when
+   the encoder gives one (finer features for small-object boundaries);
+   each step is reduce (1x1) -> bilinear x2 -> add lateral -> 3x3 conv.
+   Laterals are 3x3 conv-GN projections computed once per image and
+   indexed per sentence; widths shrink with resolution
+   (``decoder_widths``) so that most compute stays on the grid. A 1x1
+   conv gives logits at the finest stride, upsampled bilinearly to S.
+"""
+
+import math
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refseg.modeling.common import MLP, LocateLayer, TextLayer, conv_gn, coord_grid, sine_position_encoding
+from refseg.modeling.text import TextFeatures, masked_mean
+
+
+class LTSHead(nn.Module):
+    """The trainable part of LTS.
+
+    visual_channels / visual_strides: the visual encoder's ``channels`` and
+      ``strides`` (finest first; must hold 4, 8, 16, 32, optionally 2).
+    text_dim: the text encoder's width.
+    dim: width D of the grid tokens; depth: locate layers; heads: attention
+      heads; mlp_ratio: MLP hidden width / D; text_layers: refinement layers
+      over the text tokens; decoder_widths: channels at strides 16, 8, 4, 2.
+    """
+
+    def __init__(
+        self,
+        visual_channels: Sequence[int],
+        visual_strides: Sequence[int],
+        text_dim: int,
+        dim: int = 128,
+        depth: int = 3,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+        text_layers: int = 1,
+        decoder_widths: Sequence[int] = (64, 32, 16, 16),
+        prior_init: float = 0.05,
+    ):
+        super().__init__()
+        self.strides = tuple(int(s) for s in visual_strides)
+        if not {4, 8, 16, 32} <= set(self.strides) or not set(self.strides) <= {2, 4, 8, 16, 32}:
+            raise ValueError(f"LTSHead needs strides 4, 8, 16, 32 (and optionally 2), got {self.strides}")
+        ch = dict(zip(self.strides, visual_channels))
+        c16, c8, c4, c2 = decoder_widths
+        self.dim = dim
+
+        # 1. fuse
+        self.in16 = nn.Conv2d(ch[16], dim, 1)
+        self.in32 = nn.Conv2d(ch[32], dim, 1)
+        self.grid_norm = nn.LayerNorm(dim)
+        self.text_in = nn.Linear(text_dim, dim)
+        self.text_layers = nn.ModuleList([TextLayer(dim, heads, mlp_ratio) for _ in range(text_layers)])
+        self.sent_in = nn.Linear(text_dim, dim)
+        self.sent_norm = nn.LayerNorm(dim)
+        self.fuse_vis = nn.Linear(dim, dim)
+        self.fuse_mul = nn.Linear(dim, dim, bias=False)
+        self.fuse_coord = nn.Linear(2, dim, bias=False)
+
+        # 2. locate
+        self.locate = nn.ModuleList([LocateLayer(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.out_norm = nn.LayerNorm(dim)
+        self.prior = nn.Linear(dim, 1)
+
+        # 3. no-target
+        self.nt_query = nn.Linear(dim, dim)
+        self.nt_mlp = MLP(2 * dim + 1, dim, 1)
+
+        # 4. segment
+        self.dec16 = conv_gn(dim + 1, c16)
+        self.red8, self.lat8, self.gate8, self.dec8 = nn.Conv2d(c16, c8, 1), conv_gn(ch[8], c8), nn.Linear(dim, c8), conv_gn(c8, c8)
+        self.red4, self.lat4, self.dec4 = nn.Conv2d(c8, c4, 1), conv_gn(ch[4], c4), conv_gn(c4, c4)
+        self.fine = 2 in self.strides
+        if self.fine:
+            self.red2, self.lat2, self.dec2 = nn.Conv2d(c4, c2, 1), conv_gn(ch[2], c2), conv_gn(c2, c2)
+        self.mask_out = nn.Conv2d(c2 if self.fine else c4, 1, 1)
+
+        bias = -math.log((1 - prior_init) / prior_init)  # start predicting "mostly background"
+        nn.init.constant_(self.prior.bias, bias)
+        nn.init.constant_(self.mask_out.bias, bias)
+
+    def forward(self, vis: List[torch.Tensor], txt: TextFeatures, image_index: torch.Tensor) -> Dict[str, torch.Tensor]:
+        maps = dict(zip(self.strides, vis))
+        idx = image_index
+        s16 = maps[16]
+        B_img, _, h, w = s16.shape
+        S = vis[0].shape[-1] * self.strides[0]
+
+        # 1. fuse. Language-free grid, once per image.
+        g = self.in16(s16) + F.interpolate(self.in32(maps[32]), size=(h, w), mode="bilinear", align_corners=False)
+        g = self.grid_norm(g.flatten(2).transpose(1, 2))  # (B_img, N, D), N = h*w
+        t = self.text_in(txt.tokens)  # (B, L, D)
+        for layer in self.text_layers:
+            t = layer(t, txt.mask)
+        s = self.sent_norm(self.sent_in(txt.sentence) + masked_mean(t, txt.mask))  # (B, D)
+        pos = sine_position_encoding(h, w, self.dim, g.device, g.dtype)  # (N, D)
+        coords = self.fuse_coord(coord_grid(h, w, g.device, g.dtype))  # (N, D)
+        x = self.fuse_vis(g)[idx] + self.fuse_mul(g[idx] * s[:, None, :]) + coords + pos  # (B, N, D)
+
+        # 2. locate
+        for layer in self.locate:
+            x = layer(x, pos, t, txt.mask)
+        x = self.out_norm(x)  # (B, N, D)
+        prior = self.prior(x)  # (B, N, 1)
+        B = x.shape[0]
+
+        # 3. no-target
+        q = self.nt_query(s)  # (B, D)
+        attn = torch.softmax((x @ q[:, :, None]).squeeze(-1) / math.sqrt(self.dim), dim=-1)  # (B, N)
+        pooled = (attn[:, :, None] * x).sum(1)  # (B, D)
+        peak = prior.amax(dim=1)  # (B, 1)
+        no_target = self.nt_mlp(torch.cat([pooled, s, peak], -1)).squeeze(-1)  # (B,)
+
+        # 4. segment
+        prior_map = prior.transpose(1, 2).reshape(B, 1, h, w)  # (B, 1, h, w)
+        y = x.transpose(1, 2).reshape(B, self.dim, h, w)  # (B, D, h, w)
+        y = self.dec16(torch.cat([y, prior_map.sigmoid()], 1))  # (B, c16, h, w)
+        gate = torch.sigmoid(self.gate8(s))[:, :, None, None]  # (B, c8, 1, 1)
+        y = self.dec8(_up(self.red8(y)) + self.lat8(maps[8])[idx] * gate)  # (B, c8, 2h, 2w)
+        y = self.dec4(_up(self.red4(y)) + self.lat4(maps[4])[idx])  # (B, c4, 4h, 4w)
+        if self.fine:
+            y = self.dec2(_up(self.red2(y)) + self.lat2(maps[2])[idx])  # (B, c2, 8h, 8w)
+        mask = F.interpolate(self.mask_out(y), size=(S, S), mode="bilinear", align_corners=False)  # (B, 1, S, S)
+        return {"mask_logits": mask, "prior_logits": prior_map, "no_target_logits": no_target}
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+class LTS(nn.Module):
+    """visual encoder + text encoder + LTSHead; owns its preprocessing.
+
+    visual: maps float (B, 3, S, S), normalised with its ``pixel_mean`` /
+      ``pixel_std`` (0..255 units), to a list of maps at ``visual.strides``.
+    text: ``tokenize`` + ``forward(input_ids, attention_mask)``, see text.py.
+    config: the JSON-able dict that ``build.build_model`` rebuilds it from.
+    """
+
+    def __init__(self, visual: nn.Module, text: nn.Module, head: nn.Module, image_size: int = 320, config=None):
+        super().__init__()
+        self.visual = visual
+        self.text = text
+        self.head = head
+        self.image_size = int(image_size)
+        self.config = dict(config or {})
+        self.register_buffer("pixel_mean", torch.tensor(visual.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(visual.pixel_std).view(1, 3, 1, 1), persistent=False)
+
+    def encode_image(self, images: torch.Tensor) -> List[torch.Tensor]:
+        """(B, 3, S, S) uint8 RGB in [0, 255] -> list of maps (B, C_i, S/s_i, S/s_i), finest first."""
+        x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+        return self.visual(x)
+
+    def encode_text(self, texts: Sequence[str]) -> TextFeatures:
+        """list[str] (B) -> TextFeatures(tokens (B, L, D), mask (B, L) bool, sentence (B, D))."""
+        batch = {k: v.to(self.pixel_mean.device) for k, v in self.text.tokenize(texts).items()}
+        tokens, sentence = self.text(batch["input_ids"], batch["attention_mask"])
+        return TextFeatures(tokens, batch["attention_mask"].bool(), sentence)
+
+    def decode(self, vis: List[torch.Tensor], txt: TextFeatures, image_index: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Maps of B_img images + B sentences -> dict of logits.
+
+        image_index: (B,) int64, the row of ``vis`` each sentence is about.
+        Returns mask_logits (B, 1, S, S), prior_logits (B, 1, S/16, S/16),
+        no_target_logits (B,); all raw logits (apply sigmoid for probabilities).
+        """
+        return self.head(vis, txt, image_index.to(vis[0].device))
+
+    def forward(self, images: torch.Tensor, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """images (B, 3, S, S) uint8 + B expressions (sentence b is about image b)."""
+        index = torch.arange(len(texts), device=images.device)
+        return self.decode(self.encode_image(images), self.encode_text(texts), index)

