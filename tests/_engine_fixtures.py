@@ -11,11 +11,14 @@ small LTS on randomly initialised encoders (no pretrained weights read).
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import pickle
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -86,3 +89,32 @@ def tiny_config(data, out, **overrides):
                 log_every=1, progress=False, threads=1, out=str(out), save_frozen=True, seed=0)
     base.update(overrides)
     return TrainConfig(**base)
+
+
+def tiny_model(seed: int = 0):
+    """A fresh copy of the tiny LTS built with `seed` set (its random encoders are reproducible).
+
+    Building one costs seconds (transformers), so each seed is built once per session and copied.
+    """
+    return copy.deepcopy(_tiny_model(seed))
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_model(seed: int):
+    import torch
+
+    from refseg.modeling import MODELS
+
+    torch.manual_seed(seed)
+    return MODELS["lts"](image_size=SIZE, **TINY_LTS)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run far faster on one thread than on two contended ones; restore afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -264,9 +264,7 @@ def _normalise_ref(ref, where_file: str, index: int, images: dict, anns: dict, c
             raise ReferFormatError(f"{where}: field 'image_id' = {image_id} but annotation {ann_id} "
                                    f"lies on image {anns[ann_id]['image_id']}")
         cat = anns[ann_id]["category_id"] if cat is None else cat
-    if cat is None:
-        raise ReferFormatError(f"{where}: field 'category_id' missing")
-    cat = _int(cat, where, "category_id")
+    cat = _int(cat, where, "category_id")  # None (missing) is refused here too
     sentences = ref["sentences"]
     if not isinstance(sentences, list) or not sentences:
         raise ReferFormatError(f"{where}: field 'sentences' must be a non-empty list")

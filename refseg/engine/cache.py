@@ -45,10 +45,11 @@ SKIP_KEYS = ("image", "text", "orig_mask", "mask")
 # ---- when to cache, and under which key ----------------------------------------
 
 
-def encoders_frozen(model: nn.Module, size: int = 64) -> bool:
+def encoders_frozen(model: nn.Module) -> bool:
     """True when neither encode_image nor encode_text produce outputs that
     need gradients, checked by running both on a dummy input."""
     device = next(model.parameters()).device
+    size = int(getattr(model, "image_size", 64))
     with torch.enable_grad():
         vis = model.encode_image(torch.zeros(1, 3, size, size, dtype=torch.uint8, device=device))
         txt = model.encode_text(["a"])
@@ -85,10 +86,13 @@ def encoder_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def cache_key(data, split: str, size: int, supervision: str, model: nn.Module, dtype: torch.dtype) -> str:
-    blob = json.dumps({"version": FORMAT_VERSION, "data": data_fingerprint(data), "split": split, "size": size,
-                       "supervision": supervision, "encoders": encoder_fingerprint(model), "dtype": str(dtype)},
-                      sort_keys=True)
+def cache_key(dataset, model: nn.Module, dtype: torch.dtype) -> str:
+    """Hash of the data files, the split's sentences, letterbox size, supervision, encoder weights and dtype."""
+    sentences = hashlib.sha256(np.asarray([s.sent_id for s in dataset.samples], dtype=np.int64).tobytes())
+    blob = json.dumps({"version": FORMAT_VERSION, "data": data_fingerprint(dataset.data), "split": dataset.split,
+                       "sentences": sentences.hexdigest(), "size": dataset.letterbox.size,
+                       "supervision": dataset.supervision, "encoders": encoder_fingerprint(model),
+                       "dtype": str(dtype)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -337,7 +341,7 @@ def get_cache(model: nn.Module, dataset, device: torch.device, cache_dir: Option
     desc = f"caching {dataset.split} features"
     if cache_dir is None:
         return build_cache(model, dataset, device, dtype=dtype, workers=workers, progress=progress, desc=desc)
-    key = cache_key(dataset.data, dataset.split, dataset.letterbox.size, dataset.supervision, model, dtype)
+    key = cache_key(dataset, model, dtype)
     final = Path(cache_dir) / key
     if (final / "meta.json").exists():
         return open_cache(final)

@@ -47,7 +47,7 @@ OPTIM_FILE, STATE_JSON, MANIFEST = "optimizer.safetensors", "state.json", "manif
 PathLike = Union[str, Path]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, or does not fit the model."""
 
 
@@ -314,10 +314,10 @@ def load_training_state(ckpt: PathLike, model: nn.Module, optimizer: Optional[to
 
 
 def build_model(config: Dict[str, Any]) -> nn.Module:
-    """Rebuild a model from its `config` dict with refseg.modeling."""
-    from refseg import modeling
+    """Rebuild a model from its `config` dict (refseg.modeling.build.build_model)."""
+    from refseg.modeling.build import build_model as build
 
-    return modeling.build(config)
+    return build(config)
 
 
 def load_weights(model: nn.Module, weights: Dict[str, torch.Tensor], meta: Optional[Dict[str, Any]] = None,

@@ -302,8 +302,8 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -> Dic
                   file=sys.stderr)
 
     # feature cache
-    use_cache = cfg.cache_features == "on" or (cfg.cache_features == "auto" and feature_cache.encoders_frozen(model))
-    if cfg.cache_features == "on" and not feature_cache.encoders_frozen(model):
+    use_cache = cfg.cache_features != "off" and feature_cache.encoders_frozen(model)
+    if cfg.cache_features == "on" and not use_cache:
         raise SystemExit("refseg train: --cache-features on needs frozen encoders (their outputs need gradients)")
     train_cache = val_cache = None
     if use_cache:
@@ -409,8 +409,8 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -> Dic
                 train_ds, batch_sampler=batches[position:], collate_fn=collate, num_workers=cfg.workers,
                 generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
             source = (to_step_batch(items, device) for items in loader)
+        t0 = time.perf_counter()
         for batch in source:
-            t0 = time.perf_counter()
             lr = lr_at(step, cfg, total_steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -443,7 +443,7 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -> Dic
             running["grad_norm"] = running.get("grad_norm", 0.0) + grad_norm
             n_running += 1
             loss_ema = values["loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * values["loss"]
-            dt = time.perf_counter() - t0
+            dt = time.perf_counter() - t0  # this step, its data included
             bar.update(1)
             bar.set_postfix(loss=f"{loss_ema:.4f}", sps=f"{n / max(dt, 1e-9):.1f}", refresh=False)
             if step % cfg.log_every == 0 or step == total_steps:
@@ -452,12 +452,15 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -> Dic
                 row.update({"train/lr": lr, "train/samples_per_s": seen_log / max(elapsed, 1e-9)})
                 log.scalars(step, epoch, row)
                 running, n_running, t_log, seen_log = {}, 0, time.perf_counter(), 0
+            t_pause = time.perf_counter()
             validated = False
             if cfg.val_every and step % cfg.val_every == 0 and step < total_steps:
                 validate()
                 validated = True
             if cfg.save_every and step % cfg.save_every == 0 and not validated and step < total_steps:
                 save("last")
+            t0 = time.perf_counter()
+            t_log += t0 - t_pause  # samples/s counts training time only
             if step >= total_steps:
                 break
     bar.close()

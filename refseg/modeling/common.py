@@ -149,3 +149,8 @@ def conv_gn(cin: int, cout: int, k: int = 3, groups: int = 8) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.GroupNorm(min(groups, cout), cout), nn.GELU()
     )
+
+
+def conv(cin: int, cout: int, k: int = 3) -> nn.Sequential:
+    """k x k conv (same padding) -> GELU; no norm (used per sentence, where norms cost more than the conv)."""
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2), nn.GELU())

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refseg.modeling.common import MLP, LocateLayer, TextLayer, conv_gn, coord_grid, sine_position_encoding
+from refseg.modeling.common import MLP, LocateLayer, TextLayer, conv, conv_gn, coord_grid, sine_position_encoding
 from refseg.modeling.text import TextFeatures, masked_mean
 
 
@@ -58,7 +58,8 @@ class LTSHead(nn.Module):
     text_dim: the text encoder's width.
     dim: width D of the grid tokens; depth: locate layers; heads: attention
       heads; mlp_ratio: MLP hidden width / D; text_layers: refinement layers
-      over the text tokens; decoder_widths: channels at strides 16, 8, 4, 2.
+      over the text tokens; decoder_widths: channels at strides 16, 8, 4;
+      fine_rank: K, the per-image stride-2 channels mixed per sentence.
     """
 
     def __init__(
@@ -67,24 +68,24 @@ class LTSHead(nn.Module):
         visual_strides: Sequence[int],
         text_dim: int,
         dim: int = 128,
-        depth: int = 3,
+        depth: int = 4,
         heads: int = 4,
         mlp_ratio: float = 2.0,
         text_layers: int = 1,
-        decoder_widths: Sequence[int] = (64, 32, 16, 16),
-        prior_init: float = 0.05,
+        decoder_widths: Sequence[int] = (64, 32, 16),
+        fine_rank: int = 4,
+        prior_init: float = 0.02,
     ):
         super().__init__()
         self.strides = tuple(int(s) for s in visual_strides)
         if not {4, 8, 16, 32} <= set(self.strides) or not set(self.strides) <= {2, 4, 8, 16, 32}:
             raise ValueError(f"LTSHead needs strides 4, 8, 16, 32 (and optionally 2), got {self.strides}")
         ch = dict(zip(self.strides, visual_channels))
-        c16, c8, c4, c2 = decoder_widths
+        c16, c8, c4 = decoder_widths
         self.dim = dim
 
-        # 1. fuse
-        self.in16 = nn.Conv2d(ch[16], dim, 1)
-        self.in32 = nn.Conv2d(ch[32], dim, 1)
+        # 1. fuse: stride-32 cells + the 2x2 stride-16 cells under each (space-to-depth)
+        self.grid_in = nn.Linear(ch[32] + 4 * ch[16], dim)
         self.grid_norm = nn.LayerNorm(dim)
         self.text_in = nn.Linear(text_dim, dim)
         self.text_layers = nn.ModuleList([TextLayer(dim, heads, mlp_ratio) for _ in range(text_layers)])
@@ -97,35 +98,39 @@ class LTSHead(nn.Module):
         # 2. locate
         self.locate = nn.ModuleList([LocateLayer(dim, heads, mlp_ratio) for _ in range(depth)])
         self.out_norm = nn.LayerNorm(dim)
-        self.prior = nn.Linear(dim, 1)
+        self.prior = nn.Linear(dim, 4)  # 2x2 sub-cells -> prior on the stride-16 grid
 
         # 3. no-target
         self.nt_query = nn.Linear(dim, dim)
         self.nt_mlp = MLP(2 * dim + 1, dim, 1)
 
-        # 4. segment
-        self.dec16 = conv_gn(dim + 1, c16)
-        self.red8, self.lat8, self.gate8, self.dec8 = nn.Conv2d(c16, c8, 1), conv_gn(ch[8], c8), nn.Linear(dim, c8), conv_gn(c8, c8)
-        self.red4, self.lat4, self.dec4 = nn.Conv2d(c8, c4, 1), conv_gn(ch[4], c4), conv_gn(c4, c4)
+        # 4. segment (laterals: once per image; the rest per sentence)
+        self.up16 = nn.Linear(dim, 4 * c16)
+        self.lat16, self.gate16 = conv_gn(ch[16], c16), nn.Linear(dim, c16)
+        self.dec16 = conv(c16 + 1, c16)
+        self.red8, self.lat8, self.gate8, self.dec8 = nn.Conv2d(c16, c8, 1), conv_gn(ch[8], c8), nn.Linear(dim, c8), conv(c8, c8)
+        self.red4, self.lat4, self.dec4 = nn.Conv2d(c8, c4, 1), conv_gn(ch[4], c4), conv(c4, c4)
         self.fine = 2 in self.strides
+        self.fine_rank = fine_rank if self.fine else 0
+        self.mask_out = nn.Conv2d(c4, 1 + self.fine_rank, 1)  # coarse logit (+ K mixing weights)
         if self.fine:
-            self.red2, self.lat2, self.dec2 = nn.Conv2d(c4, c2, 1), conv_gn(ch[2], c2), conv_gn(c2, c2)
-        self.mask_out = nn.Conv2d(c2 if self.fine else c4, 1, 1)
+            self.lat2 = nn.Sequential(conv_gn(ch[2], 16), nn.Conv2d(16, fine_rank, 3, padding=1))
 
         bias = -math.log((1 - prior_init) / prior_init)  # start predicting "mostly background"
         nn.init.constant_(self.prior.bias, bias)
-        nn.init.constant_(self.mask_out.bias, bias)
+        nn.init.zeros_(self.mask_out.weight)
+        nn.init.zeros_(self.mask_out.bias)
+        nn.init.constant_(self.mask_out.bias[:1], bias)
 
     def forward(self, vis: List[torch.Tensor], txt: TextFeatures, image_index: torch.Tensor) -> Dict[str, torch.Tensor]:
         maps = dict(zip(self.strides, vis))
         idx = image_index
-        s16 = maps[16]
-        B_img, _, h, w = s16.shape
+        B_img, _, h, w = maps[32].shape
         S = vis[0].shape[-1] * self.strides[0]
 
         # 1. fuse. Language-free grid, once per image.
-        g = self.in16(s16) + F.interpolate(self.in32(maps[32]), size=(h, w), mode="bilinear", align_corners=False)
-        g = self.grid_norm(g.flatten(2).transpose(1, 2))  # (B_img, N, D), N = h*w
+        g = torch.cat([maps[32], F.pixel_unshuffle(maps[16], 2)], 1)  # (B_img, C32 + 4 C16, h, w)
+        g = self.grid_norm(self.grid_in(g.flatten(2).transpose(1, 2)))  # (B_img, N, D), N = h*w
         t = self.text_in(txt.tokens)  # (B, L, D)
         for layer in self.text_layers:
             t = layer(t, txt.mask)
@@ -138,27 +143,33 @@ class LTSHead(nn.Module):
         for layer in self.locate:
             x = layer(x, pos, t, txt.mask)
         x = self.out_norm(x)  # (B, N, D)
-        prior = self.prior(x)  # (B, N, 1)
         B = x.shape[0]
+        prior = self.prior(x).transpose(1, 2).reshape(B, 4, h, w)  # (B, 4, h, w)
+        prior = F.pixel_shuffle(prior, 2)  # (B, 1, 2h, 2w)
 
         # 3. no-target
         q = self.nt_query(s)  # (B, D)
         attn = torch.softmax((x @ q[:, :, None]).squeeze(-1) / math.sqrt(self.dim), dim=-1)  # (B, N)
         pooled = (attn[:, :, None] * x).sum(1)  # (B, D)
-        peak = prior.amax(dim=1)  # (B, 1)
+        peak = prior.flatten(1).amax(1, keepdim=True)  # (B, 1)
         no_target = self.nt_mlp(torch.cat([pooled, s, peak], -1)).squeeze(-1)  # (B,)
 
         # 4. segment
-        prior_map = prior.transpose(1, 2).reshape(B, 1, h, w)  # (B, 1, h, w)
-        y = x.transpose(1, 2).reshape(B, self.dim, h, w)  # (B, D, h, w)
-        y = self.dec16(torch.cat([y, prior_map.sigmoid()], 1))  # (B, c16, h, w)
+        y = self.up16(x).transpose(1, 2).reshape(B, -1, h, w)  # (B, 4 c16, h, w)
+        y = F.pixel_shuffle(y, 2)  # (B, c16, 2h, 2w)
+        y = y + self.lat16(maps[16])[idx] * torch.sigmoid(self.gate16(s))[:, :, None, None]
+        y = self.dec16(torch.cat([y, prior.sigmoid()], 1))  # (B, c16, 2h, 2w)
         gate = torch.sigmoid(self.gate8(s))[:, :, None, None]  # (B, c8, 1, 1)
-        y = self.dec8(_up(self.red8(y)) + self.lat8(maps[8])[idx] * gate)  # (B, c8, 2h, 2w)
-        y = self.dec4(_up(self.red4(y)) + self.lat4(maps[4])[idx])  # (B, c4, 4h, 4w)
+        y = self.dec8(_up(self.red8(y)) + self.lat8(maps[8])[idx] * gate)  # (B, c8, 4h, 4w)
+        y = self.dec4(_up(self.red4(y)) + self.lat4(maps[4])[idx])  # (B, c4, 8h, 8w)
+        y = self.mask_out(y)  # (B, 1 + K, 8h, 8w)
         if self.fine:
-            y = self.dec2(_up(self.red2(y)) + self.lat2(maps[2])[idx])  # (B, c2, 8h, 8w)
-        mask = F.interpolate(self.mask_out(y), size=(S, S), mode="bilinear", align_corners=False)  # (B, 1, S, S)
-        return {"mask_logits": mask, "prior_logits": prior_map, "no_target_logits": no_target}
+            # stride 2: bilinear coarse logit + per-sentence mix of K per-image fine channels
+            y = _up(y)  # (B, 1 + K, 16h, 16w)
+            fine = self.lat2(maps[2])[idx]  # (B, K, 16h, 16w)
+            y = y[:, :1] + (y[:, 1:] * fine).sum(1, keepdim=True)  # (B, 1, 16h, 16w)
+        mask = F.interpolate(y, size=(S, S), mode="bilinear", align_corners=False)  # (B, 1, S, S)
+        return {"mask_logits": mask, "prior_logits": prior, "no_target_logits": no_target}
 
 
 def _up(x: torch.Tensor) -> torch.Tensor:

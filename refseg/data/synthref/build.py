@@ -27,7 +27,7 @@ from refseg.data.synthref.vocab import IMAGE_SIZE, SPLITS, VOCABS
 DOMAIN_CODES = {"natural": 0, "aerial": 1}  # enters every image's seed
 NO_TARGET_STREAM = 1_000_003  # seed word of a split's no-target generator, beyond any image index
 SCENE_ATTEMPTS = 20  # scenes tried per image until one has referents (and, on focus images, a repeated shape)
-PNG_COMPRESS_LEVEL = 6  # zlib level of the PNG files (PIL's default)
+PNG_COMPRESS_LEVEL = 1  # zlib level of the PNG files: 3-6x faster than PIL's default 6, 5-25 % larger
 
 
 @dataclass(frozen=True)

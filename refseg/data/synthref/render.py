@@ -127,10 +127,12 @@ def draw_layer(parts: list, rng: np.random.Generator) -> Layer:
         points = [tuple(p) for p in ((vertices + shift) * s - 0.5)]  # PIL's integer points are sub-pixel centres
         draw_rgb.polygon(points, fill=tuple(colour))
         draw_alpha.polygon(points, fill=255)
-    a = np.asarray(alpha, dtype=np.float32) / 255.0  # (h*s, w*s) in {0, 1}
-    premult = np.asarray(rgb, dtype=np.float32) * a[..., None]
-    coverage = a.reshape(h, s, w, s).mean(axis=(1, 3))  # (h, w)
-    premultiplied = premult.reshape(h, s, w, s, 3).mean(axis=(1, 3))  # (h, w, 3)
+    # Both images were painted with the same polygons, so the RGB image is already black outside the
+    # object: box sums of it are coverage x colour. Sums of 16 sub-pixels fit in uint16.
+    a = np.asarray(alpha).reshape(h, s, w, s).sum(axis=(1, 3), dtype=np.uint16)  # (h, w), 0..16*255
+    c = np.asarray(rgb).reshape(h, s, w, s, 3).sum(axis=(1, 3), dtype=np.uint16)  # (h, w, 3)
+    coverage = a.astype(np.float32) / (255 * s * s)
+    premultiplied = c.astype(np.float32) / (s * s)
     return Layer(0, 0, coverage, premultiplied)
 
 
@@ -179,13 +181,13 @@ def aerial_background(rng: np.random.Generator) -> np.ndarray:
     texture = np.asarray(_random_crop(_sample_image(name), rng), dtype=np.float32)[..., 0] / 255.0
     texture = (texture - texture.mean()) / (texture.std() + 1e-6)  # (H, W), zero mean, unit spread
     tint = np.asarray(jitter(AERIAL_TINTS[int(rng.integers(len(AERIAL_TINTS)))], rng), dtype=np.float32)
-    contrast = rng.uniform(0.12, 0.25)
-    out = tint * (1.0 + contrast * texture[..., None])  # (H, W, 3)
+    contrast = float(rng.uniform(0.12, 0.25))
+    out = tint * (1.0 + contrast * texture[..., None])  # (H, W, 3) float32
     centres = np.arange(IMAGE_SIZE, dtype=np.float32) + 0.5  # pixel centres, pixels
     for _ in range(int(rng.integers(0, 3))):
-        width = rng.uniform(10.0, 16.0)  # pixels
-        angle = rng.uniform(0, np.pi)
-        px, py = rng.uniform(0.2, 0.8, size=2) * IMAGE_SIZE  # a point the road passes through
+        width = float(rng.uniform(10.0, 16.0))  # pixels
+        angle = float(rng.uniform(0, np.pi))
+        px, py = (float(v) * IMAGE_SIZE for v in rng.uniform(0.2, 0.8, size=2))  # a point the road passes through
         nx, ny = -math.sin(angle), math.cos(angle)  # unit normal of the road's direction
         dist = np.abs((centres[None, :] - px) * nx + (centres[:, None] - py) * ny)  # (H, W), pixels
         cover = np.clip(width / 2 + 0.5 - dist, 0.0, 1.0)[..., None]  # anti-aliased edge

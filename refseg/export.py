@@ -1,0 +1,310 @@
+"""`refseg export`: a model as two ONNX graphs, and a Predictor that runs them on onnxruntime.
+
+    refseg export --model lts-synthref --out model.onnx
+
+writes, beside each other (``--out`` names the stem; a trailing ``.onnx`` is dropped):
+
+    model.image.onnx     image (B, 3, S, S) uint8 RGB in [0, 255]  ->  maps f0..f3 (B, C_i, S/s_i, S/s_i),
+                         finest first (f4 too when the encoder has a stride-2 map): the visual encoder
+                         with the model's normalisation folded in
+    model.decoder.onnx   maps (B_img, ...) + input_ids, attention_mask (B, L) int64 + image_index (B,) int64
+                         -> mask_logits (B, 1, S, S), no_target_logits (B,), prior_logits (B, 1, S/16, S/16):
+                         the text encoder and the head
+    model.tokenizer/     the text encoder's tokenizer (``save_pretrained``); tokenising stays in Python
+    model.json           image size, max_length, input/output names, the model config, the exporter
+                         used and the parity measured against PyTorch at export time
+
+Two graphs rather than one, so that ``OnnxPredictor.set_image`` runs the visual
+encoder once and every ``predict`` afterwards pays only for the text encoder and
+the head, exactly as ``Predictor`` does with PyTorch. Both graphs have dynamic
+batch axes (images, texts); the image size S and token length L are fixed.
+
+    from refseg.export import OnnxPredictor
+    predictor = OnnxPredictor("model.onnx")      # same API as refseg.Predictor
+    predictor.set_image("photo.jpg")
+    predictor.predict(["the red star"]).masks    # (1, H, W) bool
+
+The new (``dynamo=True``) exporter is tried first; if it fails, the legacy
+TorchScript exporter (``dynamo=False``) is used and the JSON says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from refseg.predictor import Predictor
+
+FORMAT = "refseg-onnx"
+VERSION = 1
+OPSET = 18
+PARITY_TOLERANCE = 1e-3  # max |mask logit| difference accepted at export time (float32 on CPU)
+EXAMPLE_TEXTS = ("the red star left of the blue circle", "the largest square")
+
+
+def export_paths(out: Union[str, Path]) -> Dict[str, Path]:
+    """Files written for ``--out out``: ``image``, ``decoder``, ``tokenizer`` (a folder) and ``meta``."""
+    out = Path(out)
+    if out.suffix == ".json":
+        out = out.with_suffix("")
+    stem = out.with_suffix("") if out.suffix == ".onnx" else out
+    return {
+        "image": stem.with_name(stem.name + ".image.onnx"),
+        "decoder": stem.with_name(stem.name + ".decoder.onnx"),
+        "tokenizer": stem.with_name(stem.name + ".tokenizer"),
+        "meta": stem.with_name(stem.name + ".json"),
+    }
+
+
+class ImageGraph(nn.Module):
+    """image (B, 3, S, S) uint8 -> tuple of maps, finest first (``model.encode_image``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor):
+        return tuple(self.model.encode_image(image))
+
+
+class DecoderGraph(nn.Module):
+    """maps + tokens -> (mask_logits, no_target_logits, prior_logits): text encoder + ``model.decode``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, maps: List[torch.Tensor], input_ids, attention_mask, image_index):
+        from refseg.modeling.text import TextFeatures
+
+        tokens, sentence = self.model.text(input_ids, attention_mask)  # (B, L, D), (B, D)
+        out = self.model.decode(maps, TextFeatures(tokens, attention_mask.bool(), sentence), image_index)
+        return out["mask_logits"], out["no_target_logits"], out["prior_logits"]
+
+
+def _export(module, args, path, input_names, output_names, batch_axes, exporter, opset) -> str:
+    """Export one graph. ``args`` may hold a list of tensors (flattened into
+    consecutive ONNX inputs); ``batch_axes`` maps each flat input name to the
+    name of its dynamic batch axis (axis 0). Returns the exporter that
+    succeeded ("dynamo" or "legacy").
+    """
+    errors = []
+    for kind in (["dynamo", "legacy"] if exporter == "auto" else [exporter]):
+        try:
+            with warnings.catch_warnings():
+                # the exporters warn about every traced Python condition, dynamic-shape renames ...
+                warnings.simplefilter("ignore")
+                if kind == "dynamo":
+                    from torch.export import Dim
+
+                    dims = {name: Dim(name) for name in sorted(set(batch_axes.values()))}
+                    flat = iter({0: dims[batch_axes[n]]} for n in input_names)
+                    shapes = tuple([next(flat) for _ in a] if isinstance(a, (list, tuple)) else next(flat) for a in args)
+                    torch.onnx.export(
+                        module, args, str(path), input_names=input_names, output_names=output_names,
+                        dynamo=True, dynamic_shapes=shapes, opset_version=opset, external_data=False,
+                    )
+                else:
+                    axes = {n: {0: batch_axes[n]} for n in input_names}
+                    torch.onnx.export(
+                        module, args, str(path), input_names=input_names, output_names=output_names,
+                        dynamo=False, dynamic_axes=axes, opset_version=opset,
+                    )
+            return kind
+        except Exception as e:  # noqa: BLE001  (any exporter failure: fall back, then report all)
+            errors.append(f"{kind}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    raise RuntimeError(f"ONNX export of {path.name} failed:\n  " + "\n  ".join(errors))
+
+
+@torch.no_grad()
+def export_onnx(
+    model: nn.Module, out: Union[str, Path], exporter: str = "auto", opset: int = OPSET, check: bool = True,
+    extra_meta: Optional[dict] = None,
+) -> Dict[str, Path]:
+    """Write the two graphs, the tokenizer and the JSON for ``model`` (see the module docstring).
+
+    exporter: "auto" (new exporter, legacy on failure), "dynamo" or "legacy".
+    check: run both graphs on onnxruntime against PyTorch on an example and
+      raise if mask logits differ by more than ``PARITY_TOLERANCE``.
+    Returns ``export_paths(out)``.
+    """
+    if exporter not in ("auto", "dynamo", "legacy"):
+        raise ValueError(f"exporter must be auto, dynamo or legacy, got {exporter!r}")
+    text = getattr(model, "text", None)
+    if text is None or getattr(text, "tokenizer", None) is None:
+        raise ValueError(f"{type(model).__name__}: export needs a text encoder with a Hugging Face `tokenizer`")
+    model = model.eval().cpu()
+    paths = export_paths(out)
+    paths["image"].parent.mkdir(parents=True, exist_ok=True)
+    S = int(model.image_size)
+
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (2, 3, S, S), dtype=torch.uint8, generator=gen)  # (2, 3, S, S)
+    tokens = text.tokenize(list(EXAMPLE_TEXTS))
+    index = torch.tensor([0, 1])
+    maps = model.encode_image(image)
+    map_names = [f"f{i}" for i in range(len(maps))]
+    decoder_inputs = map_names + ["input_ids", "attention_mask", "image_index"]
+    outputs = ["mask_logits", "no_target_logits", "prior_logits"]
+
+    start = time.perf_counter()
+    used_image = _export(ImageGraph(model), (image,), paths["image"], ["image"], map_names,
+                         {"image": "images"}, exporter, opset)
+    used_decoder = _export(
+        DecoderGraph(model), (list(maps), tokens["input_ids"], tokens["attention_mask"], index),
+        paths["decoder"], decoder_inputs, outputs,
+        {**{n: "images" for n in map_names}, "input_ids": "texts", "attention_mask": "texts", "image_index": "texts"},
+        exporter, opset,
+    )
+    if paths["tokenizer"].exists():
+        shutil.rmtree(paths["tokenizer"])
+    text.tokenizer.save_pretrained(str(paths["tokenizer"]))
+    meta = {
+        "format": FORMAT, "version": VERSION, "image_size": S, "max_length": int(text.max_length),
+        "image_graph": paths["image"].name, "decoder_graph": paths["decoder"].name,
+        "tokenizer": paths["tokenizer"].name,
+        "image_inputs": ["image"], "image_outputs": map_names,
+        "decoder_inputs": decoder_inputs, "decoder_outputs": outputs,
+        "exporter": {"image": used_image, "decoder": used_decoder}, "opset": opset,
+        "torch": torch.__version__, "export_seconds": round(time.perf_counter() - start, 1),
+        "config": getattr(model, "config", {}),
+        **(extra_meta or {}),
+    }
+    paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
+    if check:
+        onnx_model = OnnxModel(paths["meta"])
+        ref = model.decode(maps, model.encode_text(list(EXAMPLE_TEXTS)), index)
+        got = onnx_model.decode(onnx_model.encode_image(image), onnx_model.encode_text(list(EXAMPLE_TEXTS)), index)
+        diff = {k: float((ref[k] - got[k]).abs().max()) for k in ("mask_logits", "no_target_logits")}
+        meta["parity"] = {"max_abs_diff": diff, "tolerance": PARITY_TOLERANCE, "texts": list(EXAMPLE_TEXTS)}
+        paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
+        if diff["mask_logits"] > PARITY_TOLERANCE:
+            raise RuntimeError(f"ONNX and PyTorch mask logits differ by {diff['mask_logits']:.2e} "
+                               f"(> {PARITY_TOLERANCE}); see {paths['meta']}")
+    return paths
+
+
+class OnnxText(NamedTuple):
+    """Tokenised expressions, what ``OnnxModel.encode_text`` hands to ``decode``: (B, L) int64 each."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+class OnnxModel(nn.Module):
+    """The ``encode_image`` / ``encode_text`` / ``decode`` interface of a refseg model, on onnxruntime.
+
+    Holds no parameters; tensors in and out are CPU torch tensors so that
+    ``Predictor`` drives it unchanged. ``decode`` runs the text encoder too
+    (it lives in the decoder graph); ``encode_text`` only tokenises.
+
+    path: the ``--out`` given to export (``model.onnx``) or its ``model.json``.
+    threads: onnxruntime intra-op threads (0: its default).
+    """
+
+    def __init__(self, path: Union[str, Path], threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)):
+        super().__init__()
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        meta_path = export_paths(path)["meta"]
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{meta_path}: no such file; write it with `refseg export --out {path}`")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path} is not a refseg ONNX export (format {self.meta.get('format')!r})")
+        folder = meta_path.parent
+        self.image_size = int(self.meta["image_size"])
+        self.max_length = int(self.meta["max_length"])
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        self.image_session = ort.InferenceSession(str(folder / self.meta["image_graph"]), options, providers=list(providers))
+        self.decoder_session = ort.InferenceSession(str(folder / self.meta["decoder_graph"]), options, providers=list(providers))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder / self.meta["tokenizer"]), local_files_only=True)
+
+    def encode_image(self, images: torch.Tensor) -> List[torch.Tensor]:
+        """(B, 3, S, S) uint8 RGB in [0, 255] -> list of maps (B, C_i, S/s_i, S/s_i), finest first."""
+        if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (3, self.image_size, self.image_size):
+            raise ValueError(f"encode_image expects (B, 3, {self.image_size}, {self.image_size}) uint8, "
+                             f"got {tuple(images.shape)} {images.dtype}")
+        maps = self.image_session.run(None, {"image": images.cpu().numpy()})
+        return [torch.from_numpy(m) for m in maps]
+
+    def encode_text(self, texts: Sequence[str]) -> OnnxText:
+        """list[str] (B) -> OnnxText(input_ids, attention_mask), (B, L) int64, L = max_length."""
+        enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="np")
+        return OnnxText(torch.from_numpy(enc["input_ids"].astype(np.int64)),
+                        torch.from_numpy(enc["attention_mask"].astype(np.int64)))
+
+    def decode(self, vis: List[torch.Tensor], txt: OnnxText, image_index: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Same contract as the PyTorch model's ``decode``: mask_logits (B, 1, S, S),
+        no_target_logits (B,), prior_logits (B, 1, S/16, S/16)."""
+        feeds = {name: m.cpu().numpy() for name, m in zip(self.meta["image_outputs"], vis)}
+        feeds["input_ids"] = txt.input_ids.cpu().numpy()
+        feeds["attention_mask"] = txt.attention_mask.cpu().numpy()
+        feeds["image_index"] = image_index.to(torch.int64).cpu().numpy()
+        outs = self.decoder_session.run(self.meta["decoder_outputs"], feeds)
+        return {name: torch.from_numpy(v) for name, v in zip(self.meta["decoder_outputs"], outs)}
+
+
+class OnnxPredictor(Predictor):
+    """``Predictor`` (set_image / predict / predict_batch, same ``Prediction``) on onnxruntime.
+
+    path: the ``--out`` of ``refseg export`` (``model.onnx``) or its ``model.json``.
+    threads: onnxruntime intra-op threads (0: its default, all cores).
+    """
+
+    def __init__(self, path: Union[str, Path], mask_threshold: float = 0.5, text_batch_size: int = 32,
+                 threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)):
+        super().__init__(OnnxModel(path, threads=threads, providers=providers), mask_threshold, text_batch_size)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="lts-synthref", help="a shipped model name or a checkpoint/run path")
+    p.add_argument("--out", required=True,
+                   help="output stem, e.g. model.onnx -> model.image.onnx, model.decoder.onnx, model.json, model.tokenizer/")
+    p.add_argument("--exporter", choices=("auto", "dynamo", "legacy"), default="auto",
+                   help="torch.onnx exporter: auto tries the new (dynamo) one, then the legacy one")
+    p.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch parity check")
+
+
+def main(args: argparse.Namespace) -> int:
+    import refseg
+
+    try:
+        import onnx  # noqa: F401  (both exporters need it)
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        print(f"refseg export: error: {e.name} is not installed; pip install 'refseg[export]'", file=sys.stderr)
+        return 2
+    try:
+        model = refseg.load(args.model)
+        paths = export_onnx(model, args.out, exporter=args.exporter, opset=args.opset, check=not args.no_check,
+                            extra_meta={"source_model": str(args.model)})
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        print(f"refseg export: error: {e}", file=sys.stderr)
+        return 1
+    meta = json.loads(paths["meta"].read_text())
+    for key in ("image", "decoder", "tokenizer", "meta"):
+        print(f"wrote {paths[key]}")
+    print(f"exporter: image {meta['exporter']['image']}, decoder {meta['exporter']['decoder']}; "
+          f"opset {meta['opset']}; {meta['export_seconds']} s")
+    if "parity" in meta:
+        d = meta["parity"]["max_abs_diff"]
+        print(f"parity vs PyTorch (max |diff|): mask logits {d['mask_logits']:.2e}, "
+              f"no-target logits {d['no_target_logits']:.2e} (tolerance {PARITY_TOLERANCE})")
+    return 0

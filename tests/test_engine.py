@@ -1,0 +1,214 @@
+"""The training engine: config, sampler, schedule, feature cache, training and exact resume."""
+
+import argparse
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from _engine_fixtures import SIZE, make_shapes_refer, one_thread, tiny_config, tiny_model  # noqa: F401 (autouse fixture)
+from safetensors.torch import load_file
+
+from refseg.data.dataset import RefSegDataset, collate
+from refseg.data.refer import load_refer
+from refseg.engine import cache as feature_cache
+from refseg.engine import train as train_module
+from refseg.engine.config import TrainConfig, add_config_arguments, config_from_args
+from refseg.engine.evaluate_core import evaluate_model, predict_masks
+from refseg.engine.sampler import GroupBatchSampler
+from refseg.engine.train import lr_at, train
+from refseg.data.transforms import Letterbox
+
+CPU = torch.device("cpu")
+
+
+def _train_losses(run):
+    with open(run / "log.csv") as f:
+        return [float(r["value"]) for r in csv.DictReader(f) if r["tag"] == "train/loss"]
+
+
+# ---- config ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_config_file_roundtrip(tmp_path, suffix):
+    cfg = TrainConfig(data="d", model_kwargs={"dim": 64, "widths": [1, 2]}, lr=1e-4, split_by=None, max_steps=7)
+    cfg.save(tmp_path / f"c{suffix}")
+    again = TrainConfig.load(tmp_path / f"c{suffix}")
+    assert again == cfg
+    again.save(tmp_path / f"d{suffix}")
+    assert (tmp_path / f"d{suffix}").read_text() == (tmp_path / f"c{suffix}").read_text()
+
+
+def test_flags_override_config_file(tmp_path):
+    TrainConfig(data="d", lr=1e-4, batch_size=8, epochs=3).save(tmp_path / "c.json")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--config", str(tmp_path / "c.json"), "--batch-size", "16",
+                              "--model-kwargs", '{"dim": 32}', "--no-progress", "--split-by", "none"])
+    cfg = config_from_args(args)
+    assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.model_kwargs, cfg.progress, cfg.split_by) == \
+        (1e-4, 16, 3, {"dim": 32}, False, None)
+    assert "sentences per optimiser step" in parser.format_help()  # help comes from the field comments
+    with pytest.raises(ValueError, match="unknown"):
+        TrainConfig.from_dict({"learning_rate": 1})
+    with pytest.raises(ValueError, match="amp"):
+        TrainConfig(amp="fp8").validate()
+
+
+# ---- sampler and schedule ----------------------------------------------------------
+
+
+def test_group_sampler_covers_each_sentence_once_and_groups_images():
+    image_ids = np.repeat(np.arange(10), 6)  # 10 images x 6 sentences
+    s = GroupBatchSampler(image_ids, batch_size=12, images_per_batch=3, seed=1)
+    batches = s.global_batches(0)
+    assert len(batches) == len(s) == 5
+    assert sorted(np.concatenate(batches).tolist()) == list(range(60))
+    distinct = [len(set(image_ids[b])) for b in batches]  # chunks of 4 sentences (+ remainders of 2)
+    assert np.mean(distinct) <= 4.5 and max(distinct) <= 6
+    assert [b.tolist() for b in batches] == [b.tolist() for b in s.global_batches(0)]  # deterministic
+    assert [b.tolist() for b in batches] != [b.tolist() for b in s.global_batches(1)]
+    ranks = [GroupBatchSampler(image_ids, 12, 3, seed=1, rank=r, world_size=2).batches(0) for r in range(2)]
+    for g, a, b in zip(batches, *ranks):
+        assert a + b == g.tolist() and len(a) == len(b) == 6
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55)
+    assert lr_at(110, cfg, 110) == pytest.approx(0.1)
+
+
+# ---- feature cache -------------------------------------------------------------------
+
+
+def test_cache_gives_the_uncached_forward(synthref_tiny, tmp_path):
+    model = tiny_model().eval()
+    ds = RefSegDataset(load_refer(synthref_tiny), "train", SIZE, "full")
+    ds.samples = ds.samples[:40]
+    rows = [0, 3, 4, 9, 10, 33]
+    items = collate([ds[i] for i in rows])
+    with torch.no_grad():
+        full = model(items["image"], items["text"])
+    for dtype, atol in ((torch.float32, 1e-5), (torch.float16, 5e-2)):
+        cache = feature_cache.build_cache(model, ds, CPU, dtype=dtype, progress=False)
+        b = cache.batch(rows, CPU)
+        image_ids = [ds.samples[r].image_id for r in rows]
+        assert len(b["vis"][0]) == len(set(image_ids))  # one visual row per distinct image
+        idx = b["image_index"].tolist()
+        assert all((idx[i] == idx[j]) == (image_ids[i] == image_ids[j]) for i in range(len(rows)) for j in range(len(rows)))
+        with torch.no_grad():
+            out = model.decode(b["vis"], b["txt"], b["image_index"])
+        for k in ("mask_logits", "prior_logits", "no_target_logits"):
+            assert torch.allclose(out[k], full[k], atol=atol), (dtype, k, (out[k] - full[k]).abs().max())
+        assert torch.equal(b["mask"], items["mask"])
+        assert torch.equal(b["no_target"], items["no_target"]) and torch.equal(b["orig_hw"], items["orig_hw"])
+        assert b["sent_id"].tolist() == items["sent_id"].tolist()
+
+    # on disk: built once, reused by a second run (keyed by data, split, size and encoder weights)
+    first = feature_cache.get_cache(model, ds, CPU, str(tmp_path), progress=False)
+    folders = list(tmp_path.iterdir())
+    second = feature_cache.get_cache(model, ds, CPU, str(tmp_path), build=False)
+    assert len(folders) == 1 and list(tmp_path.iterdir()) == folders
+    assert np.array_equal(np.asarray(first.arrays["vis.0"]), np.asarray(second.arrays["vis.0"]))
+    other = tiny_model(seed=1)
+    with pytest.raises(FileNotFoundError):  # other encoder weights: another key
+        feature_cache.get_cache(other, ds, CPU, str(tmp_path), build=False)
+
+
+def test_frozen_encoders_are_detected():
+    model = tiny_model()
+    assert feature_cache.encoders_frozen(model)
+    for p in model.visual.parameters():
+        p.requires_grad_(True)
+    assert not feature_cache.encoders_frozen(model)
+
+
+# ---- evaluation --------------------------------------------------------------------------
+
+
+def test_predict_masks_inverts_letterbox_and_honours_no_target():
+    lb = Letterbox(8)
+    logits = torch.full((2, 1, 8, 8), -5.0)
+    logits[:, 0, 0:2, 4:8] = 5.0  # top right of the content; rows 4..7 are padding for a 4 x 8 image
+    logits[0, 0, 1, 6] = 9.0
+    out = {"mask_logits": logits, "no_target_logits": torch.tensor([-1.0, 1.0])}
+    (pred0, point0, lg0), (pred1, _, _) = predict_masks(out, torch.tensor([[4, 8], [4, 8]]), lb)
+    assert pred0.shape == (4, 8) and pred0[:2, 4:].all() and not pred0[2:].any() and not pred0[:, :4].any()
+    assert point0 == (6, 1)
+    assert not pred1.any()  # no-target logit > 0: empty mask
+
+
+def test_evaluate_model_reports_forms(synthref_tiny, tmp_path):
+    model = tiny_model()
+    data = load_refer(synthref_tiny)
+    result = evaluate_model(model, data, "val", batch_size=5, device="cpu", max_samples=7, progress=False,
+                            save_vis=tmp_path / "vis")
+    assert result["n"] == 7 and 0 <= result["mIoU"] <= 1
+    forms = {s.form for s in data.samples("val")[:7]}
+    assert set(result["by_form"]) == forms and len(forms) > 1
+    assert sum(r["n"] for r in result["by_form"].values()) == 7
+    assert len(list((tmp_path / "vis").glob("*.png"))) == 7
+    ds = RefSegDataset(data, "val", SIZE, "text")
+    ds.samples = ds.samples[:7]
+    cache = feature_cache.build_cache(model, ds, CPU, dtype=torch.float32, progress=False)
+    cached = evaluate_model(model, ds, batch_size=3, progress=False, cache=cache)
+    assert cached["mIoU"] == pytest.approx(result["mIoU"], abs=1e-6)
+
+
+# ---- training ----------------------------------------------------------------------------
+
+
+def test_loss_falls_when_overfitting_two_images(tmp_path):
+    data = make_shapes_refer(tmp_path / "data", n_train=2, n_val=1)
+    cfg = tiny_config(data, tmp_path / "run", max_steps=30, batch_size=4, images_per_batch=2, lr=3e-3,
+                      warmup_steps=3, val_every=0)
+    summary = train(cfg, model=tiny_model())
+    losses = _train_losses(tmp_path / "run")
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:3]), losses
+    run = tmp_path / "run"
+    assert (run / "last" / "model.safetensors").exists() and (run / "best" / "model.safetensors").exists()
+    assert TrainConfig.load(run / "config.json") == TrainConfig.from_dict({**cfg.to_dict(), "resume": None})
+    assert list((run / "tb").iterdir())
+    assert summary["step"] == 30 and summary["best"]["step"] == 30
+
+
+@pytest.mark.parametrize("cache", ["on", "off"])
+def test_resume_continues_exactly(synthref_tiny, tmp_path, monkeypatch, cache):
+    n = 6
+    common = dict(max_steps=n, save_every=n // 2, cache_features=cache, val_split="", batch_size=4,
+                  images_per_batch=2, log_every=1, cache_dir=str(tmp_path / "cache"))
+    train(tiny_config(synthref_tiny, tmp_path / "once", **common), model=tiny_model())
+    once = load_file(str(tmp_path / "once" / "last" / "model.safetensors"))
+
+    real = train_module.loss_function
+
+    def crashing_loss(cfg):
+        fn, calls = real(cfg), {"n": 0}
+
+        def loss(out, batch):
+            calls["n"] += 1
+            if calls["n"] > n // 2:
+                raise KeyboardInterrupt("simulated crash")
+            return fn(out, batch)
+
+        return loss
+
+    monkeypatch.setattr(train_module, "loss_function", crashing_loss)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(synthref_tiny, tmp_path / "twice", **common), model=tiny_model())
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "twice" / "last" / "state.json").read_text())["step"] == n // 2
+    summary = train(tiny_config(synthref_tiny, tmp_path / "twice", resume=str(tmp_path / "twice"), **common),
+                    model=tiny_model())
+    assert summary["step"] == n
+    twice = load_file(str(tmp_path / "twice" / "last" / "model.safetensors"))
+    assert once.keys() == twice.keys()
+    for k in once:
+        assert torch.equal(once[k], twice[k]), k
+    assert _train_losses(tmp_path / "once") == _train_losses(tmp_path / "twice")
