@@ -21,6 +21,8 @@ COMMANDS = {
     "train": ("refseg.engine.train", "train a model"),
     "eval": ("refseg.engine.evaluate", "evaluate a checkpoint on a refer-format split"),
     "predict": ("refseg.predict_cli", "segment the object an expression names in an image"),
+    "demo": ("refseg.demo_cli", "serve the web demo and the REST API (/segment) on one port"),
+    "export": ("refseg.export", "export a model to ONNX (image encoder + text/head graphs)"),
 }
 
 

@@ -6,7 +6,7 @@ Per-sample losses reduce over every non-batch dimension; ``reduction`` is
 "mean" (over the batch), "sum" or "none" (per sample, shape (B,)).
 """
 
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
@@ -118,11 +118,8 @@ def lts_loss(
     no_target = torch.zeros(B, dtype=torch.bool, device=mask_logits.device) if no_target is None else no_target.bool().view(B)
 
     mask_bce = bce_loss(mask_logits, target)
-    has_target = ~no_target
-    if has_target.any():
-        mask_dice = dice_loss(mask_logits[has_target], target[has_target])
-    else:
-        mask_dice = mask_logits.sum() * 0
+    has_target = (~no_target).to(mask_logits.dtype)  # (B,)
+    mask_dice = (dice_loss(mask_logits, target, reduction="none") * has_target).sum() / has_target.sum().clamp(min=1)
     prior_logits = out["prior_logits"]
     prior_bce = bce_loss(prior_logits, area_downsample(target, prior_logits.shape[-2:]))
     nt = F.binary_cross_entropy_with_logits(out["no_target_logits"], no_target.to(mask_logits.dtype))

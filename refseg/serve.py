@@ -30,8 +30,6 @@ Nothing is fetched from the network: Gradio analytics are off, the theme
 uses local/system fonts, no share link is made.
 """
 
-from __future__ import annotations
-
 import base64
 import io
 import os
@@ -130,8 +128,14 @@ class ModelPool:
     def loaded(self) -> List[str]:
         return [n for n in self.sources if n in self._predictors]
 
-    def predictor(self, name: Optional[str]):
-        """The Predictor of ``name`` (None: the default); the caller must hold ``self._locks[name]``."""
+    def preload(self, name: Optional[str] = None) -> None:
+        """Load ``name`` (default: the default model) now rather than on its first request."""
+        name = self.resolve(name)
+        with self._locks[name]:
+            self._predictor(name)
+
+    def _predictor(self, name: str):
+        """The Predictor of a resolved ``name``; the caller holds its lock."""
         from refseg.predictor import Predictor
 
         if name not in self._predictors:
@@ -156,7 +160,7 @@ class ModelPool:
         """(H, W, 3) uint8 image + expressions -> refseg.predictor.Prediction, with the model's lock held."""
         name = self.resolve(name)
         with self._locks[name]:
-            predictor = self.predictor(name)
+            predictor = self._predictor(name)
             predictor.set_image(rgb)
             try:
                 return predictor.predict(list(texts))
@@ -259,6 +263,21 @@ def ensure_examples(cache_dir: Union[str, Path], n_images: int = 4, per_image: i
     return examples
 
 
+def for_display(rgb: np.ndarray, masks: Sequence[np.ndarray], min_width: int = 512, max_side: int = 2048):
+    """Image and masks resized for the demo's overlay: small images upscaled by an integer
+    factor (nearest) so captions fit under them, huge ones shrunk to ``max_side``."""
+    h, w = rgb.shape[:2]
+    if w < min_width:
+        k = -(-min_width // w)  # ceil
+        grow = lambda a: np.repeat(np.repeat(a, k, axis=0), k, axis=1)  # noqa: E731
+        return grow(rgb), [grow(m) for m in masks]
+    if max(h, w) > max_side:
+        size = (max(1, round(w * max_side / max(h, w))), max(1, round(h * max_side / max(h, w))))
+        small = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
+        return small, [np.asarray(Image.fromarray(m).resize(size, Image.Resampling.NEAREST)) for m in masks]
+    return rgb, list(masks)
+
+
 def build_demo(pool: ModelPool, examples: Sequence[Sequence[str]] = (), max_pixels: int = MAX_PIXELS):
     """The Gradio Blocks: image + expressions (one per line) + model -> captioned overlay and a table."""
     import gradio as gr
@@ -279,7 +298,7 @@ def build_demo(pool: ModelPool, examples: Sequence[Sequence[str]] = (), max_pixe
                     for t, s, nt in zip(texts, pred.scores, pred.no_target)]
         rows = [[t, round(float(s), 3), bool(nt), round(float(p), 3), int(m.sum())]
                 for t, s, nt, p, m in zip(texts, pred.scores, pred.no_target, pred.no_target_prob, pred.masks)]
-        return overlay(rgb, list(pred.masks), captions), rows
+        return overlay(*for_display(rgb, list(pred.masks)), captions), rows
 
     with gr.Blocks(title="refseg demo", analytics_enabled=False) as demo:
         gr.Markdown("## refseg: referring image segmentation\nUpload an image, type what to segment "
@@ -357,7 +376,7 @@ def create_app(
     @app.post("/segment")
     async def segment(request: Request):
         try:
-            form = await request.form(max_files=1, max_fields=MAX_TEXTS + 2)
+            form = await request.form(max_files=1, max_fields=4 * MAX_TEXTS)
         except Exception as e:  # noqa: BLE001  (malformed multipart, too many parts ...)
             if isinstance(e, BodyLimit._TooLarge):
                 raise

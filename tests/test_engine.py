@@ -115,7 +115,9 @@ def test_cache_gives_the_uncached_forward(synthref_tiny, tmp_path):
     second = feature_cache.get_cache(model, ds, CPU, str(tmp_path), build=False)
     assert len(folders) == 1 and list(tmp_path.iterdir()) == folders
     assert np.array_equal(np.asarray(first.arrays["vis.0"]), np.asarray(second.arrays["vis.0"]))
-    other = tiny_model(seed=1)
+    other = tiny_model()
+    with torch.no_grad():
+        next(other.visual.parameters()).add_(1.0)
     with pytest.raises(FileNotFoundError):  # other encoder weights: another key
         feature_cache.get_cache(other, ds, CPU, str(tmp_path), build=False)
 

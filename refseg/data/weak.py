@@ -133,19 +133,22 @@ def weaken(src_dir, out_dir, accurate_fraction: float, seed: int, split_by: str 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="source refer data set folder (refs(<split_by>).p, instances.json)")
+    parser.add_argument("--data", required=True,
+                        help="source refer data set folder (refs(<split_by>).p, instances.json)")
     parser.add_argument("--accurate-fraction", type=float, required=True,
                         help="share p of each category's train refs that keep accurate sentences (0..1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-category choice")
     parser.add_argument("--out", required=True, help="folder to create (must not exist unless --overwrite)")
-    parser.add_argument("--split-by", default="unc", help="refs file to read and write: refs(<split-by>).p (default unc)")
+    parser.add_argument("--split-by", default="unc",
+                        help="refs file to read and write: refs(<split-by>).p (default unc)")
     parser.add_argument("--images", default=None, help="images folder to link as OUT/images (default: DATA/images)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT (atomically) if it exists")
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        meta = weaken(args.data, args.out, args.accurate_fraction, args.seed, args.split_by, args.images, args.overwrite)
+        meta = weaken(args.data, args.out, args.accurate_fraction, args.seed, args.split_by, args.images,
+                      args.overwrite)
     except (FileExistsError, ValueError) as e:  # ReferFormatError is a ValueError
         print(f"refseg weaken: error: {e}", file=sys.stderr)
         return 1

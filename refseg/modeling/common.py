@@ -144,11 +144,10 @@ class LocateLayer(nn.Module):
         return x + self.mlp(self.norm3(x))
 
 
-def conv_gn(cin: int, cout: int, k: int = 3, groups: int = 8) -> nn.Sequential:
-    """k x k conv (same padding) -> GroupNorm -> GELU."""
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.GroupNorm(min(groups, cout), cout), nn.GELU()
-    )
+def conv_gn(cin: int, cout: int, k: int = 3, group_size: int = 4) -> nn.Sequential:
+    """k x k conv (same padding) -> GroupNorm (groups of ``group_size`` channels) -> GELU."""
+    groups = max(1, cout // group_size) if cout % group_size == 0 else 1
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.GroupNorm(groups, cout), nn.GELU())
 
 
 def conv(cin: int, cout: int, k: int = 3) -> nn.Sequential:

@@ -72,7 +72,7 @@ class LTSHead(nn.Module):
         heads: int = 4,
         mlp_ratio: float = 2.0,
         text_layers: int = 1,
-        decoder_widths: Sequence[int] = (64, 32, 16),
+        decoder_widths: Sequence[int] = (48, 24, 12),
         fine_rank: int = 4,
         prior_init: float = 0.02,
     ):

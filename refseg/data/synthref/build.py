@@ -1,8 +1,9 @@
 """From scenes to the refer format: one image's record, then the whole data set's files.
 
-`build_image` runs in a worker: it draws one image from its own seeded
-generator (SeedSequence([seed, domain, split, index])), writes the PNG and
-returns everything else as plain data. `assemble` runs once, in order,
+`build_image` runs in a worker: `draw_image` draws one image from its own
+seeded generator (SeedSequence([seed, domain, split, index])), so any
+image can be redrawn alone; `build_image` writes its PNG and returns
+everything else as plain data. `assemble` runs once, in order,
 and gives ids, adds the no-target refs and builds `refs(unc).p`'s list
 and `instances.json`'s dict. So the output does not depend on how many
 workers drew the images.
@@ -97,8 +98,11 @@ def _clicks(mask: np.ndarray, layer) -> tuple:
     return [center[0] + dx, center[1] + dy], [[x + dx, y + dy] for x, y in corners]
 
 
-def build_image(task: ImageTask) -> ImageRecord:
-    """Draw, describe and save one image; focus images (natural, even index) repeat a referent's shape."""
+def draw_image(task: ImageTask) -> tuple:
+    """(Scene, {object index: [Sentence, ...]}) of one image, recomputed from its seed alone.
+
+    Focus images (natural, even index) are redrawn until a referent's shape repeats.
+    """
     vocab = VOCABS[task.domain]
     rng = image_rng(task.seed, task.domain, task.split, task.index)
     focus = task.domain == "natural" and task.index % 2 == 0
@@ -108,6 +112,12 @@ def build_image(task: ImageTask) -> ImageRecord:
         described = describe_scene(scene.facts, referents, vocab, rng)
         if described and (not focus or _repeats_shape(scene.facts, described)):
             break
+    return scene, described
+
+
+def build_image(task: ImageTask) -> ImageRecord:
+    """Draw and describe one image, save its PNG and return the rest as plain data."""
+    scene, described = draw_image(task)
     Image.fromarray(scene.image).save(Path(task.images_dir) / task.file_name, compress_level=PNG_COMPRESS_LEVEL)
     masks = [scene.mask(k) for k in range(len(scene.objects))]
     refs = []
@@ -202,7 +212,8 @@ def assemble(records: list, domain: str, seed: int, no_target_fraction: float) -
             "forms": dict(sorted(forms.items())),
             "images_repeating_a_referent_shape": sum(r.repeats_referent_shape for r in recs),
         }
-    categories = [{"id": cid, "name": name, "supercategory": vocab.supercategory} for cid, name in vocab.categories.items()]
+    categories = [{"id": cid, "name": name, "supercategory": vocab.supercategory}
+                  for cid, name in vocab.categories.items()]
     instances = {
         "info": {"description": f"SynthRef {domain}", "seed": seed},
         "images": images,

@@ -48,26 +48,22 @@ def image_tasks(domain: str, preset: str, seed: int, images_dir: Path) -> list:
     return tasks
 
 
+def _collect(results, total: int, progress: bool) -> list:
+    records = []
+    step = max(1, total // 10)
+    for record in results:
+        records.append(record)
+        if progress and len(records) % step == 0:
+            print(f"  {len(records)}/{total} images", file=sys.stderr, flush=True)
+    return records
+
+
 def _draw_all(tasks: list, workers: int, progress: bool) -> list:
     """build_image over all tasks, in order; `workers` > 1 uses a process pool."""
-    records = []
-    step = max(1, len(tasks) // 10)
     if workers <= 1:
-        results = map(build_image, tasks)
-        pool = None
-    else:
-        pool = multiprocessing.get_context("spawn").Pool(workers)
-        results = pool.imap(build_image, tasks, chunksize=CHUNK)
-    try:
-        for record in results:
-            records.append(record)
-            if progress and len(records) % step == 0:
-                print(f"  {len(records)}/{len(tasks)} images", file=sys.stderr, flush=True)
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-    return records
+        return _collect(map(build_image, tasks), len(tasks), progress)
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return _collect(pool.imap(build_image, tasks, chunksize=CHUNK), len(tasks), progress)
 
 
 def _write_files(folder: Path, refs: list, instances: dict, metadata: dict) -> None:
@@ -120,8 +116,9 @@ def generate(out, domain: str = "natural", preset: str = "tiny", seed: int = 0, 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--domain", choices=DOMAINS, default="natural", help="natural shapes or aerial scenes")
+    sizes = ", ".join(f"{name} {'/'.join(map(str, counts))}" for name, counts in PRESETS.items())
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
-                        help="images per split: " + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in PRESETS.items()))
+                        help=f"images per split (train/val/test): {sizes}")
     parser.add_argument("--seed", type=int, default=0, help="non-negative; with the preset it fixes the output")
     parser.add_argument("--out", required=True, help="folder to create (must not exist unless --overwrite)")
     parser.add_argument("--no-target-fraction", type=float, default=0.0,

@@ -60,7 +60,8 @@ def check_dataset(ann_dir) -> list:
                 continue
             if ref["no_target"]:
                 if not match.empty:
-                    problems.append(f"{where}: no-target sentence names objects {sorted(match.definite | match.uncertain)}")
+                    named = sorted(match.definite | match.uncertain)
+                    problems.append(f"{where}: no-target sentence names objects {named}")
             elif match.unique is None or anns[match.unique]["id"] != ref["ann_id"]:
                 problems.append(f"{where}: names {sorted(match.definite)} (undecided {sorted(match.uncertain)}), "
                                 f"not annotation {ref['ann_id']} alone")

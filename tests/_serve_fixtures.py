@@ -1,0 +1,72 @@
+"""Models and images for the serving, demo and export tests.
+
+`RedModel` is a stand-in with the refseg model interface (encode_image /
+encode_text / decode) whose mask is what is strongly red in the image, so a
+test knows exactly where the mask must be: `red_square_image()` draws a red
+square on grey. An expression containing "nothing" gets the no-target
+decision. `tiny_lts_file(tmp)` builds the tiny LTS of the engine tests and
+writes it with `export_heads` (encoders included: they are random), to be
+loaded by path like any trained checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+SQUARE = (20, 30, 60, 70)  # y0, x0, y1, x1 of the red square in red_square_image()
+
+
+class RedModel(nn.Module):
+    """mask logit = (R - (G + B) / 2 - 60) / 8 per letterboxed pixel; no-target when the text says "nothing"."""
+
+    def __init__(self, image_size: int = 64):
+        super().__init__()
+        self.image_size = image_size
+        self.register_buffer("scale", torch.tensor(8.0))
+
+    def encode_image(self, images: torch.Tensor):
+        return [images.float()]  # (B, 3, S, S)
+
+    def encode_text(self, texts):
+        return torch.tensor([1.0 if "nothing" in t else 0.0 for t in texts])  # (B,)
+
+    def decode(self, vis, txt, image_index):
+        x = vis[0][image_index]  # (B, 3, S, S)
+        red = x[:, 0] - 0.5 * (x[:, 1] + x[:, 2])  # (B, S, S)
+        mask = ((red - 60) / self.scale)[:, None]  # (B, 1, S, S)
+        prior = nn.functional.avg_pool2d(mask, 16)  # (B, 1, S/16, S/16)
+        return {"mask_logits": mask, "prior_logits": prior, "no_target_logits": txt * 20 - 10}
+
+
+def red_square_image(h: int = 90, w: int = 120) -> np.ndarray:
+    """(h, w, 3) uint8: grey with a red square at SQUARE."""
+    img = np.full((h, w, 3), 128, np.uint8)
+    y0, x0, y1, x1 = SQUARE
+    img[y0:y1, x0:x1] = (230, 30, 30)
+    return img
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def tiny_lts(seed: int = 0) -> nn.Module:
+    from _engine_fixtures import tiny_model
+
+    return tiny_model(seed).eval()
+
+
+def tiny_lts_file(folder: Path) -> Path:
+    """Write the tiny LTS as ``folder/tiny-lts.safetensors`` + ``.json``; returns the .safetensors path."""
+    from refseg.engine.checkpoint import export_heads
+
+    weights, _ = export_heads(tiny_lts(), Path(folder) / "tiny-lts", include_frozen=True)
+    return weights

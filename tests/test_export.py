@@ -1,0 +1,99 @@
+"""ONNX export: onnxruntime must give PyTorch's logits, through OnnxPredictor and the raw graphs.
+
+Tolerance: 1e-3 max absolute difference of mask logits (float32 on CPU; the
+measured difference on the tiny LTS is ~1e-6, on the real encoders ~1e-5).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from _serve_fixtures import red_square_image, tiny_lts, tiny_lts_file
+
+from refseg.export import PARITY_TOLERANCE, OnnxModel, OnnxPredictor, export_onnx, export_paths
+from refseg.predictor import Predictor
+
+TOL = 1e-3
+TEXTS = ["the red square", "the blue circle on the left", "the third star from the top right corner"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(model, --out path) for the tiny LTS exported with the default exporter."""
+    model = tiny_lts()
+    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    export_onnx(model, out)
+    return model, out
+
+
+def test_files_and_metadata(exported):
+    model, out = exported
+    paths = export_paths(out)
+    for key in ("image", "decoder", "meta"):
+        assert paths[key].is_file()
+    assert (paths["tokenizer"] / "tokenizer_config.json").is_file()
+    meta = json.loads(paths["meta"].read_text())
+    assert meta["image_size"] == model.image_size and meta["max_length"] == model.text.max_length
+    assert meta["parity"]["max_abs_diff"]["mask_logits"] <= PARITY_TOLERANCE == TOL
+
+
+@torch.no_grad()
+def test_graphs_match_pytorch_with_dynamic_batches(exported):
+    model, out = exported
+    onnx_model = OnnxModel(out)
+    S = model.image_size
+    images = torch.randint(0, 256, (3, 3, S, S), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    index = torch.tensor([2, 0, 2])
+    ref = model.decode(model.encode_image(images), model.encode_text(TEXTS), index)
+    got = onnx_model.decode(onnx_model.encode_image(images), onnx_model.encode_text(TEXTS), index)
+    for key in ("mask_logits", "no_target_logits", "prior_logits"):
+        assert got[key].shape == ref[key].shape, key
+        diff = float((got[key] - ref[key]).abs().max())
+        assert diff < TOL, f"{key}: max |onnx - torch| = {diff:.2e}"
+
+
+def test_onnx_predictor_matches_predictor(exported):
+    model, out = exported
+    image = red_square_image(57, 93)  # not square: letterbox + inverse are exercised
+    torch_p, onnx_p = Predictor(model), OnnxPredictor(out, threads=1)
+    torch_p.set_image(image)
+    onnx_p.set_image(image)
+    a, b = torch_p.predict(TEXTS), onnx_p.predict(TEXTS)
+    assert b.masks.shape == a.masks.shape == (3, 57, 93)
+    diff = float(np.abs(a.logits - b.logits).max())
+    assert diff < TOL, f"full-resolution logits differ by {diff:.2e}"
+    assert np.abs(a.no_target_prob - b.no_target_prob).max() < TOL
+    undecided = np.abs(a.logits) < TOL  # a pixel on the threshold may fall either way
+    assert ((a.masks == b.masks) | undecided).all()
+
+    batch = list(onnx_p.predict_batch([image, image[::-1].copy()], [TEXTS[:1], TEXTS[1:]], images_per_batch=2))
+    ref = list(torch_p.predict_batch([image, image[::-1].copy()], [TEXTS[:1], TEXTS[1:]], images_per_batch=2))
+    for x, y in zip(batch, ref):
+        assert np.abs(x.logits - y.logits).max() < TOL
+
+
+def test_predict_needs_an_image(exported):
+    with pytest.raises(RuntimeError, match="set_image"):
+        OnnxPredictor(exported[1]).predict("the red square")
+
+
+def test_cli_exports_a_checkpoint_by_path(tmp_path, capsys):
+    from refseg.cli import main as cli
+
+    weights = tiny_lts_file(tmp_path / "ckpt")
+    out = tmp_path / "onnx" / "model.onnx"
+    assert cli(["export", "--model", str(weights), "--out", str(out), "--exporter", "legacy"]) == 0
+    printed = capsys.readouterr().out
+    assert "parity vs PyTorch" in printed
+    meta = json.loads(export_paths(out)["meta"].read_text())
+    assert meta["exporter"] == {"image": "legacy", "decoder": "legacy"}
+    assert meta["parity"]["max_abs_diff"]["mask_logits"] < TOL
+
+
+def test_cli_reports_an_unknown_model(tmp_path, capsys):
+    from refseg.cli import main as cli
+
+    assert cli(["export", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "m.onnx")]) != 0
+    assert "error" in capsys.readouterr().err
