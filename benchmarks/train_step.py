@@ -54,7 +54,8 @@ def main() -> None:
     from refseg.engine import cache as feature_cache
     from refseg.engine.config import TrainConfig
     from refseg.engine.sampler import GroupBatchSampler
-    from refseg.engine.train import StepModule, build_model, loss_function, make_optimizer, set_train_mode, to_step_batch
+    from refseg.engine.optim import make_optimizer
+    from refseg.engine.train import StepModule, build_model, loss_function, set_train_mode, to_step_batch
 
     tmp = tempfile.TemporaryDirectory()
     data_dir = Path(args.data) if args.data else _generate_tiny(Path(tmp.name))

@@ -17,13 +17,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=7860, help="TCP port")
     p.add_argument("--model", default=None,
                    help="default model: a shipped name or a checkpoint/run path (default: lts-synthref)")
-    p.add_argument("--cache-dir", default=None, help="where the example data is generated (default: $REFSEG_CACHE or ~/.cache/refseg)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where the example data is generated (default: $REFSEG_CACHE or ~/.cache/refseg)")
     p.add_argument("--no-examples", action="store_true", help="do not generate or show the SynthRef examples")
     p.add_argument("--no-demo", action="store_true", help="serve the REST API only")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body accepted, MiB (413 above)")
     p.add_argument("--max-megapixels", type=float, default=40.0, help="largest image accepted, megapixels (413 above)")
     p.add_argument("--threshold", type=float, default=0.5, help="mask probability threshold")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+
+
+def _name_for(path: Path) -> str:
+    """What clients see for a checkpoint path: the file stem, the run folder, or RUN/best (no server paths)."""
+    path = path.resolve()
+    if path.suffix == ".safetensors":
+        return path.stem
+    return f"{path.parent.name}/{path.name}" if path.name in ("best", "last") else path.name
 
 
 def main(args: argparse.Namespace) -> int:
@@ -48,7 +57,10 @@ def main(args: argparse.Namespace) -> int:
             print(f"refseg demo: error: {default!r} is neither a shipped model "
                   f"({', '.join(models) or 'none'}) nor an existing path", file=sys.stderr)
             return 2
-        models[default] = default
+        name = _name_for(Path(default))
+        name = name if name not in models else default
+        models[name] = default
+        default = name
     if not models:
         print("refseg demo: error: no model is shipped in refseg/weights; pass --model PATH "
               "(a checkpoint or run folder)", file=sys.stderr)

@@ -31,7 +31,10 @@ TorchScript exporter (``dynamo=False``) is used and the JSON says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import logging
 import shutil
 import sys
 import time
@@ -92,24 +95,41 @@ class DecoderGraph(nn.Module):
         return out["mask_logits"], out["no_target_logits"], out["prior_logits"]
 
 
-def _export(module, args, path, input_names, output_names, batch_axes, exporter, opset) -> str:
+@contextlib.contextmanager
+def _quiet(sink: io.StringIO):
+    """Exporter chatter (progress prints, optimiser and registry log lines) into ``sink``, for one call."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            # the exporters warn about every traced Python condition, dynamic-shape renames ...
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _export(module, args, path, input_names, output_names, batch_axes, exporter, opset, failures: list) -> str:
     """Export one graph. ``args`` may hold a list of tensors (flattened into
     consecutive ONNX inputs); ``batch_axes`` maps each flat input name to the
     name of its dynamic batch axis (axis 0). Returns the exporter that
-    succeeded ("dynamo" or "legacy").
+    succeeded ("dynamo" or "legacy"); the failures before it are appended to ``failures``.
     """
     errors = []
     for kind in (["dynamo", "legacy"] if exporter == "auto" else [exporter]):
+        chatter = io.StringIO()  # shown only on failure
         try:
-            with warnings.catch_warnings():
-                # the exporters warn about every traced Python condition, dynamic-shape renames ...
-                warnings.simplefilter("ignore")
+            with _quiet(chatter):
                 if kind == "dynamo":
                     from torch.export import Dim
 
                     dims = {name: Dim(name) for name in sorted(set(batch_axes.values()))}
                     flat = iter({0: dims[batch_axes[n]]} for n in input_names)
-                    shapes = tuple([next(flat) for _ in a] if isinstance(a, (list, tuple)) else next(flat) for a in args)
+                    shapes = tuple([next(flat) for _ in a] if isinstance(a, (list, tuple)) else next(flat)
+                                   for a in args)
                     torch.onnx.export(
                         module, args, str(path), input_names=input_names, output_names=output_names,
                         dynamo=True, dynamic_shapes=shapes, opset_version=opset, external_data=False,
@@ -120,9 +140,11 @@ def _export(module, args, path, input_names, output_names, batch_axes, exporter,
                         module, args, str(path), input_names=input_names, output_names=output_names,
                         dynamo=False, dynamic_axes=axes, opset_version=opset,
                     )
+            failures.extend(f"{path.name}: {err}" for err in errors)
             return kind
         except Exception as e:  # noqa: BLE001  (any exporter failure: fall back, then report all)
-            errors.append(f"{kind}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            detail = "\n".join((chatter.getvalue().strip().splitlines() + str(e).strip().splitlines())[-12:])
+            errors.append(f"{kind}: {type(e).__name__}:\n    " + detail.replace("\n", "\n    "))
     raise RuntimeError(f"ONNX export of {path.name} failed:\n  " + "\n  ".join(errors))
 
 
@@ -136,7 +158,7 @@ def export_onnx(
     exporter: "auto" (new exporter, legacy on failure), "dynamo" or "legacy".
     check: run both graphs on onnxruntime against PyTorch on an example and
       raise if mask logits differ by more than ``PARITY_TOLERANCE``.
-    Returns ``export_paths(out)``.
+    The model is put in eval mode on the CPU. Returns ``export_paths(out)``.
     """
     if exporter not in ("auto", "dynamo", "legacy"):
         raise ValueError(f"exporter must be auto, dynamo or legacy, got {exporter!r}")
@@ -157,14 +179,14 @@ def export_onnx(
     decoder_inputs = map_names + ["input_ids", "attention_mask", "image_index"]
     outputs = ["mask_logits", "no_target_logits", "prior_logits"]
 
-    start = time.perf_counter()
+    start, failures = time.perf_counter(), []
     used_image = _export(ImageGraph(model), (image,), paths["image"], ["image"], map_names,
-                         {"image": "images"}, exporter, opset)
+                         {"image": "images"}, exporter, opset, failures)
     used_decoder = _export(
         DecoderGraph(model), (list(maps), tokens["input_ids"], tokens["attention_mask"], index),
         paths["decoder"], decoder_inputs, outputs,
         {**{n: "images" for n in map_names}, "input_ids": "texts", "attention_mask": "texts", "image_index": "texts"},
-        exporter, opset,
+        exporter, opset, failures,
     )
     if paths["tokenizer"].exists():
         shutil.rmtree(paths["tokenizer"])
@@ -176,7 +198,8 @@ def export_onnx(
         "image_inputs": ["image"], "image_outputs": map_names,
         "decoder_inputs": decoder_inputs, "decoder_outputs": outputs,
         "exporter": {"image": used_image, "decoder": used_decoder}, "opset": opset,
-        "torch": torch.__version__, "export_seconds": round(time.perf_counter() - start, 1),
+        "exporter_failures": failures, "torch": torch.__version__,
+        "export_seconds": round(time.perf_counter() - start, 1),
         "config": getattr(model, "config", {}),
         **(extra_meta or {}),
     }
@@ -230,8 +253,10 @@ class OnnxModel(nn.Module):
         if threads:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
-        self.image_session = ort.InferenceSession(str(folder / self.meta["image_graph"]), options, providers=list(providers))
-        self.decoder_session = ort.InferenceSession(str(folder / self.meta["decoder_graph"]), options, providers=list(providers))
+        providers = list(providers)
+        self.image_session = ort.InferenceSession(str(folder / self.meta["image_graph"]), options, providers=providers)
+        self.decoder_session = ort.InferenceSession(str(folder / self.meta["decoder_graph"]), options,
+                                                    providers=providers)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder / self.meta["tokenizer"]), local_files_only=True)
 
     def encode_image(self, images: torch.Tensor) -> List[torch.Tensor]:
@@ -275,7 +300,7 @@ class OnnxPredictor(Predictor):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="lts-synthref", help="a shipped model name or a checkpoint/run path")
     p.add_argument("--out", required=True,
-                   help="output stem, e.g. model.onnx -> model.image.onnx, model.decoder.onnx, model.json, model.tokenizer/")
+                   help="output stem: model.onnx -> model.image.onnx, model.decoder.onnx, model.json, model.tokenizer/")
     p.add_argument("--exporter", choices=("auto", "dynamo", "legacy"), default="auto",
                    help="torch.onnx exporter: auto tries the new (dynamo) one, then the legacy one")
     p.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version")
@@ -303,6 +328,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"wrote {paths[key]}")
     print(f"exporter: image {meta['exporter']['image']}, decoder {meta['exporter']['decoder']}; "
           f"opset {meta['opset']}; {meta['export_seconds']} s")
+    for failure in meta["exporter_failures"]:
+        print(f"note: fell back to the legacy exporter after: {failure}", file=sys.stderr)
     if "parity" in meta:
         d = meta["parity"]["max_abs_diff"]
         print(f"parity vs PyTorch (max |diff|): mask logits {d['mask_logits']:.2e}, "

@@ -14,10 +14,9 @@ REST API (all answers JSON; errors are ``{"error": {"code": ..., "message": ...}
                          "rle": {"size": [H, W], "counts": str}, "mask_png": base64 PNG (0/255)}],
                          "timing_ms": {"decode", "model"}}
 
-    400 missing_image / missing_text      413 request_too_large (body over ``max_upload_bytes``)
-    404 unknown_model                     413 image_too_large (over ``max_pixels`` pixels)
-    415 not_an_image (unrecognised bytes) 422 bad_image (recognised but undecodable), empty_text,
-                                              too_many_texts
+    400 missing_image, missing_text, bad_form (not multipart)   404 unknown_model
+    413 request_too_large (body over ``max_upload_bytes``), image_too_large (over ``max_pixels``)
+    415 not_an_image (unrecognised bytes)    422 bad_image (undecodable), empty_text, too_many_texts
     503 model_unavailable (a registered model failed to load)
 
 Masks are at the uploaded image's full resolution (EXIF orientation applied);
@@ -36,7 +35,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported anywhere
 
@@ -80,7 +79,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ApiError(415, "not_an_image", "the 'image' file is not an image format Pillow can read") from None
     w, h = img.size
     if w * h > max_pixels:
-        raise ApiError(413, "image_too_large", f"image is {w}x{h} = {w * h / 1e6:.1f} MP; the limit is {max_pixels / 1e6:g} MP")
+        raise ApiError(413, "image_too_large",
+                       f"image is {w}x{h} = {w * h / 1e6:.1f} MP; the limit is {max_pixels / 1e6:g} MP")
     try:
         img.load()
         return load_image_rgb(img)
@@ -174,7 +174,9 @@ def mask_record(mask: np.ndarray) -> dict:
 
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     ys, xs = np.nonzero(mask)
-    bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)] if xs.size else None
+    bbox = None
+    if xs.size:
+        bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
     buf = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")
     return {"area": int(mask.sum()), "bbox": bbox,
@@ -377,18 +379,17 @@ def create_app(
     async def segment(request: Request):
         try:
             form = await request.form(max_files=1, max_fields=4 * MAX_TEXTS)
+        except BodyLimit._TooLarge:
+            raise
         except Exception as e:  # noqa: BLE001  (malformed multipart, too many parts ...)
-            if isinstance(e, BodyLimit._TooLarge):
-                raise
             raise ApiError(400, "bad_form", f"expected a multipart/form-data body: {e}") from None
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
             raise ApiError(400, "missing_image", "no 'image' file in the form (multipart field 'image')")
         texts = parse_texts(form.getlist("text"))
         name = pool.resolve(form.get("model") if isinstance(form.get("model"), str) else None)
-        data = await upload.read()
         start = time.perf_counter()
-        rgb = await run_in_threadpool(decode_image, data, max_pixels)
+        rgb = await run_in_threadpool(decode_image, await upload.read(), max_pixels)
         decoded = time.perf_counter()
         pred = await run_in_threadpool(pool.segment, name, rgb, texts)
         done = time.perf_counter()
@@ -402,8 +403,6 @@ def create_app(
         blocks = build_demo(pool, shown, max_pixels)
         theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                                   font_mono=["ui-monospace", "monospace"])
-        allowed = [str(Path(shown[0][0]).parent)] if shown else []
         app = gr.mount_gradio_app(app, blocks, path="/", footer_links=["api", "settings"], theme=theme,
-                                  max_file_size=max_upload_bytes, allowed_paths=allowed, ssr_mode=False,
-                                  mcp_server=False)
+                                  max_file_size=max_upload_bytes, ssr_mode=False, mcp_server=False)
     return app

@@ -24,10 +24,11 @@ from pycocotools import mask as mask_utils
 
 SIZE = 64
 
-TINY_VISUAL = {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 16, 16, 24], "depths": [1, 1, 1, 1]}
+# the tiny LTS of tests/test_modeling.py (random ConvNeXt + BERT encoders, small head)
+TINY_VISUAL = {"model_type": "convnext", "hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1]}
 TINY_TEXT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-             "intermediate_size": 64, "vocab_size": 30522, "max_position_embeddings": 64}
-TINY_HEAD = {"dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0, "text_layers": 1, "decoder_widths": [16, 8, 8]}
+             "intermediate_size": 64}
+TINY_HEAD = {"dim": 32, "depth": 1, "heads": 2, "decoder_widths": [16, 8, 8]}
 TINY_LTS = {"visual": TINY_VISUAL, "text": TINY_TEXT, "max_length": 12, **TINY_HEAD}
 
 

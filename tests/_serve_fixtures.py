@@ -59,9 +59,20 @@ def png_bytes(rgb: np.ndarray) -> bytes:
 
 
 def tiny_lts(seed: int = 0) -> nn.Module:
+    """The tiny LTS with its head's weights perturbed (N(0, 0.2) added, fixed seed).
+
+    A freshly initialised head gives the same mask logit everywhere (its last
+    layers start at zero), which would make any comparison of two execution
+    paths pass trivially; the perturbed head's logits vary with image and text.
+    """
     from _engine_fixtures import tiny_model
 
-    return tiny_model(seed).eval()
+    model = tiny_model(seed).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model
 
 
 def tiny_lts_file(folder: Path) -> Path:

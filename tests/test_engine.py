@@ -33,6 +33,8 @@ def _train_losses(run):
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
 def test_config_file_roundtrip(tmp_path, suffix):
+    if suffix == ".yaml":
+        pytest.importorskip("yaml")  # PyYAML comes with transformers; JSON needs nothing
     cfg = TrainConfig(data="d", model_kwargs={"dim": 64, "widths": [1, 2]}, lr=1e-4, split_by=None, max_steps=7)
     cfg.save(tmp_path / f"c{suffix}")
     again = TrainConfig.load(tmp_path / f"c{suffix}")
@@ -143,6 +145,39 @@ def test_predict_masks_inverts_letterbox_and_honours_no_target():
     assert pred0.shape == (4, 8) and pred0[:2, 4:].all() and not pred0[2:].any() and not pred0[:, :4].any()
     assert point0 == (6, 1)
     assert not pred1.any()  # no-target logit > 0: empty mask
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts the ground truth: returns the letterboxed masks of the sentences in the order evaluated."""
+
+    def __init__(self, masks, size):
+        super().__init__()
+        self.image_size = size
+        self.masks = list(masks)  # (S, S) {0, 1}, in evaluation order
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def encode_image(self, images):
+        return [images.float()]
+
+    def encode_text(self, texts):
+        return texts
+
+    def decode(self, vis, txt, image_index):
+        masks = torch.stack([torch.as_tensor(self.masks.pop(0)) for _ in txt]).float()[:, None]  # (B, 1, S, S)
+        return {"mask_logits": masks * 20 - 10, "no_target_logits": torch.full((len(txt),), -5.0)}
+
+
+def test_evaluate_model_scores_perfect_predictions_as_perfect(synthref_tiny):
+    from refseg.engine.evaluate_core import image_ordered
+
+    data = load_refer(synthref_tiny)
+    samples = data.samples("val")[:15]
+    lb = Letterbox(320)
+    masks = [lb.apply_mask(data.get_mask(samples[i].ann_id)) for i in image_ordered(samples)]
+    result = evaluate_model(_Oracle(masks, 320), data, "val", batch_size=4, max_samples=15, progress=False)
+    assert result["n"] == 15
+    for k in ("oIoU", "mIoU", "P@0.9", "PointM"):
+        assert result[k] == 1.0, k
 
 
 def test_evaluate_model_reports_forms(synthref_tiny, tmp_path):

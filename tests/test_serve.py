@@ -7,16 +7,21 @@ mask can be checked pixel for pixel) and the tiny LTS written with
 
 import base64
 import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from _serve_fixtures import SQUARE, RedModel, png_bytes, red_square_image, tiny_lts_file
-
-from fastapi.testclient import TestClient
-
 from refseg.serve import create_app, ensure_examples
 
 MAX_PIXELS = 20_000
@@ -179,3 +184,36 @@ def test_examples_are_generated_once(tmp_path):
     stamp = (folder / "synthref.json").stat().st_mtime_ns
     assert ensure_examples(tmp_path, n_images=3) == examples
     assert (folder / "synthref.json").stat().st_mtime_ns == stamp
+
+
+def test_demo_command_serves_a_checkpoint(tmp_path):
+    weights = tiny_lts_file(tmp_path / "ckpt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "refseg.cli", "demo", "--model", str(weights), "--port", str(port), "--no-examples"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "REFSEG_CACHE": str(tmp_path / "cache")},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"refseg demo exited early:\n{proc.stdout.read()}"
+            assert time.monotonic() < deadline, "refseg demo did not answer /health within 120 s"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    health = json.loads(r.read())
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert health["default_model"] == "tiny-lts" and health["loaded"] == ["tiny-lts"]
+        assert str(tmp_path) not in json.dumps(health)  # clients never see server paths
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_demo_command_rejects_a_missing_model(tmp_path, capsys):
+    from refseg.cli import main as cli
+
+    assert cli(["demo", "--model", str(tmp_path / "nope")]) == 2
+    assert "neither a shipped model" in capsys.readouterr().err

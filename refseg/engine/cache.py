@@ -232,7 +232,7 @@ def build_cache(model: nn.Module, dataset, device: torch.device, dtype: torch.dt
     n_vis = 0
     # sentences in image order, a batch = all sentences of a few images
     loader = DataLoader(dataset, batch_size=max(8, image_batch * 8), sampler=order.tolist(), num_workers=workers,
-                        collate_fn=collate)
+                        collate_fn=collate, generator=torch.Generator())
     seen_images = set()
 
     def flush_images(final: bool = False) -> None:

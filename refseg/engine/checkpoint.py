@@ -23,21 +23,20 @@ returns.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
-import random
 import shutil
 import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from refseg.engine.state import load_optimizer_state, optimizer_state, rng_state, set_rng_state
 
 FORMAT = "refseg-checkpoint"
 VERSION = 1
@@ -71,11 +70,22 @@ def _under(name: str, prefixes: Iterable[str]) -> bool:
     return any(name.startswith(p + ".") for p in prefixes)
 
 
+def encoders_rebuildable(config: Dict[str, Any]) -> bool:
+    """Whether refseg.modeling rebuilds the frozen encoders with the same
+    weights from `config` alone: not when they were randomly initialised
+    (an encoder given as a config dict, or pretrained=False; see build.py)."""
+    if config.get("pretrained") is False:
+        return False
+    return not any(isinstance(config.get(k), dict) for k in ("visual", "text"))
+
+
 def stored_state(model: nn.Module, include_frozen: bool = False) -> Dict[str, torch.Tensor]:
     """The state-dict entries a checkpoint stores: everything outside frozen
-    sub-modules (trainable parameters and their modules' buffers), or all."""
+    sub-modules (trainable parameters and their modules' buffers); all of
+    them when `include_frozen` or when the encoders cannot be rebuilt from
+    the model's config (random weights)."""
     sd = model.state_dict()
-    if include_frozen:
+    if include_frozen or not encoders_rebuildable(getattr(model, "config", None) or {}):
         return dict(sd)
     skip = frozen_prefixes(model)
     return {k: v for k, v in sd.items() if not _under(k, skip)}
@@ -172,87 +182,6 @@ def write_atomic_dir(final: Path, write_files) -> Path:
     for older in parent.glob(f".{final.name}.old-*"):  # from an earlier interrupted save
         shutil.rmtree(older, ignore_errors=True)
     return final
-
-
-# ---- RNG and optimizer state as JSON + safetensors -------------------------------
-
-
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
-
-
-def _unb64(s: str) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
-
-
-def rng_state() -> Dict[str, Any]:
-    """Python, NumPy and torch (CPU, and every cuda device if initialised) RNG states, JSON-able."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": [version, list(internal), gauss],
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-        "torch": _b64(torch.get_rng_state()),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(_unb64(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
-
-
-def optimizer_state(optimizer: torch.optim.Optimizer, names: Dict[nn.Parameter, str]
-                    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """(tensors keyed "<param name>/<slot>", JSON part with the param groups)."""
-    sd = optimizer.state_dict()
-    index_to_name = {}
-    for group, sd_group in zip(optimizer.param_groups, sd["param_groups"]):
-        for p, i in zip(group["params"], sd_group["params"]):
-            index_to_name[i] = names[p]
-    tensors, scalars = {}, {}
-    for i, slots in sd["state"].items():
-        for slot, v in slots.items():
-            key = f"{index_to_name[i]}/{slot}"
-            if torch.is_tensor(v):
-                tensors[key] = v
-            else:
-                scalars[key] = v
-    groups = []
-    for sd_group in sd["param_groups"]:
-        g = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sd_group.items() if k != "params"}
-        g["param_names"] = [index_to_name[i] for i in sd_group["params"]]
-        groups.append(g)
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, names: Dict[nn.Parameter, str],
-                         tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
-    current = [[names[p] for p in g["params"]] for g in optimizer.param_groups]
-    saved = [g["param_names"] for g in meta["param_groups"]]
-    if current != saved:
-        raise CheckpointError("the optimizer's parameters differ from the checkpoint's: "
-                              f"{sum(map(len, current))} now, {sum(map(len, saved))} saved")
-    name_to_index, groups = {}, []
-    for g in meta["param_groups"]:
-        g = dict(g)
-        names_in_group = g.pop("param_names")
-        g["params"] = [name_to_index.setdefault(n, len(name_to_index)) for n in names_in_group]
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-        groups.append(g)
-    state: Dict[int, Dict[str, Any]] = {}
-    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
-        name, slot = key.rsplit("/", 1)
-        state.setdefault(name_to_index[name], {})[slot] = v
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 # ---- training checkpoints ------------------------------------------------------

@@ -54,13 +54,13 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads per process (0 = torch's default, split between processes)
     workers: int = 0  # DataLoader worker processes for the uncached path
     cache_features: str = "auto"  # precompute frozen encoder features: auto (when both encoders are frozen), on, off
-    cache_dir: Optional[str] = None  # keep the feature cache memory-mapped here, reused across runs (None = in memory)
+    cache_dir: Optional[str] = None  # keep the feature cache memory-mapped here, reused across runs (None = in memory; RUN/cache with several processes)
     # validation, logging, checkpoints
     val_every: int = 500  # validate every this many steps, and at the end (0 = only at the end)
     val_max_samples: int = 1000  # validate on the first this many sentences of val_split (0 = all)
     log_every: int = 10  # write train metrics to log.csv / TensorBoard every this many steps
     save_every: int = 0  # write RUN/last every this many steps (0 = at each validation and at the end)
-    save_frozen: bool = False  # also store frozen encoder weights (for encoders no pip package can rebuild)
+    save_frozen: bool = False  # also store the frozen encoders' weights (always done for randomly initialised ones)
     progress: bool = True  # show a tqdm progress bar
     seed: int = 0  # seed of the model init, data order and dropout
     out: str = ""  # run folder (default runs/<model>-<date>-<time>)
@@ -105,9 +105,7 @@ class TrainConfig:
         """Write JSON (or YAML when the name ends in .yaml / .yml)."""
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+            text = _yaml().safe_dump(self.to_dict(), sort_keys=False)
         else:
             text = json.dumps(self.to_dict(), indent=2) + "\n"
         path.write_text(text)
@@ -122,14 +120,20 @@ def read_config_file(path: Union[str, Path]) -> Dict[str, Any]:
     path = Path(path)
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        d = yaml.safe_load(text) or {}
+        d = _yaml().safe_load(text) or {}
     else:
         d = json.loads(text)
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(d).__name__}")
     return d
+
+
+def _yaml():
+    try:
+        import yaml
+    except ImportError:
+        raise ValueError("YAML config files need PyYAML (pip install pyyaml); JSON works without it") from None
+    return yaml
 
 
 # ---- CLI flags derived from the dataclass -----------------------------------
@@ -224,9 +228,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> No
         group.add_argument(flag, **kw)
 
 
-def config_from_args(args: argparse.Namespace, cls=TrainConfig) -> TrainConfig:
-    """defaults <- --config FILE <- flags given on the command line."""
-    values: Dict[str, Any] = {}
+def config_from_args(args: argparse.Namespace, base: Optional[Dict[str, Any]] = None, cls=TrainConfig) -> TrainConfig:
+    """defaults <- `base` (e.g. a resumed run's config) <- --config FILE <- flags given on the command line."""
+    values: Dict[str, Any] = dict(base or {})
     if getattr(args, "config", None):
         values.update(read_config_file(args.config))
     names = {f.name for f in dataclasses.fields(cls)}

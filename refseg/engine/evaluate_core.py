@@ -61,11 +61,9 @@ def _resolve_dataset(dataset_or_data, split: str, size: int):
     from refseg.data.dataset import RefSegDataset
     from refseg.data.refer import load_refer
 
-    if isinstance(dataset_or_data, RefSegDataset):
-        ds = dataset_or_data
-        if ds.supervision != "eval":
-            ds = RefSegDataset(ds.data, ds.split, ds.letterbox.size, "eval")
-            ds.samples = list(dataset_or_data.samples)
+    if isinstance(dataset_or_data, RefSegDataset):  # a copy: the caller's data set is left as it is
+        ds = RefSegDataset(dataset_or_data.data, dataset_or_data.split, dataset_or_data.letterbox.size, "eval")
+        ds.samples = list(dataset_or_data.samples)
         return ds, ds.data
     data = load_refer(dataset_or_data) if isinstance(dataset_or_data, (str, Path)) else dataset_or_data
     return RefSegDataset(data, split, size, "eval"), data
@@ -124,11 +122,12 @@ def evaluate_model(model: nn.Module, dataset_or_data, split: str = "val", batch_
                disable=not progress or not dist.is_main, leave=False)
     loader = None
     if cache is None:
-        loader = iter(DataLoader(dataset, batch_sampler=batches, collate_fn=collate))
+        # own generator: evaluating leaves the global RNG (and so training's dropout) untouched
+        loader = iter(DataLoader(dataset, batch_sampler=batches, collate_fn=collate, generator=torch.Generator()))
     for rows in batches:
         if cache is None:
             batch = next(loader)
-            images, image_index = _unique_images(batch)
+            images, image_index = unique_images(batch)
             with autocast:
                 vis = model.encode_image(images.to(device))
                 txt = model.encode_text(batch["text"])
@@ -164,7 +163,7 @@ def evaluate_model(model: nn.Module, dataset_or_data, split: str = "val", batch_
     return result
 
 
-def _unique_images(batch: Dict[str, Any]):
+def unique_images(batch: Dict[str, Any]):
     """(unique images (M, 3, S, S) uint8, image_index (B,) long) from a collated batch."""
     ids = batch["image_id"]
     uniq, first, index = [], {}, []

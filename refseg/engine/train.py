@@ -25,7 +25,6 @@ What a run does:
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import random
@@ -34,7 +33,7 @@ import time
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -42,6 +41,12 @@ from torch import nn
 
 from refseg.engine import distributed
 from refseg.engine.config import TrainConfig, add_config_arguments, config_from_args, read_config_file
+from refseg.engine.optim import lr_at, make_optimizer, resolve_amp
+from refseg.engine.runlog import RunLog
+
+class TrainError(ValueError):
+    """A configuration or data problem, reported to the user in one line."""
+
 
 # (model name, supervision) -> name of the loss in refseg.losses: loss(out, batch) -> {"loss": ..., parts}
 LOSSES = {
@@ -56,26 +61,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from refseg.data.refer import ReferFormatError
+
     if args.nproc > 1 and "RANK" not in os.environ:
         return distributed.launch(args.nproc, _to_argv(args))
-    base: Dict[str, Any] = {}
-    if getattr(args, "resume", None):
-        run_config = Path(args.resume) / "config.json"
-        if not run_config.exists():
-            raise SystemExit(f"refseg train: --resume {args.resume}: no config.json in that folder")
-        base = read_config_file(run_config)
-        base["out"] = str(args.resume)
-    if args.config:
-        base.update(read_config_file(args.config))
-    names = set(TrainConfig.__dataclass_fields__)
-    base.update({k: v for k, v in vars(args).items() if k in names})
     try:
-        cfg = TrainConfig.from_dict(base).validate()
-    except ValueError as e:
-        raise SystemExit(f"refseg train: {e}")
-    if not cfg.data:
-        raise SystemExit("refseg train: --data is required (a refer-format folder)")
-    train(cfg)
+        base: Dict[str, Any] = {}
+        if getattr(args, "resume", None):
+            run_config = Path(args.resume) / "config.json"
+            if not run_config.exists():
+                raise TrainError(f"--resume {args.resume}: no config.json in that folder")
+            base = {**read_config_file(run_config), "out": str(args.resume)}
+        try:
+            cfg = config_from_args(args, base)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        if not cfg.data:
+            raise TrainError("--data is required (a refer-format folder)")
+        train(cfg)
+    except (TrainError, FileNotFoundError, ReferFormatError) as e:
+        print(f"refseg train: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -109,45 +115,16 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype, or None for full precision. auto: bf16 (or fp16) on cuda, off elsewhere."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warm-up over warmup_steps to lr, then cosine decay to min_lr at total_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; weight decay on matrices / kernels only."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    if not decay and not no_decay:
-        raise ValueError("the model has no trainable parameters")
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
-
-
 def build_model(cfg: TrainConfig) -> nn.Module:
     from refseg.modeling import MODELS
 
     if cfg.model not in MODELS:
-        raise SystemExit(f"refseg train: unknown model {cfg.model!r}; known: {', '.join(sorted(MODELS))}")
+        raise TrainError(f"unknown model {cfg.model!r}; known: {', '.join(sorted(MODELS))}")
     kwargs = dict(cfg.model_kwargs)
     kwargs.setdefault("image_size", cfg.size)
     model = MODELS[cfg.model](**kwargs)
     if int(getattr(model, "image_size", cfg.size)) != cfg.size:
-        raise SystemExit(f"refseg train: the model's image_size {model.image_size} differs from --size {cfg.size}")
+        raise TrainError(f"the model's image_size {model.image_size} differs from --size {cfg.size}")
     return model
 
 
@@ -157,7 +134,7 @@ def loss_function(cfg: TrainConfig) -> Callable:
     name = LOSSES.get((cfg.model, cfg.supervision))
     if name is None:
         known = ", ".join(f"{m}/{s}" for m, s in sorted(LOSSES))
-        raise SystemExit(f"refseg train: no loss for model {cfg.model!r} with supervision {cfg.supervision!r} "
+        raise TrainError(f"no loss for model {cfg.model!r} with supervision {cfg.supervision!r} "
                          f"(known: {known})")
     return getattr(losses, name)
 
@@ -190,53 +167,13 @@ class StepModule(nn.Module):
 
 def to_step_batch(items: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     """A collated batch of data set items -> the uncached step's inputs: unique images + image_index."""
-    from refseg.engine.evaluate_core import _unique_images
+    from refseg.engine.evaluate_core import unique_images
 
-    images, image_index = _unique_images(items)
+    images, image_index = unique_images(items)
     out = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in items.items() if k != "image"}
     out["images"] = images.to(device)
     out["image_index"] = image_index.to(device)
     return out
-
-
-class RunLog:
-    """log.csv rows (time, step, epoch, tag, value) + TensorBoard scalars; inert off rank 0."""
-
-    def __init__(self, run: Path, enabled: bool):
-        self.enabled = enabled
-        self.csv = None
-        self.tb = None
-        if not enabled:
-            return
-        path = run / "log.csv"
-        new = not path.exists()
-        self.csv_file = open(path, "a", newline="")
-        self.csv = csv.writer(self.csv_file)
-        if new:
-            self.csv.writerow(["time", "step", "epoch", "tag", "value"])
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run / "tb"))
-        except ImportError:  # tensorboard is a dependency, but keep training without it
-            self.tb = None
-
-    def scalars(self, step: int, epoch: int, values: Dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        now = round(time.time(), 3)
-        for tag, v in values.items():
-            v = float(v)
-            self.csv.writerow([now, step, epoch, tag, f"{v:.6g}"])
-            if self.tb is not None and math.isfinite(v):
-                self.tb.add_scalar(tag, v, step)
-        self.csv_file.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.csv_file.close()
-            if self.tb is not None:
-                self.tb.close()
 
 
 def seed_everything(seed: int) -> None:
@@ -273,6 +210,19 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -> Dic
     main_rank = info.is_main
     progress = cfg.progress and main_rank
 
+    # data, model, loss (checked before anything is written)
+    if data is None:
+        from refseg.data.refer import load_refer
+
+        data = load_refer(cfg.data, split_by=cfg.split_by, images_dir=cfg.images)
+    if cfg.train_split not in data.splits():
+        raise TrainError(f"no split {cfg.train_split!r} in {cfg.data} (splits: {', '.join(data.splits())})")
+    loss_fn = loss_function(cfg)
+    seed_everything(cfg.seed)
+    if model is None:
+        model = build_model(cfg)
+    model.to(device)
+
     run = Path(cfg.out or f"runs/{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}")
     run = Path(distributed.broadcast_object(str(run), info))
     if main_rank:
@@ -280,16 +230,6 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -> Dic
         TrainConfig.from_dict({**cfg.to_dict(), "out": str(run), "resume": None}).save(run / "config.json")
     distributed.barrier(info)
 
-    # data, model, loss
-    if data is None:
-        from refseg.data.refer import load_refer
-
-        data = load_refer(cfg.data, split_by=cfg.split_by, images_dir=cfg.images)
-    seed_everything(cfg.seed)
-    if model is None:
-        model = build_model(cfg)
-    model.to(device)
-    loss_fn = loss_function(cfg)
     train_ds = RefSegDataset(data, cfg.train_split, cfg.size, cfg.supervision)
     val_ds = None
     if cfg.val_split:
@@ -304,7 +244,7 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -> Dic
     # feature cache
     use_cache = cfg.cache_features != "off" and feature_cache.encoders_frozen(model)
     if cfg.cache_features == "on" and not use_cache:
-        raise SystemExit("refseg train: --cache-features on needs frozen encoders (their outputs need gradients)")
+        raise TrainError("--cache-features on needs frozen encoders (their outputs need gradients)")
     train_cache = val_cache = None
     if use_cache:
         cache_dir = cfg.cache_dir or (str(run / "cache") if info.enabled else None)
@@ -333,7 +273,7 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -> Dic
                                 seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     steps_per_epoch = len(sampler)
     if steps_per_epoch == 0:
-        raise SystemExit(f"refseg train: split {cfg.train_split!r} has no sentences")
+        raise TrainError(f"split {cfg.train_split!r} has no sentences")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -342,7 +282,7 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -> Dic
     if cfg.resume:
         found = ckpt.find_checkpoint(cfg.resume, "last")
         if found is None:
-            raise SystemExit(f"refseg train: --resume {cfg.resume}: no complete last/ checkpoint there")
+            raise TrainError(f"--resume {cfg.resume}: no complete last/ checkpoint there")
         state = ckpt.load_training_state(found, model, optimizer, restore_rng=True)
         step, epoch, position, best = state["step"], state["epoch"], state["position"], state.get("best")
         if state.get("scaler") and scaler.is_enabled():

@@ -47,19 +47,22 @@ def coord_grid(h: int, w: int, device=None, dtype=None) -> torch.Tensor:
     return torch.stack([xx, yy], -1).reshape(h * w, 2).to(dtype)  # (h*w, 2)
 
 
-def sine_position_encoding(h: int, w: int, dim: int, device=None, dtype=None, temperature: float = 1e4) -> torch.Tensor:
-    """(h*w, dim) 2D sine-cosine encoding (DETR): dim/2 channels for y, dim/2 for x.
+def sine_position_encoding(
+    h: int, w: int, dim: int, device=None, dtype=None, min_cycles: float = 0.5, max_cycles: float = 4.0
+) -> torch.Tensor:
+    """(h*w, dim) 2D sine-cosine encoding: dim/2 channels for y, dim/2 for x.
 
-    Positions are normalised to [0, 2*pi] so the encoding means the same
-    relative place at any grid size.
+    dim/4 frequencies per axis, geometric from ``min_cycles`` to ``max_cycles``
+    periods across the image, so the encoding means the same relative place
+    at any grid size (and stays below the Nyquist limit of a 10 x 10 grid).
     """
     if dim % 4:
         raise ValueError(f"sine_position_encoding: dim must be a multiple of 4, got {dim}")
-    xy = (coord_grid(h, w, device) + 1) * math.pi  # (h*w, 2) in [0, 2pi]
     n = dim // 4
-    freq = temperature ** (-torch.arange(n, device=device, dtype=torch.float32) / n)  # (n,)
-    x = xy[:, 0:1] * freq * 8  # (h*w, n)
-    y = xy[:, 1:2] * freq * 8  # (h*w, n)
+    cycles = min_cycles * (max_cycles / min_cycles) ** (torch.arange(n, device=device) / max(n - 1, 1))  # (n,)
+    xy = (coord_grid(h, w, device) + 1) / 2  # (h*w, 2) in [0, 1]
+    x = 2 * math.pi * xy[:, 0:1] * cycles  # (h*w, n)
+    y = 2 * math.pi * xy[:, 1:2] * cycles  # (h*w, n)
     return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], -1).to(dtype)  # (h*w, dim)
 
 

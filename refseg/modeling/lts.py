@@ -5,38 +5,47 @@
     txt = model.encode_text(texts)            # list[str] -> TextFeatures
     out = model.decode(vis, txt, image_index) # sentence b reads vis[...][image_index[b]]
 
-Design (choices beyond the paper, made to reach SynthRef targets with
-frozen cached encoders on a CPU budget; see docs/DESIGN.md for contracts):
+Design (choices beyond the paper, made to reach the SynthRef targets with
+frozen cached encoders on a CPU budget; contracts in docs/DESIGN.md):
 
-1. Fuse, on the stride-16 grid (20 x 20 at 320 px). The stride-16 map and
-   the upsampled stride-32 map are projected to width D and summed; this
-   grid is language-free and computed once per *image*. Per sentence:
-   ``x = A(g) + B(LN(g) * s) + C(coords) + pe`` with ``s`` the sentence
-   vector projected to D (LTS's element-wise multiplicative fusion), the
-   CoordConv x/y channels and a 2D sine encoding ``pe``.
+1. Fuse, on the stride-32 grid (10 x 10 at 320 px). Each token is a
+   stride-32 cell concatenated with the 2 x 2 stride-16 cells under it
+   (space-to-depth, so no stride-16 detail is lost), projected to width D.
+   This grid is language-free and computed once per *image*. Per sentence:
+   ``x = A(g) + B(g * s) + C(coords) + pe``: ``s`` is the sentence vector
+   projected to D (LTS's element-wise multiplicative fusion), ``coords``
+   the CoordConv x/y channels in [-1, 1], ``pe`` a 2D sine encoding.
    Text: tokens are projected to D and refined by ``text_layers`` small
    self-attention layers (task-specific context on top of the frozen
    encoder); ``s`` = projected encoder sentence vector + masked mean of the
    refined tokens.
+   Why 10 x 10 and not 20 x 20: the locate layers run once per *sentence*;
+   at 400 tokens x batch 32 four layers cost ~4x more than the whole step
+   budget (0.5 s on 2 cores), while space-to-depth keeps the 16-px detail.
 2. Locate: ``depth`` pre-norm layers of [self-attention among the grid
-   positions (position encoding on q/k each layer) -> cross-attention to
+   positions (position encoding on q/k in every layer) -> cross-attention to
    the text tokens (padding masked) -> MLP]. Self-attention lets a position
    find the relation anchor or the other candidates of an ordinal
    ("left of the blue circle", "the leftmost green square"); the earlier
    cross-attention-only design stalled on exactly those forms
-   (shared/MEASURED.md). A linear layer gives the one-channel position
-   prior logits (B, 1, h, w).
+   (shared/MEASURED.md). A linear layer gives 2 x 2 sub-cell logits per
+   token: the position prior (B, 1, S/16, S/16).
 3. No-target: a sentence-conditioned query attention-pools the located
    tokens; an MLP over [pooled, s, max prior logit] gives one logit.
-4. Segment: [located features, sigmoid(prior)] -> 3x3 conv at stride 16,
-   then x2 steps up an FPN: + stride-8 lateral gated by the sentence
-   (sigmoid(W s) per channel), + stride-4 lateral, + stride-2 lateral when
-   the encoder gives one (finer features for small-object boundaries);
-   each step is reduce (1x1) -> bilinear x2 -> add lateral -> 3x3 conv.
-   Laterals are 3x3 conv-GN projections computed once per image and
-   indexed per sentence; widths shrink with resolution
-   (``decoder_widths``) so that most compute stays on the grid. A 1x1
-   conv gives logits at the finest stride, upsampled bilinearly to S.
+4. Segment (laterals: 3x3 conv-GN projections of the encoder maps, once per
+   image, indexed per sentence; the rest per sentence, no norms, thin
+   widths ``decoder_widths`` so that most compute stays on the grid):
+   stride 16: sub-pixel (pixel-shuffle) expansion of the located tokens +
+   the stride-16 lateral gated by the sentence, concatenated with
+   sigmoid(prior) -> 3x3 conv; stride 8: reduce (1x1) -> bilinear x2 +
+   the stride-8 lateral gated by the sentence -> 3x3 conv; stride 4: the
+   same with the stride-4 lateral -> 1x1 conv to 1 + K channels.
+   Stride 2 (when the encoder gives that map, for small-object boundaries):
+   the coarse logit upsampled x2 plus a per-sentence mix of K per-image
+   stride-2 channels with the K upsampled weights (a full conv stage at
+   160 x 160 per sentence would cost more than everything else together).
+   Logits are upsampled bilinearly to S. The output layer starts at zero
+   weight and a "mostly background" bias (as does the prior).
 """
 
 import math
@@ -213,6 +222,9 @@ class LTS(nn.Module):
         Returns mask_logits (B, 1, S, S), prior_logits (B, 1, S/16, S/16),
         no_target_logits (B,); all raw logits (apply sigmoid for probabilities).
         """
+        dtype = next(self.head.parameters()).dtype  # cached features may be stored in fp16
+        vis = [m.to(dtype) for m in vis]
+        txt = TextFeatures(txt.tokens.to(dtype), txt.mask.bool(), txt.sentence.to(dtype))
         return self.head(vis, txt, image_index.to(vis[0].device))
 
     def forward(self, images: torch.Tensor, texts: Sequence[str]) -> Dict[str, torch.Tensor]:

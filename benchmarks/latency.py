@@ -1,0 +1,197 @@
+"""Inference latency of a refseg model: PyTorch Predictor vs onnxruntime OnnxPredictor, on CPU.
+
+    python benchmarks/latency.py --model lts-synthref        # a shipped model, a checkpoint or run path
+    python benchmarks/latency.py --model untrained:lts       # the default architecture, untrained head
+    python benchmarks/latency.py --model lts-synthref --runs 100 --skip-onnx
+
+Measures, on one 320 x 320 image and one expression, with torch.set_num_threads(2)
+and onnxruntime intra-op threads 2 (--threads):
+  - set_image + predict: a new image each time (visual encoder + text + head + post-processing);
+  - predict on the cached image: what every further expression about the same image costs;
+  - predict_batch throughput: --batch-images images (1 expression each), --images-per-batch at a time,
+    images/s over --batch-rounds rounds;
+  - peak RSS (resource.getrusage ru_maxrss) of the process that ran the backend.
+Each backend runs in its own child process, so each peak RSS is its own; the
+ONNX graphs are exported (refseg.export) into a temporary folder by the
+parent first. Latencies: median and p90 over --runs runs (>= 50) after
+--warmup untimed ones. Prints a table; --json writes the raw figures.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TEXT = "the red star left of the blue circle"
+
+
+def load_model(spec: str, kwargs: dict):
+    """``untrained:<name>``: refseg.modeling.MODELS[name](**kwargs) with seed 0; anything else: refseg.load."""
+    import torch
+
+    if spec.startswith("untrained:"):
+        from refseg.modeling import MODELS
+
+        torch.manual_seed(0)
+        return MODELS[spec.split(":", 1)[1]](**kwargs).eval()
+    import refseg
+
+    return refseg.load(spec)
+
+
+def test_image(size: int):
+    """(size, size, 3) uint8: a noisy background with a few coloured shapes, fixed seed."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(60, 200, (size, size, 3)).astype(np.uint8)
+    for colour in ((230, 40, 40), (40, 80, 230), (40, 200, 60)):
+        y, x = rng.integers(0, size - size // 5, 2)
+        img[y : y + size // 5, x : x + size // 5] = colour
+    return img
+
+
+def percentile(values, q: float) -> float:
+    v = sorted(values)
+    k = (len(v) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def run_backend(args) -> dict:
+    """In the child: time one backend, return its figures."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    if args.backend == "torch":
+        from refseg.predictor import Predictor
+
+        predictor = Predictor(load_model(args.model, json.loads(args.model_kwargs)))
+    else:
+        from refseg.export import OnnxPredictor
+
+        predictor = OnnxPredictor(args.onnx, threads=args.threads)
+    load_s = time.perf_counter() - start
+    size = int(predictor.model.image_size)
+    images = [test_image(size)[:, ::-1].copy() if i % 2 else test_image(size) for i in range(2)]
+
+    def timed(fn, n):
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    i = [0]
+
+    def set_and_predict():
+        i[0] += 1
+        predictor.set_image(images[i[0] % 2])
+        predictor.predict(TEXT)
+
+    timed(set_and_predict, args.warmup)
+    cold = timed(set_and_predict, args.runs)
+    timed(lambda: predictor.predict(TEXT), args.warmup)
+    cached = timed(lambda: predictor.predict(TEXT), args.runs)
+
+    batch = [images[k % 2] for k in range(args.batch_images)]
+    texts = [[TEXT]] * args.batch_images
+    list(predictor.predict_batch(batch[: args.images_per_batch], texts, args.images_per_batch))  # warm-up
+    rounds = []
+    for _ in range(args.batch_rounds):
+        t0 = time.perf_counter()
+        n = sum(1 for _ in predictor.predict_batch(batch, texts, args.images_per_batch))
+        rounds.append(n / (time.perf_counter() - t0))
+    return {
+        "backend": args.backend, "image_size": size, "load_s": load_s,
+        "set_image_predict_ms": {"median": statistics.median(cold), "p90": percentile(cold, 0.9), "runs": len(cold)},
+        "predict_cached_ms": {"median": statistics.median(cached), "p90": percentile(cached, 0.9), "runs": len(cached)},
+        "batch_images_per_s": {"median": statistics.median(rounds), "rounds": len(rounds)},
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def child(args, backend: str, onnx_path: str = "") -> dict:
+    cmd = [sys.executable, __file__, "--backend", backend, "--onnx", onnx_path]
+    for key in ("model", "model_kwargs", "runs", "warmup", "threads", "batch_images", "images_per_batch",
+                "batch_rounds"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{backend} run failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(args, results: list, export_note: str) -> str:
+    cols = [r["backend"] for r in results]
+    names = {"torch": "PyTorch", "onnx": "ONNX Runtime"}
+    lines = [f"model: {args.model}   image {results[0]['image_size']} px, 1 expression, "
+             f"{args.threads} threads, {args.runs} runs (median / p90){export_note}",
+             f"{'':36}" + "".join(f"{names[c]:>22}" for c in cols)]
+
+    def row(label, fmt):
+        lines.append(f"{label:36}" + "".join(f"{fmt(r):>22}" for r in results))
+
+    def ms(key):
+        return lambda r: f"{r[key]['median']:.1f} / {r[key]['p90']:.1f}"
+
+    row("set_image + predict (ms)", ms("set_image_predict_ms"))
+    row("predict, cached image (ms)", ms("predict_cached_ms"))
+    row(f"predict_batch ({args.batch_images} img, {args.images_per_batch}/batch), img/s",
+        lambda r: f"{r['batch_images_per_s']['median']:.2f}")
+    row("peak RSS (MiB)", lambda r: f"{r['peak_rss_mib']:.0f}")
+    row("load (s)", lambda r: f"{r['load_s']:.1f}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="lts-synthref",
+                    help="shipped name, checkpoint/run path, or untrained:<MODELS key>")
+    ap.add_argument("--model-kwargs", default="{}", help="JSON kwargs for untrained:<name>")
+    ap.add_argument("--runs", type=int, default=50, help="timed runs per latency (>= 50)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
+    ap.add_argument("--batch-images", type=int, default=16, help="images per predict_batch round")
+    ap.add_argument("--images-per-batch", type=int, default=8)
+    ap.add_argument("--batch-rounds", type=int, default=3)
+    ap.add_argument("--skip-onnx", action="store_true")
+    ap.add_argument("--json", help="write the raw figures here")
+    ap.add_argument("--backend", choices=("torch", "onnx"), help=argparse.SUPPRESS)  # child mode
+    ap.add_argument("--onnx", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.runs < 50:
+        ap.error("--runs must be at least 50")
+    if args.backend:
+        print(json.dumps(run_backend(args)))
+        return 0
+
+    results = [child(args, "torch")]
+    note = ""
+    if not args.skip_onnx:
+        from refseg.export import export_onnx
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "model.onnx"
+            paths = export_onnx(load_model(args.model, json.loads(args.model_kwargs)), out)
+            meta = json.loads(paths["meta"].read_text())
+            diff = meta["parity"]["max_abs_diff"]["mask_logits"]
+            note = f"; ONNX ({meta['exporter']['decoder']} exporter) max |mask logit diff| {diff:.1e}"
+            results.append(child(args, "onnx", str(out)))
+    print(table(args, results, note))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""One factory per named model, gathered in ``MODELS``; ``build_model(config)`` rebuilds any of them.
+
+    model = MODELS["lts"]()                       # EfficientNet-Lite0 + MiniLM, both frozen
+    model = build_model(model.config)             # the same architecture again
+    model = build_lts(visual="hf:microsoft/swin-tiny-patch4-window7-224", text="hf:bert-base-uncased")
+
+Encoder names: visual "efficientnet-lite0" | "hf:<AutoBackbone name or folder>"
+| a config dict ``{"model_type": ..., ...}`` (random weights); text "minilm"
+| "hf:<AutoModel name or folder>" | a config dict (random weights, tokenizer
+"minilm" unless ``text_tokenizer`` says otherwise). ``model.config`` is
+JSON-able and holds every argument, so a checkpoint needs only it and the
+trainable weights.
+"""
+
+from typing import Optional, Union
+
+from torch import nn
+
+from refseg.modeling.lts import LTS, LTSHead
+from refseg.modeling.text import build_text
+from refseg.modeling.visual import build_visual
+
+
+def build_lts(
+    visual: Union[str, dict] = "efficientnet-lite0",
+    text: Union[str, dict] = "minilm",
+    *,
+    pretrained: bool = True,
+    freeze_visual: bool = True,
+    freeze_text: bool = True,
+    stride2: Optional[bool] = None,
+    max_length: int = 24,
+    text_tokenizer: Optional[str] = None,
+    image_size: int = 320,
+    **head_kwargs,
+) -> LTS:
+    """LTS on a visual and a text encoder.
+
+    pretrained: load the visual encoder's pretrained weights (False: random,
+      for tests; "hf:" encoders always load theirs).
+    freeze_visual / freeze_text: keep the encoder fixed (eval mode, no grads)
+      so that the engine can cache its features.
+    stride2: feed the stride-2 map to the decoder; default True for
+      EfficientNet-Lite0, the only encoder with one.
+    max_length: text tokens per expression. image_size: S, the letterbox side.
+    head_kwargs: LTSHead arguments (dim, depth, heads, mlp_ratio, text_layers,
+      decoder_widths, fine_rank, prior_init).
+    """
+    if stride2 is None:
+        stride2 = visual == "efficientnet-lite0"
+    v = build_visual(visual, frozen=freeze_visual, pretrained=pretrained, return_stride2=stride2)
+    t = build_text(text, frozen=freeze_text, max_length=max_length, tokenizer=text_tokenizer)
+    head = LTSHead(v.channels, v.strides, t.dim, **head_kwargs)
+    config = {
+        "model": "lts",
+        "visual": visual,
+        "text": text,
+        "pretrained": pretrained,
+        "freeze_visual": freeze_visual,
+        "freeze_text": freeze_text,
+        "stride2": stride2,
+        "max_length": max_length,
+        "text_tokenizer": text_tokenizer,
+        "image_size": image_size,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in head_kwargs.items()},
+    }
+    return LTS(v, t, head, image_size=image_size, config=config)
+
+
+MODELS = {"lts": build_lts}
+
+
+def build_model(config: dict) -> nn.Module:
+    """Rebuild a model from its ``model.config`` (weights are not loaded)."""
+    kwargs = dict(config)
+    name = kwargs.pop("model")
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; known: {sorted(MODELS)}")
+    return MODELS[name](**kwargs)

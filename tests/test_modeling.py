@@ -1,0 +1,152 @@
+"""Encoders and models: one smoke test over MODELS on tiny random encoders,
+a consistency test of the two execution paths, the real offline encoders once."""
+
+import json
+
+import pytest
+import torch
+
+from refseg.losses import lts_loss
+from refseg.modeling import MODELS, TextFeatures, build_model, build_text, build_visual
+
+TINY_VISUAL = {"model_type": "convnext", "hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1]}
+TINY_TEXT = {
+    "model_type": "bert",
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+}
+TINY_HEAD = {"dim": 32, "depth": 1, "heads": 2, "decoder_widths": [16, 8, 8]}
+# Every entry of MODELS needs a tiny configuration here.
+TINY = {"lts": dict(visual=TINY_VISUAL, text=TINY_TEXT, image_size=64, **TINY_HEAD)}
+TEXTS = ["the large red star", "the blue circle on the left", "the leftmost green square", "the red star left of the blue circle"]
+
+
+def _images(n, size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+
+
+def test_every_model_has_a_tiny_config():
+    assert set(TINY) == set(MODELS)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_smoke(name):
+    torch.manual_seed(0)
+    model = MODELS[name](**TINY[name])
+    S = TINY[name]["image_size"]
+    out = model(_images(2, S), TEXTS[:2])
+    assert out["mask_logits"].shape == (2, 1, S, S)
+    assert out["prior_logits"].shape == (2, 1, S // 16, S // 16)
+    assert out["no_target_logits"].shape == (2,)
+    mask = torch.zeros(2, 1, S, S)
+    mask[0, :, 8:24, 8:24] = 1
+    losses = lts_loss(out, {"mask": mask, "no_target": torch.tensor([False, True])})
+    losses["loss"].backward()
+    for key, value in {**out, **losses}.items():
+        assert torch.isfinite(value).all(), key
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("head.") for n, _ in trainable)  # encoders frozen by default
+    for n, p in trainable:
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+
+    # model.config is JSON and rebuilds the same architecture
+    rebuilt = build_model(json.loads(json.dumps(model.config)))
+    rebuilt.load_state_dict(model.state_dict())
+    model.eval(), rebuilt.eval()
+    with torch.no_grad():
+        a, b = model(_images(1, S), TEXTS[:1]), rebuilt(_images(1, S), TEXTS[:1])
+    assert torch.allclose(a["mask_logits"], b["mask_logits"])
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_decode_shares_images_like_forward(name):
+    torch.manual_seed(0)
+    model = MODELS[name](**TINY[name]).eval()
+    S = TINY[name]["image_size"]
+    images = _images(2, S, seed=1)
+    index = torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        shared = model.decode(model.encode_image(images), model.encode_text(TEXTS), index)
+        direct = model(images[index], TEXTS)
+        half = model.decode([m.half() for m in model.encode_image(images)], model.encode_text(TEXTS), index)
+    for key in shared:
+        assert torch.allclose(shared[key], direct[key], atol=1e-5), key
+    assert half["mask_logits"].dtype == torch.float32  # fp16 cached maps are accepted
+
+
+def test_unfrozen_encoders_train():
+    model = MODELS["lts"](**TINY["lts"], freeze_visual=False, freeze_text=False)
+    out = model(_images(2, 64), TEXTS[:2])
+    (out["mask_logits"].mean() + out["prior_logits"].mean() + out["no_target_logits"].mean()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.visual.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.text.parameters())
+    model.train()
+    assert model.visual.training and model.text.training
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"model_type": "swin", "embed_dim": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1], "window_size": 2},
+        {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1]},
+        {"model_type": "dinov2", "hidden_size": 16, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 32, "patch_size": 8},
+    ],
+    ids=lambda c: c["model_type"],
+)
+def test_hf_backbones_give_a_four_level_pyramid(config):
+    encoder = build_visual(config)
+    maps = encoder(torch.randn(1, 3, 64, 64))
+    assert encoder.strides == (4, 8, 16, 32)
+    assert [m.shape[1] for m in maps] == list(encoder.channels)
+    assert [m.shape[-1] for m in maps] == [16, 8, 4, 2]
+
+
+def test_hf_text_encoder_roberta():
+    encoder = build_text(dict(TINY_TEXT, model_type="roberta"), max_length=12)
+    tokens, sentence = encoder(**encoder.tokenize(["the red star", "a much longer expression than that"]))
+    assert tokens.shape == (2, 12, 32) and sentence.shape == (2, 32)
+
+
+# The real offline encoders, loaded once for the tests below.
+
+
+@pytest.fixture(scope="module")
+def real_lts():
+    torch.manual_seed(0)
+    return MODELS["lts"]()
+
+
+def test_real_encoders_at_320(real_lts):
+    model = real_lts
+    model.train()
+    assert not model.visual.training and not model.text.training and model.head.training
+    images = _images(2, 320)
+    vis = model.encode_image(images)
+    assert [tuple(m.shape[1:]) for m in vis] == [(16, 160, 160), (24, 80, 80), (40, 40, 40), (112, 20, 20), (320, 10, 10)]
+    txt = model.encode_text(TEXTS[:3])
+    assert txt.tokens.shape == (3, 24, 384) and txt.sentence.shape == (3, 384) and txt.mask.dtype == torch.bool
+    assert txt.mask[0].sum() == 6  # [CLS] the large red star [SEP]
+    out = model.decode(vis, txt, torch.tensor([0, 0, 1]))
+    assert out["mask_logits"].shape == (3, 1, 320, 320) and out["prior_logits"].shape == (3, 1, 20, 20)
+    loss = lts_loss(out, {"mask": torch.zeros(3, 1, 320, 320)})["loss"]
+    loss.backward()
+    assert all(p.grad is None for p in model.visual.parameters())
+    assert all(p.grad is None for p in model.text.parameters())
+    assert all(p.grad is not None for p in model.head.parameters())
+    model.head.zero_grad(set_to_none=True)
+
+
+def test_real_text_encoder_embeds_path(real_lts):
+    text = real_lts.text
+    batch = text.tokenize(["the red star", "the blue circle on the left"])
+    tokens, sentence = text(**batch)
+    embeds = text.embed_tokens(batch["input_ids"]).detach().requires_grad_(True)
+    tokens2, sentence2 = text.forward_embeds(embeds, batch["attention_mask"])
+    assert torch.allclose(sentence, sentence2, atol=1e-5)
+    sentence2.sum().backward()  # prompts can be learnt through the frozen encoder
+    assert embeds.grad is not None and embeds.grad.abs().sum() > 0
+    s = torch.nn.functional.normalize(sentence, dim=-1)
+    assert 0.3 < float(s[0] @ s[1]) < 0.99  # related, not identical: real pretrained weights
