@@ -11,10 +11,13 @@ and onnxruntime intra-op threads 2 (--threads):
   - predict_batch throughput: --batch-images images (1 expression each), --images-per-batch at a time,
     images/s over --batch-rounds rounds;
   - peak RSS (resource.getrusage ru_maxrss) of the process that ran the backend.
-Each backend runs in its own child process, so each peak RSS is its own; the
-ONNX graphs are exported (refseg.export) into a temporary folder by the
-parent first. Latencies: median and p90 over --runs runs (>= 50) after
---warmup untimed ones. Prints a table; --json writes the raw figures.
+The ONNX graphs are exported (refseg.export) into a temporary folder first.
+Timing runs in one child process holding both backends, interleaved run by
+run (the cores are shared: load from other processes then falls on both
+alike); peak RSS comes from one further child per backend that loads only
+that backend and does a few predictions and one predict_batch round.
+Latencies: median and p90 over --runs runs (>= 50) after --warmup untimed
+ones. Prints a table; --json writes the raw figures.
 """
 
 import argparse
@@ -64,69 +67,100 @@ def percentile(values, q: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
-def run_backend(args) -> dict:
-    """In the child: time one backend, return its figures."""
+def export(args) -> dict:
+    """In a child: write the ONNX graphs to ``args.onnx``; returns their JSON metadata."""
+    import torch
+
+    from refseg.export import export_onnx
+
+    torch.set_num_threads(args.threads)
+    paths = export_onnx(load_model(args.model, json.loads(args.model_kwargs)), args.onnx)
+    return json.loads(paths["meta"].read_text())
+
+
+def make_predictor(backend: str, args):
+    if backend == "torch":
+        from refseg.predictor import Predictor
+
+        return Predictor(load_model(args.model, json.loads(args.model_kwargs)))
+    from refseg.export import OnnxPredictor
+
+    return OnnxPredictor(args.onnx, threads=args.threads)
+
+
+def measure(args) -> dict:
+    """In a child: load every backend, then time them interleaved (run i of each backend back to
+    back), so that load from other processes on shared cores falls on all of them alike."""
     import torch
 
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    if args.backend == "torch":
-        from refseg.predictor import Predictor
-
-        predictor = Predictor(load_model(args.model, json.loads(args.model_kwargs)))
-    else:
-        from refseg.export import OnnxPredictor
-
-        predictor = OnnxPredictor(args.onnx, threads=args.threads)
-    load_s = time.perf_counter() - start
-    size = int(predictor.model.image_size)
-    images = [test_image(size)[:, ::-1].copy() if i % 2 else test_image(size) for i in range(2)]
-
-    def timed(fn, n):
-        out = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
-        return out
-
-    i = [0]
-
-    def set_and_predict():
-        i[0] += 1
-        predictor.set_image(images[i[0] % 2])
-        predictor.predict(TEXT)
-
-    timed(set_and_predict, args.warmup)
-    cold = timed(set_and_predict, args.runs)
-    timed(lambda: predictor.predict(TEXT), args.warmup)
-    cached = timed(lambda: predictor.predict(TEXT), args.runs)
-
+    backends = ["torch"] + ([] if args.skip_onnx else ["onnx"])
+    predictors, load_s = {}, {}
+    for b in backends:
+        t0 = time.perf_counter()
+        predictors[b] = make_predictor(b, args)
+        load_s[b] = time.perf_counter() - t0
+    size = int(predictors["torch"].model.image_size)
+    images = [test_image(size), test_image(size)[:, ::-1].copy()]  # alternate: nothing is reused by chance
     batch = [images[k % 2] for k in range(args.batch_images)]
     texts = [[TEXT]] * args.batch_images
-    list(predictor.predict_batch(batch[: args.images_per_batch], texts, args.images_per_batch))  # warm-up
-    rounds = []
-    for _ in range(args.batch_rounds):
-        t0 = time.perf_counter()
-        n = sum(1 for _ in predictor.predict_batch(batch, texts, args.images_per_batch))
-        rounds.append(n / (time.perf_counter() - t0))
-    return {
-        "backend": args.backend, "image_size": size, "load_s": load_s,
-        "set_image_predict_ms": {"median": statistics.median(cold), "p90": percentile(cold, 0.9), "runs": len(cold)},
-        "predict_cached_ms": {"median": statistics.median(cached), "p90": percentile(cached, 0.9), "runs": len(cached)},
-        "batch_images_per_s": {"median": statistics.median(rounds), "rounds": len(rounds)},
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+
+    def set_and_predict(p, i):
+        p.set_image(images[i % 2])
+        p.predict(TEXT)
+
+    def batch_round(p, i):
+        return sum(1 for _ in p.predict_batch(batch, texts, args.images_per_batch))
+
+    steps = [("set_image_predict_ms", set_and_predict, args.warmup, args.runs),
+             ("predict_cached_ms", lambda p, i: p.predict(TEXT), args.warmup, args.runs),
+             ("batch_s", batch_round, 1, args.batch_rounds)]
+    times = {b: {name: [] for name, *_ in steps} for b in backends}
+    for name, fn, warmup, n in steps:
+        for i in range(warmup + n):
+            for b in backends:
+                t0 = time.perf_counter()
+                fn(predictors[b], i)
+                if i >= warmup:
+                    times[b][name].append(time.perf_counter() - t0)
+    results = []
+    for b in backends:
+        t = times[b]
+        results.append({
+            "backend": b, "image_size": size, "load_s": load_s[b],
+            **{k: {"median": statistics.median(t[k]) * 1e3, "p90": percentile(t[k], 0.9) * 1e3, "runs": len(t[k])}
+               for k in ("set_image_predict_ms", "predict_cached_ms")},
+            "batch_images_per_s": {"median": args.batch_images / statistics.median(t["batch_s"]),
+                                   "rounds": len(t["batch_s"])},
+        })
+    return {"results": results}
 
 
-def child(args, backend: str, onnx_path: str = "") -> dict:
-    cmd = [sys.executable, __file__, "--backend", backend, "--onnx", onnx_path]
+def peak_rss(args) -> dict:
+    """In a child: one backend alone, a few set_image + predict and one predict_batch round -> peak RSS, MiB."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    predictor = make_predictor(args.backend, args)
+    image = test_image(int(predictor.model.image_size))
+    for _ in range(5):
+        predictor.set_image(image)
+        predictor.predict(TEXT)
+    list(predictor.predict_batch([image] * args.images_per_batch, [[TEXT]] * args.images_per_batch,
+                                 args.images_per_batch))
+    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def child(args, mode: str, backend: str = "torch") -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--backend", backend, "--onnx", args.onnx]
     for key in ("model", "model_kwargs", "runs", "warmup", "threads", "batch_images", "images_per_batch",
                 "batch_rounds"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    if args.skip_onnx:
+        cmd.append("--skip-onnx")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"{backend} run failed:\n{proc.stderr[-4000:]}")
+        raise SystemExit(f"{mode} {backend} run failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -165,27 +199,29 @@ def main() -> int:
     ap.add_argument("--batch-rounds", type=int, default=3)
     ap.add_argument("--skip-onnx", action="store_true")
     ap.add_argument("--json", help="write the raw figures here")
-    ap.add_argument("--backend", choices=("torch", "onnx"), help=argparse.SUPPRESS)  # child mode
+    ap.add_argument("--child", choices=("export", "measure", "rss"), help=argparse.SUPPRESS)
+    ap.add_argument("--backend", choices=("torch", "onnx"), default="torch", help=argparse.SUPPRESS)
     ap.add_argument("--onnx", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.runs < 50:
         ap.error("--runs must be at least 50")
-    if args.backend:
-        print(json.dumps(run_backend(args)))
+    if args.child:
+        run = {"export": export, "measure": measure, "rss": peak_rss}[args.child]
+        print(json.dumps(run(args)))
         return 0
 
-    results = [child(args, "torch")]
-    note = ""
-    if not args.skip_onnx:
-        from refseg.export import export_onnx
-
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "model.onnx"
-            paths = export_onnx(load_model(args.model, json.loads(args.model_kwargs)), out)
-            meta = json.loads(paths["meta"].read_text())
+    # The parent stays small and only starts children: a child's ru_maxrss starts from its
+    # parent's RSS at fork time (Linux keeps it across exec), so a big parent would inflate it.
+    with tempfile.TemporaryDirectory() as tmp:
+        note = ""
+        if not args.skip_onnx:
+            args.onnx = str(Path(tmp) / "model.onnx")
+            meta = child(args, "export")
             diff = meta["parity"]["max_abs_diff"]["mask_logits"]
             note = f"; ONNX ({meta['exporter']['decoder']} exporter) max |mask logit diff| {diff:.1e}"
-            results.append(child(args, "onnx", str(out)))
+        results = child(args, "measure")["results"]
+        for r in results:
+            r.update(child(args, "rss", r["backend"]))
     print(table(args, results, note))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")

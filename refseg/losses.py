@@ -127,3 +127,362 @@ def lts_loss(
     loss = w_bce * mask_bce + w_dice * mask_dice + w_prior * prior_bce + w_no_target * nt
     parts = {"mask_bce": mask_bce, "mask_dice": mask_dice, "prior_bce": prior_bce, "no_target": nt}
     return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
+
+
+def info_nce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of each row of ``logits`` (B, M) against the column ``target`` (B,) long.
+
+    valid: (B, M) bool, candidates each row may choose from (the target must
+    be valid); None = all. Rows are averaged; 0 (with a graph) for B = 0.
+    """
+    if valid is not None:
+        logits = logits.masked_fill(~valid, float("-inf"))
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, target)
+
+
+def sag_text_loss(
+    out: Dict[str, torch.Tensor],
+    batch: Dict[str, torch.Tensor],
+    w_recon: float = 1.0,
+    w_hard: float | None = None,
+    w_no_target: float = 0.1,
+) -> Dict[str, torch.Tensor]:
+    """The SaG training loss, from (image, expression) pairs alone.
+
+    out: SaG's dict: text_embedding e (B, D) and gathered g (B, B_img, D),
+      both L2-normalised (g[t, j]: sentence t's query gathered from image
+      j's slots), logit_scale (), recon_mse (B_img,), no_target_logits (B,),
+      hard_negative_weight () (used when ``w_hard`` is None).
+    batch: image_index (B,) long, the row of sentence t's own image;
+      ref_id (B,) long (hard negatives; without it the term is 0);
+      no_target (B,) bool, optional.
+    Terms (anchors: sentences with a target; a no-target sentence has no
+    positive image):
+      infonce    InfoNCE over the images of the batch: row t has logits
+                 scale * e_t . g[t, j] for every image j, positive = its own
+                 image (the paper's loss).
+      hard       Sentence-level hard negatives from the same image: row t
+                 has the logits scale * e_t . g[t', i] for every sentence t'
+                 of t's own image i whose ref_id differs (not no-target),
+                 plus the positive scale * e_t . g[t, i]. The candidates are
+                 what *other* expressions select from the very image t is
+                 about, so no image-level cue separates them: e_t must prefer
+                 what its own query selects, and the selection (the slot
+                 relevance that the mask is made from) has to differ between
+                 expressions with different referents. Sentences of the same
+                 ref are neither positive nor negative. Averaged over anchors
+                 that have at least one such negative (0 when none has).
+      recon      mean slot-decoder reconstruction MSE over the batch's images.
+      no_target  BCE of no_target_logits against no_target (calibrates its
+                 scale and bias only; the similarity it reads is detached).
+      acc_image, acc_hard  (logged only) share of anchors whose positive
+                 beats every image / every hard negative.
+    loss = infonce + w_hard * hard + w_recon * recon + w_no_target * no_target;
+    w_hard None reads out["hard_negative_weight"] (1.0 when absent).
+    Returns dict(loss, the terms and accuracies detached).
+    """
+    e, g = out["text_embedding"], out["gathered"]  # (B, D), (B, B_img, D)
+    B, device = e.shape[0], e.device
+    scale = out["logit_scale"]
+    index = batch["image_index"].to(device).long().view(B)
+    rows = torch.arange(B, device=device)
+    no_target = batch.get("no_target")
+    no_target = torch.zeros(B, dtype=torch.bool, device=device) if no_target is None else no_target.to(device).bool().view(B)
+    anchor = ~no_target
+    if w_hard is None:
+        w_hard = float(out["hard_negative_weight"]) if "hard_negative_weight" in out else 1.0
+
+    logits = scale * torch.einsum("bd,bjd->bj", e, g)  # (B, B_img)
+    infonce = info_nce(logits[anchor], index[anchor])
+    pos = logits[rows, index]  # (B,)
+    acc_image = (pos[anchor] >= logits[anchor].amax(1)).float().mean() if anchor.any() else pos.new_zeros(())
+
+    # hard[t, t'] = scale * e_t . g[t', image of t]
+    own = g[:, index]  # (B_t', B_t, D): own[t', t] = g[t', index[t]]
+    hard_logits = scale * torch.einsum("td,std->ts", e, own)  # (B_t, B_t')
+    ref_id = batch.get("ref_id")
+    if ref_id is None:
+        negative = torch.zeros(B, B, dtype=torch.bool, device=device)
+    else:
+        ref_id = torch.as_tensor(ref_id).to(device).view(B)
+        negative = (index[:, None] == index[None, :]) & (ref_id[:, None] != ref_id[None, :]) & anchor[None, :]
+    has_neg = anchor & negative.any(1)  # (B,)
+    valid = negative | torch.eye(B, dtype=torch.bool, device=device)  # the diagonal is the positive
+    hard = info_nce(hard_logits[has_neg], rows[has_neg], valid[has_neg])
+    neg_max = hard_logits.masked_fill(~negative, float("-inf")).amax(1)  # (B,)
+    acc_hard = (pos[has_neg] > neg_max[has_neg]).float().mean() if has_neg.any() else pos.new_zeros(())
+
+    recon = out["recon_mse"].mean()
+    nt = F.binary_cross_entropy_with_logits(out["no_target_logits"], no_target.to(e.dtype))
+    loss = infonce + w_hard * hard + w_recon * recon + w_no_target * nt
+    parts = {"infonce": infonce, "hard": hard, "recon": recon, "no_target": nt,
+             "acc_image": acc_image, "acc_hard": acc_hard}
+    return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
+
+
+# ---- PKS (refseg/modeling/pks.py): CenterNet heatmap, BoxInst projection + pairwise colour affinity ----
+
+
+def interior_point(mask: torch.Tensor, stride: int = 4) -> torch.Tensor:
+    """(B, 1, S, S) {0, 1} masks -> (B, 2) (x, y) pixels of a point deep inside each mask (NaN when empty).
+
+    The SynthRef click definition (maximum of the distance transform, ties to
+    the first cell in row order), approximated on the stride-``stride`` grid
+    with a chessboard distance: the mask area-pooled to the grid (cells at
+    least half covered; any covered cell when that leaves nothing), eroded
+    3 x 3 until empty, the image border counting as background; the depth of
+    a cell is the number of erosions it survives. Returns the deepest cell's
+    centre, pixel centres at integers.
+    """
+    cover = F.avg_pool2d(mask.float(), stride)  # (B, 1, h, w)
+    m = (cover >= 0.5).float()
+    m = torch.where(m.flatten(1).any(1)[:, None, None, None], m, (cover > 0).float())
+    depth = torch.zeros_like(m)
+    for _ in range(max(m.shape[-2:]) // 2 + 1):
+        if not bool(m.any()):
+            break
+        depth = depth + m
+        m = -F.max_pool2d(-F.pad(m, (1, 1, 1, 1)), 3, 1)  # 3 x 3 erosion, outside = background
+    w = depth.shape[-1]
+    best = depth.flatten(1).argmax(1)  # (B,), first maximum in row order
+    point = torch.stack([best % w, best // w], -1).to(torch.float32) * stride + (stride - 1) / 2  # (B, 2)
+    empty = depth.flatten(1).amax(1) == 0
+    return torch.where(empty[:, None], torch.full_like(point, float("nan")), point)
+
+
+def mask_box(mask: torch.Tensor) -> torch.Tensor:
+    """(B, 1, S, S) {0, 1} masks -> (B, 4) boxes (left, top, right, bottom) in pixels, NaN when empty.
+
+    Pixel centres are at integers, so the box of pixels x0..x1 is x0 - 0.5 .. x1 + 0.5.
+    """
+    m = mask[:, 0] > 0.5  # (B, S, S)
+    S_h, S_w = m.shape[-2:]
+    cols, rows = m.any(1), m.any(2)  # (B, S_w), (B, S_h)
+    xs = torch.arange(S_w, device=m.device, dtype=torch.float32)
+    ys = torch.arange(S_h, device=m.device, dtype=torch.float32)
+    inf = torch.tensor(float("inf"), device=m.device)
+    x0 = torch.where(cols, xs, inf).amin(1)
+    x1 = torch.where(cols, xs, -inf).amax(1)
+    y0 = torch.where(rows, ys, inf).amin(1)
+    y1 = torch.where(rows, ys, -inf).amax(1)
+    box = torch.stack([x0 - 0.5, y0 - 0.5, x1 + 0.5, y1 + 0.5], -1)  # (B, 4)
+    return torch.where(torch.isfinite(box).all(1, keepdim=True), box, torch.full_like(box, float("nan")))
+
+
+def pks_targets(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Centre point and box of each sample's referent, from clicks (click mode) or from the mask (full).
+
+    Click mode: click_center (B, 2); click_corners (B, 2, 2) are the
+    top-left and bottom-right *pixels* of the box, letterboxed from the
+    original image, so the box reaches half an original pixel (0.5 x the
+    letterbox scale, ``batch["letterbox"][:, 0]``) beyond them. Full mode:
+    ``interior_point`` and ``mask_box`` of ``batch["mask"]``.
+    Returns center (B, 2), box (B, 4) (left, top, right, bottom), valid (B,)
+    bool; NaN rows where there is no referent (no-target samples).
+    """
+    if "click_center" in batch:
+        center = batch["click_center"].float()
+        corners = batch["click_corners"].float()  # (B, 2, 2)
+        B = center.shape[0]
+        scale = batch["letterbox"][:, 0].float() if "letterbox" in batch else torch.ones(B, device=center.device)
+        half = (0.5 * scale)[:, None]  # (B, 1)
+        box = torch.cat([corners[:, 0] - half, corners[:, 1] + half], -1)  # (B, 4)
+    elif "mask" in batch:
+        center, box = interior_point(batch["mask"]), mask_box(batch["mask"])
+    else:
+        raise KeyError("pks_targets needs click_center / click_corners (click) or mask (full) in the batch")
+    valid = torch.isfinite(center).all(1) & torch.isfinite(box).all(1)
+    return {"center": center, "box": box, "valid": valid}
+
+
+def centre_heatmap(center: torch.Tensor, box: torch.Tensor, size, stride: int, alpha: float = 0.54) -> torch.Tensor:
+    """CenterNet target: (B, 1, h, w) Gaussians, exactly 1 at the cell holding each centre.
+
+    center (B, 2), box (B, 4) in pixels; size (h, w) of the grid; cells are
+    ``stride`` pixels. Elliptical Gaussian (TTFNet): sigma_x = alpha * box
+    width / 6, sigma_y = alpha * box height / 6, in cells, centred on the
+    centre cell (not the sub-cell point). NaN rows give all-zero maps.
+    """
+    h, w = size
+    B = center.shape[0]
+    ok = torch.isfinite(center).all(1) & torch.isfinite(box).all(1)  # (B,)
+    c = torch.where(ok[:, None], center, torch.zeros_like(center))
+    cx = ((c[:, 0] + 0.5) / stride).floor().clamp(0, w - 1)  # (B,)
+    cy = ((c[:, 1] + 0.5) / stride).floor().clamp(0, h - 1)
+    bw = torch.where(ok, box[:, 2] - box[:, 0], torch.ones_like(cx))
+    bh = torch.where(ok, box[:, 3] - box[:, 1], torch.ones_like(cx))
+    sx = (alpha * bw / 6 / stride).clamp(min=1e-3)[:, None, None]  # (B, 1, 1) cells
+    sy = (alpha * bh / 6 / stride).clamp(min=1e-3)[:, None, None]
+    xs = torch.arange(w, device=center.device, dtype=torch.float32)[None, None, :]  # (1, 1, w)
+    ys = torch.arange(h, device=center.device, dtype=torch.float32)[None, :, None]  # (1, h, 1)
+    dx, dy = xs - cx[:, None, None], ys - cy[:, None, None]
+    g = torch.exp(-(dx**2) / (2 * sx**2) - dy**2 / (2 * sy**2))  # (B, h, w), 1 at the centre cell
+    return (g * ok[:, None, None].float()).view(B, 1, h, w)
+
+
+def box_bitmap(box: torch.Tensor, size, stride: int = 1) -> torch.Tensor:
+    """(B, 4) boxes in pixels -> (B, 1, h, w) {0, 1}: cells of a stride-``stride`` grid whose centre is in the box.
+
+    NaN boxes give empty bitmaps.
+    """
+    h, w = size
+    xs = torch.arange(w, device=box.device, dtype=torch.float32) * stride + (stride - 1) / 2  # cell centres
+    ys = torch.arange(h, device=box.device, dtype=torch.float32) * stride + (stride - 1) / 2
+    inside_x = (xs[None] >= box[:, 0:1]) & (xs[None] <= box[:, 2:3])  # (B, w); NaN compares False
+    inside_y = (ys[None] >= box[:, 1:2]) & (ys[None] <= box[:, 3:4])  # (B, h)
+    return (inside_y[:, :, None] & inside_x[:, None, :]).float()[:, None]  # (B, 1, h, w)
+
+
+def box_projection_loss(logits: torch.Tensor, box_mask: torch.Tensor, smooth: float = 1.0,
+                        reduction: str = "mean") -> torch.Tensor:
+    """BoxInst projection loss: the mask's max-projections onto x and y must match the box's.
+
+    logits: (B, 1, H, W) mask logits; box_mask: (B, 1, H, W) {0, 1}, the box
+    filled. Per axis: Dice with squared denominators (V-Net/BoxInst)
+    ``1 - (2 sum(p t) + smooth) / (sum(p^2) + sum(t^2) + smooth)`` between
+    the projection p = max sigmoid over the other axis and the box's t; the
+    per-sample loss is the sum over the two axes. A mask that fills its box's
+    extent on both axes (any shape touching every row and column of the box,
+    nothing outside) scores 0; ``smooth`` makes an empty box (no-target)
+    push the projections to 0 instead of giving no gradient.
+    """
+    p = torch.sigmoid(logits.float())[:, 0]  # (B, H, W)
+    t = box_mask.float()[:, 0]
+    loss = 0
+    for dim in (1, 2):  # project onto x (max over rows), then onto y
+        pp, tt = p.amax(dim), t.amax(dim)  # (B, W) / (B, H)
+        loss = loss + 1 - (2 * (pp * tt).sum(1) + smooth) / ((pp**2).sum(1) + (tt**2).sum(1) + smooth)
+    return _reduce(loss, reduction)
+
+
+def colour_similarity(lab: torch.Tensor, dy: int, dx: int, theta: float = 2.0) -> torch.Tensor:
+    """exp(-||lab(p) - lab(p + (dy, dx))|| / theta) for every pixel pair in the image: (B, h', w').
+
+    lab: (B, 3, H, W); the returned map covers the pixels p whose neighbour
+    p + (dy, dx) is in the image (dy >= 0); see ``_pair_slices``.
+    """
+    (py, px), (qy, qx) = _pair_slices(lab.shape[-2], lab.shape[-1], dy, dx)
+    diff = lab[:, :, py, px] - lab[:, :, qy, qx]  # (B, 3, h', w')
+    return torch.exp(-diff.norm(dim=1) / theta)
+
+
+def _pair_slices(H: int, W: int, dy: int, dx: int):
+    """Slices (rows, cols) of pixels p and of their neighbours q = p + (dy, dx), dy >= 0."""
+    py, qy = slice(0, H - dy), slice(dy, H)
+    px, qx = (slice(0, W - dx), slice(dx, W)) if dx >= 0 else (slice(-dx, W), slice(0, W + dx))
+    return (py, px), (qy, qx)
+
+
+def pairwise_colour_affinity_loss(logits: torch.Tensor, lab: torch.Tensor, box_mask: torch.Tensor,
+                                  threshold: float = 0.3, theta: float = 2.0, dilation: int = 2) -> torch.Tensor:
+    """BoxInst pairwise loss (a scalar): neighbours of similar colour inside the box should share a label.
+
+    logits: (B, 1, H, W) mask logits; lab: (B, 3, H, W) the image in CIE LAB
+    at the same resolution; box_mask: (B, 1, H, W) {0, 1}. Pairs: each pixel
+    and its 8 neighbours at distance ``dilation`` (each unordered pair once,
+    4 offsets). A pair counts when both pixels lie in the box and their
+    colour similarity exp(-||dLAB|| / theta) >= ``threshold``; its loss is
+    -log P(same label) = -log(p_i p_j + (1 - p_i)(1 - p_j)). Returns the
+    mean over counted pairs of the batch (0 when none count).
+    """
+    logits = logits.float()
+    lab = lab.float()
+    log_fg, log_bg = F.logsigmoid(logits), F.logsigmoid(-logits)  # (B, 1, H, W)
+    H, W = logits.shape[-2:]
+    d = dilation
+    total = logits.new_zeros(())
+    count = logits.new_zeros(())
+    for dy, dx in ((0, d), (d, -d), (d, 0), (d, d)):
+        if dy >= H or abs(dx) >= W:
+            continue
+        (py, px), (qy, qx) = _pair_slices(H, W, dy, dx)
+        same = torch.logaddexp(log_fg[..., py, px] + log_fg[..., qy, qx], log_bg[..., py, px] + log_bg[..., qy, qx])
+        sim = colour_similarity(lab, dy, dx, theta)[:, None]  # (B, 1, h', w')
+        weight = (sim >= threshold).float() * box_mask[..., py, px].float() * box_mask[..., qy, qx].float()
+        total = total + (-same * weight).sum()
+        count = count + weight.sum()
+    return total / count.clamp(min=1)
+
+
+def _pks_common(out, batch, targets):
+    """Heatmap focal loss and no-target BCE shared by the two PKS losses."""
+    heat_logits = out["prior_logits"]
+    B = heat_logits.shape[0]
+    stride = out["mask_logits"].shape[-1] // heat_logits.shape[-1]
+    heat_target = centre_heatmap(targets["center"], targets["box"], heat_logits.shape[-2:], stride)
+    heatmap = heatmap_focal_loss(heat_logits, heat_target.to(heat_logits.device))
+    no_target = batch.get("no_target")
+    no_target = ~targets["valid"] if no_target is None else no_target.bool().view(B)
+    nt = F.binary_cross_entropy_with_logits(out["no_target_logits"], no_target.to(out["no_target_logits"].dtype))
+    return heatmap, nt, no_target
+
+
+def pks_full_loss(
+    out: Dict[str, torch.Tensor],
+    batch: Dict[str, torch.Tensor],
+    w_heatmap: float = 1.0,
+    w_bce: float = 1.0,
+    w_dice: float = 1.0,
+    w_no_target: float = 0.5,
+) -> Dict[str, torch.Tensor]:
+    """PKS with full masks.
+
+    out: PKS's dict (mask_logits (B, 1, S, S), prior_logits (B, 1, h, w) =
+      the centre heatmap, no_target_logits (B,)).
+    batch: mask (B, 1, S, S) {0, 1}; no_target (B,) bool, optional.
+    Terms: heatmap (CenterNet focal loss against Gaussians at the mask's
+    interior point, sigma from its box), mask_bce (every sample; pushes a
+    no-target sample's mask empty), mask_dice (target samples only),
+    no_target (BCE). Returns dict(loss, heatmap, mask_bce, mask_dice, no_target).
+    """
+    targets = pks_targets(batch)
+    heatmap, nt, no_target = _pks_common(out, batch, targets)
+    mask_logits = out["mask_logits"]
+    target = batch["mask"].to(mask_logits.dtype)
+    mask_bce = bce_loss(mask_logits, target)
+    has_target = (~no_target).to(mask_logits.dtype)
+    mask_dice = (dice_loss(mask_logits, target, reduction="none") * has_target).sum() / has_target.sum().clamp(min=1)
+    loss = w_heatmap * heatmap + w_bce * mask_bce + w_dice * mask_dice + w_no_target * nt
+    parts = {"heatmap": heatmap, "mask_bce": mask_bce, "mask_dice": mask_dice, "no_target": nt}
+    return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
+
+
+def pks_click_loss(
+    out: Dict[str, torch.Tensor],
+    batch: Dict[str, torch.Tensor],
+    w_heatmap: float = 1.0,
+    w_projection: float = 1.0,
+    w_pairwise: float = 1.0,
+    w_no_target: float = 0.5,
+    pairwise_threshold: float = 0.3,
+    theta: float = 2.0,
+    dilation: int = 2,
+) -> Dict[str, torch.Tensor]:
+    """PKS with clicks only (never a mask): BoxInst-style weak mask supervision.
+
+    out: PKS's dict, also mask_logits_low (B, 1, S/r, S/r) and image_lab
+      (B, 3, S/r, S/r). batch: click_center (B, 2), click_corners (B, 2, 2)
+      (NaN for no-target), letterbox (B, 3), no_target (B,) bool.
+    Terms: heatmap (focal loss, Gaussian at the centre click, sigma from the
+    corner clicks' box); projection (``box_projection_loss`` on the
+    full-resolution mask against the box, every sample: a no-target
+    sample's empty box pushes its mask empty); pairwise
+    (``pairwise_colour_affinity_loss`` on the stride-r logits and LAB image,
+    pairs inside the box; BoxInst's warm-up of this term is left out: at
+    initialisation the mask is near-constant and the term near 0);
+    no_target (BCE). Returns dict(loss, heatmap, projection, pairwise, no_target).
+    """
+    targets = pks_targets(batch)
+    heatmap, nt, _ = _pks_common(out, batch, targets)
+    mask_logits = out["mask_logits"]
+    box = targets["box"].to(mask_logits.device)
+    projection = box_projection_loss(mask_logits, box_bitmap(box, mask_logits.shape[-2:], 1))
+    low = out["mask_logits_low"]
+    r = mask_logits.shape[-1] // low.shape[-1]
+    pairwise = pairwise_colour_affinity_loss(low, out["image_lab"], box_bitmap(box, low.shape[-2:], r),
+                                             pairwise_threshold, theta, dilation)
+    loss = w_heatmap * heatmap + w_projection * projection + w_pairwise * pairwise + w_no_target * nt
+    parts = {"heatmap": heatmap, "projection": projection, "pairwise": pairwise, "no_target": nt}
+    return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}

@@ -22,7 +22,8 @@ from _serve_fixtures import SQUARE, RedModel, png_bytes, red_square_image
 
 CHROMIUM = os.environ.get("REFSEG_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
 TIMEOUT_MS = 60_000
 
 

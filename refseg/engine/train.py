@@ -51,6 +51,9 @@ class TrainError(ValueError):
 # (model name, supervision) -> name of the loss in refseg.losses: loss(out, batch) -> {"loss": ..., parts}
 LOSSES = {
     ("lts", "full"): "lts_loss",
+    ("pks", "full"): "pks_full_loss",
+    ("pks", "click"): "pks_click_loss",
+    ("sag", "text"): "sag_text_loss",
 }
 
 
@@ -162,7 +165,9 @@ class StepModule(nn.Module):
             vis, txt = batch["vis"], batch["txt"]
         else:
             vis, txt = self.model.encode_image(batch["images"]), self.model.encode_text(batch["text"])
-        return self.model.decode(vis, txt, batch["image_index"])
+        # a model may take training-only decode arguments from the supervision (PKS: where to read its kernel)
+        extra = self.model.teacher_forcing(batch) if hasattr(self.model, "teacher_forcing") else {}
+        return self.model.decode(vis, txt, batch["image_index"], **extra)
 
 
 def to_step_batch(items: Dict[str, Any], device: torch.device) -> Dict[str, Any]:

@@ -17,6 +17,8 @@ from typing import Optional, Union
 from torch import nn
 
 from refseg.modeling.lts import LTS, LTSHead
+from refseg.modeling.pks import PKS, PKSHead
+from refseg.modeling.sag import SaG, SaGHead
 from refseg.modeling.text import build_text
 from refseg.modeling.visual import build_visual
 
@@ -67,7 +69,88 @@ def build_lts(
     return LTS(v, t, head, image_size=image_size, config=config)
 
 
-MODELS = {"lts": build_lts}
+def build_sag(
+    visual: Union[str, dict] = "efficientnet-lite0",
+    text: Union[str, dict] = "minilm",
+    *,
+    pretrained: bool = True,
+    freeze_visual: bool = True,
+    freeze_text: bool = True,
+    max_length: int = 24,
+    text_tokenizer: Optional[str] = None,
+    image_size: int = 320,
+    **head_kwargs,
+) -> SaG:
+    """SaG (trained from text alone) on a visual and a text encoder.
+
+    Arguments as build_lts (no stride2: SaG reads the stride-16 and -32 maps
+    only). head_kwargs: SaGHead arguments (dim, num_slots, iters, heads,
+    mlp_ratio, text_layers, context_layers, decoder_hidden, decoder_depth,
+    logit_scale_init, hard_negatives).
+    """
+    v = build_visual(visual, frozen=freeze_visual, pretrained=pretrained)
+    t = build_text(text, frozen=freeze_text, max_length=max_length, tokenizer=text_tokenizer)
+    channels = dict(zip(v.strides, v.channels))
+    head = SaGHead([channels[16], channels[32]], (16, 32), t.dim, **head_kwargs)
+    config = {
+        "model": "sag",
+        "visual": visual,
+        "text": text,
+        "pretrained": pretrained,
+        "freeze_visual": freeze_visual,
+        "freeze_text": freeze_text,
+        "max_length": max_length,
+        "text_tokenizer": text_tokenizer,
+        "image_size": image_size,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in head_kwargs.items()},
+    }
+    return SaG(v, t, head, image_size=image_size, config=config)
+
+
+def build_pks(
+    visual: Union[str, dict] = "efficientnet-lite0",
+    text: Union[str, dict] = "minilm",
+    *,
+    pretrained: bool = True,
+    freeze_visual: bool = True,
+    freeze_text: bool = True,
+    stride2: Optional[bool] = None,
+    max_length: int = 24,
+    text_tokenizer: Optional[str] = None,
+    image_size: int = 320,
+    **head_kwargs,
+) -> PKS:
+    """PKS (full masks or clicks) on a visual and a text encoder.
+
+    Arguments as build_lts; stride2 (default True for EfficientNet-Lite0)
+    feeds the stride-2 map to the language-free mask branch, whose
+    ``mask_stride`` then defaults to 2. head_kwargs: PKSHead arguments (dim,
+    depth, heads, mlp_ratio, text_layers, fpn_width, fine_width,
+    mask_channels, kernel_channels, kernel_layers, mask_stride,
+    heatmap_init, mask_init).
+    """
+    if stride2 is None:
+        stride2 = visual == "efficientnet-lite0"
+    v = build_visual(visual, frozen=freeze_visual, pretrained=pretrained, return_stride2=stride2)
+    t = build_text(text, frozen=freeze_text, max_length=max_length, tokenizer=text_tokenizer)
+    head = PKSHead(v.channels, v.strides, t.dim, **head_kwargs)
+    config = {
+        "model": "pks",
+        "visual": visual,
+        "text": text,
+        "pretrained": pretrained,
+        "freeze_visual": freeze_visual,
+        "freeze_text": freeze_text,
+        "stride2": stride2,
+        "max_length": max_length,
+        "text_tokenizer": text_tokenizer,
+        "image_size": image_size,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in head_kwargs.items()},
+    }
+    return PKS(v, t, head, image_size=image_size, config=config)
+
+
+MODELS = {"lts": build_lts, "sag": build_sag, "pks": build_pks}
 
 
 def build_model(config: dict) -> nn.Module:

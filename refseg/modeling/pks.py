@@ -1,0 +1,364 @@
+"""PKS: parallel Position-Kernel-Segmentation (Li, Sun, Xiao, Lim, Zhao), trainable on masks or clicks.
+
+    model = PKS(visual, text, PKSHead(visual.channels, visual.strides, text.dim, mask_stride=4))
+    vis = model.encode_image(images)                  # encoder maps + the pooled image (see below)
+    txt = model.encode_text(texts)
+    out = model.decode(vis, txt, image_index)         # inference: kernel read at the heatmap peak
+    out = model.decode(vis, txt, image_index, centers=c)  # training: kernel read at the target centre
+
+Localisation and segmentation run in parallel, and language never enters the
+features the mask is cut from (shared/METHODS.md section 2). Same
+encode_image / encode_text / decode contract as LTS (docs/DESIGN.md); the
+choices (marked *(choice)* in METHODS.md or left open there) are:
+
+1. Position branch (per sentence). LTS's fusion, unchanged: stride-32 cells
+   + the 2 x 2 stride-16 cells under each (space-to-depth), multiplied with
+   the projected sentence vector, CoordConv + sine position encodings; then
+   ``depth`` LocateLayers (self-attention among positions + cross-attention
+   to the text tokens) on that 10 x 10 grid (at 320 px); a linear layer
+   gives 2 x 2 sub-cell logits per token, i.e. the **centre heatmap** on
+   the stride-16 grid (20 x 20): ``prior_logits`` = ``heatmap_logits``.
+   Trained CenterNet-style (refseg.losses.pks_full_loss / pks_click_loss):
+   a Gaussian at the centre cell, penalty-reduced focal loss. The attention
+   runs on 10 x 10 and not 20 x 20 for the cost reason given in lts.py.
+2. Kernel branch (per sentence). Each located token is expanded to 2 x 2
+   sub-cell kernel features (linear + pixel shuffle: a (B, D, 2h, 2w) map
+   aligned with the heatmap). They are sampled bilinearly at the peak
+   point, concatenated with the sentence vector, and an MLP (the
+   "controller") outputs the ``n_params`` weights and biases of a
+   CondInst-style dynamic mask head: ``kernel_layers`` 1 x 1 convolutions,
+   ``kernel_channels`` wide, ReLU between, one output channel. The peak:
+   - training (``centers`` given): the target centre point (the centre
+     click; in full supervision an interior point of the mask, the same
+     definition as the SynthRef click), continuous, not snapped to a cell;
+   - inference (``centers`` None, or NaN rows: no-target samples): the
+     heatmap argmax cell refined by the probability-weighted centroid of
+     its 3 x 3 neighbourhood.
+   Sampling the kernel features bilinearly at continuous points in training
+   means that a peak that lands a little off at inference still reads a
+   kernel trained nearby.
+3. Segmentation branch. **Language-free** mask features, once per image
+   (``MaskBranch``): an FPN over the stride-32/16/8/4 maps (1 x 1 conv-GN
+   laterals, top-down bilinear sums) -> 3 x 3 conv-GN at stride 4; with
+   ``mask_stride`` 2 the result is upsampled and summed with a stride-2
+   lateral, then another 3 x 3 conv-GN; a 1 x 1 conv gives
+   ``mask_channels`` channels. Per sentence, two relative-coordinate
+   channels ((x - peak_x, y - peak_y) in units of S/4 pixels) are appended
+   and the dynamic head is applied (batched matrix products) ->
+   ``mask_logits_low`` at ``mask_stride``, upsampled bilinearly to S ->
+   ``mask_logits``. No text tensor reaches MaskBranch (tests check this).
+4. No-target logit: as in LTS (a sentence-conditioned query pools the
+   located tokens; an MLP over [pooled, sentence, max heatmap logit]).
+
+The weak (click) mode needs the image colours inside the loss (BoxInst's
+pairwise colour affinity), and the engine's feature cache stores only the
+encoders' outputs. So ``encode_image`` appends one more "map" to the
+encoder's list: the letterboxed image average-pooled to ``mask_stride``,
+(B, 3, S/r, S/r) float in 0..255 (cached in fp16 like the other maps, 0.125
+precision at 255), and ``decode`` returns it converted to CIE LAB per
+sentence as ``image_lab``. Hence the model's ``vis`` list is
+``encoder maps (finest first) + [pooled image]``.
+
+``teacher_forcing(batch)`` gives the engine's training step the decode
+keyword arguments (``centers``) derived from the batch's supervision (the
+engine calls it when a model has it); without it PKS trains its kernels at
+the predicted peak, which also works but learns more slowly.
+
+``out`` (training and evaluation alike): mask_logits (B, 1, S, S);
+prior_logits = heatmap_logits (B, 1, S/16, S/16); no_target_logits (B,);
+mask_logits_low (B, 1, S/r, S/r); image_lab (B, 3, S/r, S/r) (L in
+[0, 100], a/b roughly in [-128, 127]); kernel (B, n_params); peak (B, 2)
+(x, y) letterboxed pixels, pixel centres at integers.
+"""
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refseg.modeling.common import MLP, LocateLayer, TextLayer, conv_gn, coord_grid, sine_position_encoding
+from refseg.modeling.lts import LTS
+from refseg.modeling.text import TextFeatures, masked_mean
+
+HEATMAP_STRIDE = 16
+
+
+class MaskBranch(nn.Module):
+    """Language-free mask features: FPN over strides 32/16/8/4 (+2) -> (B_img, mask_channels, S/r, S/r).
+
+    maps: {stride: (B_img, C_s, S/s, S/s)}; only visual maps go in.
+    """
+
+    def __init__(self, channels: Dict[int, int], width: int, fine_width: int, out_channels: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.lat = nn.ModuleDict({str(s): conv_gn(channels[s], width, k=1) for s in (32, 16, 8, 4)})
+        self.smooth4 = conv_gn(width, width)
+        if stride == 2:
+            self.red2 = conv_gn(width, fine_width, k=1)
+            self.lat2 = conv_gn(channels[2], fine_width, k=1)
+            self.smooth2 = conv_gn(fine_width, fine_width)
+        self.out = nn.Conv2d(fine_width if stride == 2 else width, out_channels, 1)
+
+    def forward(self, maps: Dict[int, torch.Tensor]) -> torch.Tensor:
+        p = self.lat["32"](maps[32])  # (B_img, W, S/32, S/32)
+        for s in (16, 8, 4):
+            lateral = self.lat[str(s)](maps[s])  # (B_img, W, S/s, S/s)
+            p = lateral + F.interpolate(p, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+        p = self.smooth4(p)  # (B_img, W, S/4, S/4)
+        if self.stride == 2:
+            lateral = self.lat2(maps[2])  # (B_img, W2, S/2, S/2)
+            p = self.red2(F.interpolate(p, size=lateral.shape[-2:], mode="bilinear", align_corners=False))
+            p = self.smooth2(p + lateral)  # (B_img, W2, S/2, S/2)
+        return self.out(p)  # (B_img, mask_channels, S/r, S/r)
+
+
+class PKSHead(nn.Module):
+    """The trainable part of PKS.
+
+    visual_channels / visual_strides: the visual encoder's ``channels`` and
+      ``strides`` (finest first; must hold 4, 8, 16, 32, optionally 2).
+    text_dim: the text encoder's width.
+    dim, depth, heads, mlp_ratio, text_layers: the position branch (as LTS).
+    fpn_width: FPN channels; fine_width: channels of the stride-2 stage;
+      mask_channels: language-free mask feature channels (CondInst: 8).
+    kernel_channels / kernel_layers: the dynamic mask head (CondInst: 8 / 3).
+    mask_stride: 4, or 2 (needs the stride-2 map); None = the finest available.
+    heatmap_init / mask_init: initial probabilities (biases) of the heatmap and mask.
+    """
+
+    def __init__(
+        self,
+        visual_channels: Sequence[int],
+        visual_strides: Sequence[int],
+        text_dim: int,
+        dim: int = 128,
+        depth: int = 3,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+        text_layers: int = 1,
+        fpn_width: int = 32,
+        fine_width: int = 16,
+        mask_channels: int = 8,
+        kernel_channels: int = 8,
+        kernel_layers: int = 3,
+        mask_stride: Optional[int] = None,
+        heatmap_init: float = 0.01,
+        mask_init: float = 0.02,
+    ):
+        super().__init__()
+        self.strides = tuple(int(s) for s in visual_strides)
+        if not {4, 8, 16, 32} <= set(self.strides) or not set(self.strides) <= {2, 4, 8, 16, 32}:
+            raise ValueError(f"PKSHead needs strides 4, 8, 16, 32 (and optionally 2), got {self.strides}")
+        if mask_stride is None:
+            mask_stride = min(self.strides)
+        if mask_stride not in (2, 4) or mask_stride not in self.strides:
+            raise ValueError(f"mask_stride must be 4, or 2 with a stride-2 map; got {mask_stride} for {self.strides}")
+        if kernel_layers < 1:
+            raise ValueError("kernel_layers must be >= 1")
+        ch = dict(zip(self.strides, visual_channels))
+        self.dim = dim
+        self.mask_stride = int(mask_stride)
+
+        # 1. position branch: LTS fusion + locate layers -> centre heatmap on the stride-16 grid
+        self.grid_in = nn.Linear(ch[32] + 4 * ch[16], dim)
+        self.grid_norm = nn.LayerNorm(dim)
+        self.text_in = nn.Linear(text_dim, dim)
+        self.text_layers = nn.ModuleList([TextLayer(dim, heads, mlp_ratio) for _ in range(text_layers)])
+        self.sent_in = nn.Linear(text_dim, dim)
+        self.sent_norm = nn.LayerNorm(dim)
+        self.fuse_vis = nn.Linear(dim, dim)
+        self.fuse_mul = nn.Linear(dim, dim, bias=False)
+        self.fuse_coord = nn.Linear(2, dim, bias=False)
+        self.locate = nn.ModuleList([LocateLayer(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.out_norm = nn.LayerNorm(dim)
+        self.heatmap = nn.Linear(dim, 4)  # 2x2 sub-cells per token
+
+        # 2. kernel branch: sub-cell kernel features -> controller -> dynamic conv weights
+        widths = [mask_channels + 2] + [kernel_channels] * (kernel_layers - 1) + [1]
+        self.kernel_shapes = list(zip(widths[1:], widths[:-1]))  # (out, in) per dynamic layer
+        self.n_params = sum(o * i + o for o, i in self.kernel_shapes)
+        self.kernel_feat = nn.Linear(dim, 4 * dim)
+        self.controller = MLP(2 * dim, dim, self.n_params)
+
+        # 3. segmentation branch (language-free)
+        self.mask_branch = MaskBranch(ch, fpn_width, fine_width, mask_channels, self.mask_stride)
+
+        # 4. no-target
+        self.nt_query = nn.Linear(dim, dim)
+        self.nt_mlp = MLP(2 * dim + 1, dim, 1)
+
+        nn.init.constant_(self.heatmap.bias, -math.log((1 - heatmap_init) / heatmap_init))
+        last_bias = self.n_params - 1  # the final dynamic layer's bias: start predicting "mostly background"
+        with torch.no_grad():
+            self.controller.fc2.weight[last_bias].zero_()
+            self.controller.fc2.bias[last_bias] = -math.log((1 - mask_init) / mask_init)
+
+    def forward(
+        self, vis: List[torch.Tensor], txt: TextFeatures, image_index: torch.Tensor, centers: Optional[torch.Tensor] = None
+    ) -> Dict[str, torch.Tensor]:
+        """vis: encoder maps (finest first) + [pooled image (B_img, 3, S/r, S/r) 0..255];
+        centers: (B, 2) letterboxed (x, y) pixels or None; NaN rows use the predicted peak."""
+        maps = dict(zip(self.strides, vis[:-1]))
+        pooled_image = vis[-1]
+        idx = image_index
+        _, _, h, w = maps[32].shape
+        S = maps[4].shape[-1] * 4
+
+        # 1. position branch
+        g = torch.cat([maps[32], F.pixel_unshuffle(maps[16], 2)], 1)  # (B_img, C32 + 4 C16, h, w)
+        g = self.grid_norm(self.grid_in(g.flatten(2).transpose(1, 2)))  # (B_img, N, D), N = h*w
+        t = self.text_in(txt.tokens)  # (B, L, D)
+        for layer in self.text_layers:
+            t = layer(t, txt.mask)
+        s = self.sent_norm(self.sent_in(txt.sentence) + masked_mean(t, txt.mask))  # (B, D)
+        pos = sine_position_encoding(h, w, self.dim, g.device, g.dtype)  # (N, D)
+        coords = self.fuse_coord(coord_grid(h, w, g.device, g.dtype))  # (N, D)
+        x = self.fuse_vis(g)[idx] + self.fuse_mul(g[idx] * s[:, None, :]) + coords + pos  # (B, N, D)
+        for layer in self.locate:
+            x = layer(x, pos, t, txt.mask)
+        x = self.out_norm(x)  # (B, N, D)
+        B = x.shape[0]
+        heat = self.heatmap(x).transpose(1, 2).reshape(B, 4, h, w)  # (B, 4, h, w)
+        heat = F.pixel_shuffle(heat, 2)  # (B, 1, 2h, 2w)
+
+        # 2. kernel branch: kernel features at the peak -> dynamic conv parameters
+        peak = heatmap_peak(heat.detach(), HEATMAP_STRIDE)  # (B, 2) pixels
+        if centers is not None:
+            centers = centers.to(peak.dtype)
+            peak = torch.where(torch.isfinite(centers).all(1, keepdim=True), centers, peak)
+        kf = self.kernel_feat(x).transpose(1, 2).reshape(B, 4 * self.dim, h, w)  # (B, 4D, h, w)
+        kf = F.pixel_shuffle(kf, 2)  # (B, D, 2h, 2w)
+        kf = sample_at(kf, peak, HEATMAP_STRIDE)  # (B, D)
+        kernel = self.controller(torch.cat([kf, s], -1))  # (B, n_params)
+
+        # 3. segmentation branch: language-free features (once per image) + coordinates relative to the peak
+        feats = self.mask_branch(maps)[idx]  # (B, C, Hm, Wm)
+        Hm, Wm = feats.shape[-2:]
+        r = self.mask_stride
+        ys = torch.arange(Hm, device=feats.device, dtype=peak.dtype) * r + (r - 1) / 2  # cell centres, pixels
+        xs = torch.arange(Wm, device=feats.device, dtype=peak.dtype) * r + (r - 1) / 2
+        unit = S / 4
+        rel_x = ((xs[None, :] - peak[:, :1]) / unit)[:, None, None, :].expand(B, 1, Hm, Wm)  # (B, 1, Hm, Wm)
+        rel_y = ((ys[None, :] - peak[:, 1:]) / unit)[:, None, :, None].expand(B, 1, Hm, Wm)  # (B, 1, Hm, Wm)
+        y = torch.cat([feats, rel_x.to(feats.dtype), rel_y.to(feats.dtype)], 1).flatten(2)  # (B, C+2, Hm*Wm)
+        y = dynamic_mask_head(y, kernel, self.kernel_shapes)  # (B, 1, Hm*Wm)
+        low = y.view(B, 1, Hm, Wm)  # (B, 1, S/r, S/r)
+        mask = F.interpolate(low, size=(S, S), mode="bilinear", align_corners=False)  # (B, 1, S, S)
+
+        # 4. no-target (as LTS)
+        q = self.nt_query(s)  # (B, D)
+        attn = torch.softmax((x @ q[:, :, None]).squeeze(-1) / math.sqrt(self.dim), dim=-1)  # (B, N)
+        pooled = (attn[:, :, None] * x).sum(1)  # (B, D)
+        top = heat.flatten(1).amax(1, keepdim=True)  # (B, 1)
+        no_target = self.nt_mlp(torch.cat([pooled, s, top], -1)).squeeze(-1)  # (B,)
+
+        lab = rgb_to_lab(pooled_image.float() / 255).to(mask.dtype)[idx]  # (B, 3, S/r, S/r)
+        return {
+            "mask_logits": mask,
+            "prior_logits": heat,
+            "heatmap_logits": heat,
+            "no_target_logits": no_target,
+            "mask_logits_low": low,
+            "image_lab": lab,
+            "kernel": kernel,
+            "peak": peak,
+        }
+
+
+def dynamic_mask_head(x: torch.Tensor, params: torch.Tensor, shapes: Sequence) -> torch.Tensor:
+    """Per-sample 1 x 1 convolutions: x (B, C_in, P) -> (B, 1, P).
+
+    params: (B, n_params), layer by layer [weight (out, in) row-major, bias (out)];
+    shapes: [(out, in)] per layer. ReLU between layers, none after the last.
+    """
+    B = x.shape[0]
+    offset = 0
+    for i, (o, c) in enumerate(shapes):
+        weight = params[:, offset:offset + o * c].reshape(B, o, c)  # (B, out, in)
+        offset += o * c
+        bias = params[:, offset:offset + o]  # (B, out)
+        offset += o
+        x = torch.bmm(weight, x) + bias[:, :, None]  # (B, out, P)
+        if i < len(shapes) - 1:
+            x = F.relu(x)
+    return x
+
+
+def heatmap_peak(logits: torch.Tensor, stride: int) -> torch.Tensor:
+    """(B, 1, h, w) heatmap logits -> (B, 2) peak (x, y) in pixels (pixel centres at integers).
+
+    The argmax cell, refined by the centroid of sigmoid probabilities over its
+    3 x 3 neighbourhood (cells outside the map weigh 0).
+    """
+    B, _, h, w = logits.shape
+    p = torch.sigmoid(logits.float())  # (B, 1, h, w)
+    ys = torch.arange(h, device=p.device, dtype=p.dtype)[:, None].expand(h, w)
+    xs = torch.arange(w, device=p.device, dtype=p.dtype)[None, :].expand(h, w)
+    den = F.avg_pool2d(p, 3, 1, 1)  # (B, 1, h, w); the common 1/9 cancels
+    cx = F.avg_pool2d(p * xs, 3, 1, 1) / den.clamp(min=1e-12)
+    cy = F.avg_pool2d(p * ys, 3, 1, 1) / den.clamp(min=1e-12)
+    best = p.flatten(1).argmax(1)  # (B,)
+    cell = torch.stack([cx.flatten(1).gather(1, best[:, None]), cy.flatten(1).gather(1, best[:, None])], -1)[:, 0]
+    return (cell + 0.5) * stride - 0.5  # (B, 2)
+
+
+def sample_at(features: torch.Tensor, points: torch.Tensor, stride: int) -> torch.Tensor:
+    """Bilinear sample of (B, C, h, w) stride-``stride`` features at (B, 2) pixel points -> (B, C)."""
+    h, w = features.shape[-2:]
+    grid = torch.stack([(points[:, 0] + 0.5) / (stride * w), (points[:, 1] + 0.5) / (stride * h)], -1) * 2 - 1
+    grid = grid.to(features.dtype)[:, None, None, :]  # (B, 1, 1, 2)
+    return F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=False)[:, :, 0, 0]
+
+
+def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) sRGB in [0, 1] -> CIE LAB (D65): L in [0, 100], a/b about [-128, 127]."""
+    linear = torch.where(rgb > 0.04045, ((rgb.clamp(min=0) + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    m = torch.tensor([[0.412453, 0.357580, 0.180423],
+                      [0.212671, 0.715160, 0.072169],
+                      [0.019334, 0.119193, 0.950227]], dtype=rgb.dtype, device=rgb.device)
+    xyz = torch.einsum("ij,bjhw->bihw", m, linear)  # (B, 3, H, W)
+    white = torch.tensor([0.950456, 1.0, 1.088754], dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+    t = xyz / white
+    f = torch.where(t > 0.008856, t.clamp(min=1e-12) ** (1 / 3), 7.787 * t + 16 / 116)
+    L = torch.where(t[:, 1:2] > 0.008856, 116 * f[:, 1:2] - 16, 903.3 * t[:, 1:2])
+    a = 500 * (f[:, 0:1] - f[:, 1:2])
+    b = 200 * (f[:, 1:2] - f[:, 2:3])
+    return torch.cat([L, a, b], 1)
+
+
+class PKS(LTS):
+    """visual encoder + text encoder + PKSHead; LTS's wrapper (preprocessing, encode_text,
+    forward) with the pooled image appended to the visual maps and ``centers`` in decode."""
+
+    def encode_image(self, images: torch.Tensor) -> List[torch.Tensor]:
+        """(B, 3, S, S) uint8 RGB -> encoder maps (finest first) + [image avg-pooled to the mask
+        stride, (B, 3, S/r, S/r) float in 0..255]."""
+        maps = super().encode_image(images)
+        r = self.head.mask_stride
+        return list(maps) + [F.avg_pool2d(images.to(self.pixel_mean.dtype), r)]
+
+    def decode(
+        self, vis: List[torch.Tensor], txt: TextFeatures, image_index: torch.Tensor, centers: Optional[torch.Tensor] = None
+    ) -> Dict[str, torch.Tensor]:
+        """Maps of B_img images + B sentences -> dict of logits (see the module docstring).
+
+        centers: (B, 2) letterboxed (x, y) pixels at which to read the kernel
+        (training), NaN rows or None: the predicted heatmap peak.
+        """
+        dtype = next(self.head.parameters()).dtype
+        vis = [m.to(dtype) for m in vis]
+        txt = TextFeatures(txt.tokens.to(dtype), txt.mask.bool(), txt.sentence.to(dtype))
+        index = image_index.to(vis[0].device)
+        return self.head(vis, txt, index, None if centers is None else centers.to(vis[0].device))
+
+    def teacher_forcing(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Training-time decode keyword arguments from a batch's supervision:
+        ``centers`` from click_center (click) or the mask's interior point (full)."""
+        from refseg.losses import pks_targets
+
+        if "click_center" not in batch and "mask" not in batch:
+            return {}
+        return {"centers": pks_targets(batch)["center"]}

@@ -1,0 +1,319 @@
+"""SaG: Shatter and Gather (Kim, Kim, Lan, Kwak, ICCV 2023), refseg's text-only head.
+
+    model = SaG(visual, text, SaGHead(channels, strides, text.dim))
+    vis = model.encode_image(images)          # (B_img, 3, S, S) uint8 -> [stride-16, stride-32 maps]
+    txt = model.encode_text(texts)            # list[str] -> TextFeatures
+    out = model.decode(vis, txt, image_index) # sentence b is about vis[...][image_index[b]]
+
+Trained from (image, expression) pairs alone (supervision "text": no masks,
+boxes or clicks); losses in ``refseg.losses.sag_text_loss``.
+
+1. Shatter, once per image, on the stride-16 grid (20 x 20 at 320 px).
+   Input tokens: the stride-16 map concatenated with the stride-32 map
+   upsampled to that grid, layer-normalised (no affine): this is also the
+   reconstruction target. An MLP maps them to width D and a projected 2D
+   sine position encoding is added (so two identical shapes are told apart
+   and each slot knows where it is). Slot attention (Locatello et al.
+   2020), ``iters`` rounds: attention logits q(slot) . k(position), softmax
+   over the *slots* (at each position the K weights sum to one: slots
+   compete for positions), a weighted mean of the values per slot, GRU
+   update, residual MLP. *(choice)* Slots start from K learned vectors
+   (BO-QSA style), not from Gaussian noise, so a forward pass is
+   deterministic and training and evaluation see the same slots.
+   Decoder: DINOSAUR's spatial-broadcast MLP; each slot plus the position
+   code of every cell goes through an MLP to a feature vector and an alpha
+   logit; alphas are a softmax over slots and the reconstruction is the
+   alpha-weighted sum. Its per-image MSE against the input tokens
+   (``recon_mse``) makes the slots partition the image into entities.
+2. Slot context *(choice)*: ``context_layers`` pre-norm self-attention
+   layers among the K slots of an image, so that an entity embedding can
+   carry what is around it ("left of the blue circle", "the leftmost ...").
+3. Gather: the sentence vector s (projected encoder sentence vector + masked
+   mean of the tokens refined by ``text_layers`` self-attention layers, as
+   in LTS) is the query of a single-head cross-attention over the context
+   slots. ``relevance`` = softmax over the K slots of q(s) . k(slot) /
+   sqrt(D); the gathered embedding is the relevance-weighted sum of the
+   slot values, projected and L2-normalised. Single head *(choice)*: the
+   distribution that builds the embedding is the one the mask is made from,
+   so the contrastive signal shapes exactly what inference reads.
+   The gather runs for *every* (sentence, image) pair of the batch:
+   ``gathered`` (B, B_img, D); the text side is ``text_embedding`` (B, D),
+   a separate projection of s, L2-normalised.
+4. Mask (inference): map = sum_k relevance_k * attention_k (the slot
+   attention maps of the sentence's own image, each in [0, 1]), min-max
+   normalised per sentence to [0, 1]; ``prior_logits`` = logit(map) on the
+   grid (clamped at 1e-4), whose argmax is the PointM point;
+   ``mask_logits`` = logit of the map upsampled bilinearly to S, so
+   ``mask_logits > 0`` is exactly "normalised map > 0.5" and
+   sigmoid(mask_logits) gives the normalised map back.
+5. No target *(choice)*: a learned, calibrated score
+   ``exp(a) * (b - cos(text_embedding, gathered own image))`` with the cosine
+   detached, so that only a and b learn (BCE on the data set's no_target
+   flag, an image-level fact about the pair, never a location). Initialised
+   to a >= 5 margin below zero, so it never fires unless trained on
+   no-target sentences; with data that has none (SynthRef's default) the
+   BCE only pushes it further down.
+
+``hard_negatives`` is a training setting (the weight of the same-image
+sentence-level contrast in ``sag_text_loss``, 0 = off) that the model
+carries because model_kwargs is the only per-run setting that reaches the
+engine's ``loss(out, batch)``; decode echoes it as
+``out["hard_negative_weight"]``; no prediction depends on it.
+"""
+
+import math
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refseg.modeling.common import MLP, Attention, TextLayer, sine_position_encoding
+from refseg.modeling.lts import LTS
+from refseg.modeling.text import TextFeatures, masked_mean
+
+LOGIT_EPS = 1e-4  # the normalised map is clamped to [eps, 1 - eps] before logit: logits in about [-9.2, 9.2]
+
+
+class SlotAttention(nn.Module):
+    """Iterative slot attention with learned initial slots.
+
+    inputs (B, N, D) -> (slots (B, K, D), attn (B, K, N)); ``attn`` is the
+    last round's attention, a softmax over the K slots (``attn.sum(1) == 1``
+    at every position), values in [0, 1].
+    """
+
+    def __init__(self, dim: int, num_slots: int, iters: int = 3, mlp_ratio: float = 2.0, eps: float = 1e-8):
+        super().__init__()
+        self.num_slots, self.iters, self.eps = num_slots, iters, eps
+        self.scale = dim**-0.5
+        self.slots_init = nn.Parameter(torch.randn(1, num_slots, dim) * dim**-0.5)
+        self.norm_in = nn.LayerNorm(dim)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
+        self.norm_slots = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.gru = nn.GRUCell(dim, dim)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor):
+        B, N, D = x.shape
+        x = self.norm_in(x)
+        k, v = self.k(x), self.v(x)  # (B, N, D) each
+        slots = self.slots_init.expand(B, -1, -1)  # (B, K, D)
+        attn = x.new_zeros(B, self.num_slots, N)
+        for _ in range(self.iters):
+            q = self.q(self.norm_slots(slots))  # (B, K, D)
+            attn = torch.softmax(q @ k.transpose(1, 2) * self.scale, dim=1)  # (B, K, N), softmax over slots
+            weights = attn + self.eps
+            weights = weights / weights.sum(-1, keepdim=True)  # (B, K, N), a weighted mean over positions
+            updates = weights @ v  # (B, K, D)
+            slots = self.gru(updates.reshape(-1, D), slots.reshape(-1, D)).view(B, self.num_slots, D)
+            slots = slots + self.mlp(self.norm_mlp(slots))
+        return slots, attn
+
+
+class SlotDecoder(nn.Module):
+    """Spatial-broadcast MLP decoder (DINOSAUR): slots (B, K, D) + position codes (N, D)
+    -> (reconstruction (B, N, C), alpha (B, K, N) softmax over slots).
+
+    Per slot and cell: ``depth`` hidden layers of width ``hidden`` (the first
+    split into a slot term and a position term, added: one layer on
+    [slot, position] without forming that input; ReLU), then a linear layer to C
+    features and one alpha logit. The reconstruction is the alpha-weighted
+    sum of the features; as the feature layer is linear, the hidden vectors
+    are mixed first and projected once: sum_k a_k (W h_k + b) = W (sum_k a_k
+    h_k) + b, which never forms the (B, K, N, C) tensor.
+    """
+
+    def __init__(self, dim: int, out_dim: int, hidden: int = 128, depth: int = 2):
+        super().__init__()
+        self.slot_in = nn.Linear(dim, hidden)
+        self.pos_in = nn.Linear(dim, hidden, bias=False)
+        self.hidden = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(depth - 1)])
+        self.alpha = nn.Linear(hidden, 1)
+        self.out = nn.Linear(hidden, out_dim)
+
+    def forward(self, slots: torch.Tensor, pos: torch.Tensor):
+        h = self.slot_in(slots)[:, :, None, :] + self.pos_in(pos)[None, None]  # (B, K, N, H)
+        for layer in self.hidden:
+            h = layer(F.relu(h))
+        h = F.relu(h)  # ReLU (as DINOSAUR): GELU's backward cost 4x more here, the largest tensor of the head
+        alpha = torch.softmax(self.alpha(h).squeeze(-1), dim=1)  # (B, K, N)
+        mixed = torch.einsum("bkn,bknh->bnh", alpha, h)  # (B, N, H)
+        return self.out(mixed), alpha  # (B, N, C), (B, K, N)
+
+
+class SlotContextLayer(nn.Module):
+    """Pre-norm self-attention + MLP among the slots (B, K, D) of one image."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 2.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.norm1(x)
+        x = x + self.attn(n, n, n)
+        return x + self.mlp(self.norm2(x))
+
+
+class SaGHead(nn.Module):
+    """The trainable part of SaG.
+
+    visual_channels / visual_strides: the maps ``decode`` receives (strides
+      16 and 32, finest first).
+    text_dim: the text encoder's width.
+    dim: width D of tokens, slots and embeddings; num_slots: K; iters: slot
+      attention rounds; heads: heads of the text and slot-context layers;
+      mlp_ratio: MLP hidden width / D; text_layers: refinement layers over
+      the text tokens; context_layers: self-attention layers among slots;
+      decoder_hidden / decoder_depth: the slot decoder's MLP;
+      logit_scale_init: initial InfoNCE inverse temperature (learned,
+      clamped to at most 100); hard_negatives: weight of the same-image
+      hard-negative contrast in sag_text_loss (0 = off; see module docstring).
+    """
+
+    def __init__(
+        self,
+        visual_channels: Sequence[int],
+        visual_strides: Sequence[int],
+        text_dim: int,
+        dim: int = 128,
+        num_slots: int = 16,
+        iters: int = 3,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+        text_layers: int = 1,
+        context_layers: int = 1,
+        decoder_hidden: int = 128,
+        decoder_depth: int = 2,
+        logit_scale_init: float = 10.0,
+        hard_negatives: float = 1.0,
+    ):
+        super().__init__()
+        self.strides = tuple(int(s) for s in visual_strides)
+        if self.strides != (16, 32):
+            raise ValueError(f"SaGHead reads the stride-16 and stride-32 maps, got strides {self.strides}")
+        self.dim, self.num_slots = dim, num_slots
+        self.feat_dim = int(sum(visual_channels))
+        self.hard_negatives = float(hard_negatives)
+
+        # 1. shatter
+        self.feat_in = MLP(self.feat_dim, 2 * dim, dim)
+        self.pos_in = nn.Linear(dim, dim, bias=False)
+        self.slot_attention = SlotAttention(dim, num_slots, iters, mlp_ratio)
+        self.decoder = SlotDecoder(dim, self.feat_dim, decoder_hidden, decoder_depth)
+        # 2. slot context
+        self.context = nn.ModuleList([SlotContextLayer(dim, heads, mlp_ratio) for _ in range(context_layers)])
+        self.context_norm = nn.LayerNorm(dim)
+        # 3. gather
+        self.text_in = nn.Linear(text_dim, dim)
+        self.text_layers = nn.ModuleList([TextLayer(dim, heads, mlp_ratio) for _ in range(text_layers)])
+        self.sent_in = nn.Linear(text_dim, dim)
+        self.sent_norm = nn.LayerNorm(dim)
+        self.gather_q = nn.Linear(dim, dim)
+        self.gather_k = nn.Linear(dim, dim)
+        self.gather_v = nn.Linear(dim, dim)
+        self.gather_out = nn.Linear(dim, dim)
+        self.text_embed = nn.Linear(dim, dim)
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
+        # 5. no target: exp(a) * (b - cos), a = log 10, b = -1.5 -> logits in [-25, -5] at the start
+        self.nt_log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.nt_bias = nn.Parameter(torch.tensor(-1.5))
+
+    def shatter(self, vis: List[torch.Tensor]):
+        """Maps [stride 16 (B_img, C16, h, w), stride 32 (B_img, C32, h/2, w/2)] ->
+        (slots (B_img, K, D), attn (B_img, K, N), recon_mse (B_img,), (h, w))."""
+        f16, f32 = vis
+        B_img, _, h, w = f16.shape
+        f32 = F.interpolate(f32, size=(h, w), mode="bilinear", align_corners=False)  # (B_img, C32, h, w)
+        feats = torch.cat([f16, f32], 1).flatten(2).transpose(1, 2)  # (B_img, N, C), N = h*w
+        target = F.layer_norm(feats, (self.feat_dim,)).detach()  # (B_img, N, C), the reconstruction target
+        pe = sine_position_encoding(h, w, self.dim, f16.device, f16.dtype)  # (N, D)
+        x = self.feat_in(target) + self.pos_in(pe)  # (B_img, N, D)
+        slots, attn = self.slot_attention(x)  # (B_img, K, D), (B_img, K, N)
+        recon, _ = self.decoder(slots, pe)  # (B_img, N, C)
+        recon_mse = (recon - target).pow(2).mean((1, 2))  # (B_img,)
+        return slots, attn, recon_mse, (h, w)
+
+    def encode_sentence(self, txt: TextFeatures) -> torch.Tensor:
+        """TextFeatures (B rows) -> s (B, D), the gather query's source."""
+        t = self.text_in(txt.tokens)  # (B, L, D)
+        for layer in self.text_layers:
+            t = layer(t, txt.mask)
+        return self.sent_norm(self.sent_in(txt.sentence) + masked_mean(t, txt.mask))  # (B, D)
+
+    def forward(self, vis: List[torch.Tensor], txt: TextFeatures, image_index: torch.Tensor) -> Dict[str, torch.Tensor]:
+        idx = image_index
+        S = vis[0].shape[-1] * self.strides[0]
+
+        # 1-2. shatter (once per image), slot context
+        slots, attn, recon_mse, (h, w) = self.shatter(vis)
+        ctx = slots
+        for layer in self.context:
+            ctx = layer(ctx)
+        ctx = self.context_norm(ctx)  # (B_img, K, D)
+
+        # 3. gather, every sentence from every image
+        s = self.encode_sentence(txt)  # (B, D)
+        q = self.gather_q(s)  # (B, D)
+        k, v = self.gather_k(ctx), self.gather_v(ctx)  # (B_img, K, D) each
+        relevance = torch.softmax(torch.einsum("bd,jkd->bjk", q, k) / math.sqrt(self.dim), dim=-1)  # (B, B_img, K)
+        gathered = self.gather_out(torch.einsum("bjk,jkd->bjd", relevance, v))  # (B, B_img, D)
+        gathered = F.normalize(gathered, dim=-1)
+        text_embedding = F.normalize(self.text_embed(s), dim=-1)  # (B, D)
+        B = s.shape[0]
+        rows = torch.arange(B, device=s.device)
+        own_relevance = relevance[rows, idx]  # (B, K)
+
+        # 4. mask: relevance-weighted slot attention of the own image, min-max normalised
+        m = (own_relevance[:, :, None] * attn[idx]).sum(1).view(B, 1, h, w)  # (B, 1, h, w), in [0, 1]
+        lo = m.flatten(1).amin(1).view(B, 1, 1, 1)
+        hi = m.flatten(1).amax(1).view(B, 1, 1, 1)
+        m = (m - lo) / (hi - lo).clamp(min=1e-6)  # (B, 1, h, w), min 0, max 1
+        prior = torch.logit(m, eps=LOGIT_EPS)  # (B, 1, h, w)
+        up = F.interpolate(m, size=(S, S), mode="bilinear", align_corners=False)  # (B, 1, S, S)
+        mask = torch.logit(up, eps=LOGIT_EPS)  # (B, 1, S, S)
+
+        # 5. no target: calibrated, detached own-image similarity
+        own_sim = (text_embedding * gathered[rows, idx]).sum(-1).detach()  # (B,)
+        no_target = self.nt_log_scale.exp() * (self.nt_bias - own_sim)  # (B,)
+
+        return {
+            "mask_logits": mask,
+            "prior_logits": prior,
+            "no_target_logits": no_target,
+            "text_embedding": text_embedding,
+            "gathered": gathered,
+            "logit_scale": self.log_logit_scale.clamp(max=math.log(100.0)).exp(),
+            "relevance": own_relevance,
+            "slot_attn": attn.view(attn.shape[0], self.num_slots, h, w),
+            "recon_mse": recon_mse,
+            "hard_negative_weight": torch.tensor(self.hard_negatives, device=s.device),
+        }
+
+
+class SaG(LTS):
+    """visual encoder + text encoder + SaGHead.
+
+    The preprocessing, ``encode_text``, ``decode`` (dtype handling) and
+    ``forward`` are LTS's; ``encode_image`` keeps only the stride-16 and
+    stride-32 maps, the only ones the head reads (so a feature cache holds
+    nothing else).
+
+    ``decode`` returns mask_logits (B, 1, S, S), prior_logits (B, 1, S/16,
+    S/16), no_target_logits (B,) (the model contract), and for the loss and
+    analysis: text_embedding (B, D) unit; gathered (B, B_img, D) unit, sentence
+    b's embedding gathered from image j; logit_scale (); relevance (B, K)
+    over the slots of the own image; slot_attn (B_img, K, S/16, S/16);
+    recon_mse (B_img,); hard_negative_weight ().
+    """
+
+    def encode_image(self, images: torch.Tensor) -> List[torch.Tensor]:
+        """(B, 3, S, S) uint8 RGB in [0, 255] -> [stride 16 (B, C16, S/16, S/16), stride 32 (B, C32, S/32, S/32)]."""
+        maps = dict(zip(self.visual.strides, super().encode_image(images)))
+        return [maps[16], maps[32]]

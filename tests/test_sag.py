@@ -1,0 +1,236 @@
+"""SaG (Shatter and Gather), trained from text alone: the model, its loss, and
+training through the real engine on SynthRef stripped of every mask, box and click."""
+
+import csv
+import json
+import math
+import pickle
+import shutil
+
+import pytest
+import torch
+from _engine_fixtures import TINY_TEXT, TINY_VISUAL, one_thread  # noqa: F401 (autouse fixture)
+
+from refseg.losses import info_nce, sag_text_loss
+from refseg.modeling import MODELS, build_model
+from refseg.modeling.sag import SlotAttention
+
+S = 64
+TINY_SAG = dict(visual=TINY_VISUAL, text=TINY_TEXT, max_length=12, dim=32, num_slots=6, iters=2, heads=2,
+                decoder_hidden=32)
+TEXTS = ["the large red star", "the blue circle on the left", "the leftmost green square",
+         "the red star left of the blue circle"]
+
+
+def _images(n, size=S, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+
+
+def _tiny(**kwargs):
+    torch.manual_seed(0)
+    return MODELS["sag"](image_size=S, **{**TINY_SAG, **kwargs})
+
+
+# ---- model ----------------------------------------------------------------------------
+
+
+def test_sag_smoke_forward_backward_shapes():
+    model = _tiny()
+    index = torch.tensor([0, 0, 1, 1])
+    out = model.decode(model.encode_image(_images(2)), model.encode_text(TEXTS), index)
+    K, D, g = 6, 32, S // 16
+    shapes = {"mask_logits": (4, 1, S, S), "prior_logits": (4, 1, g, g), "no_target_logits": (4,),
+              "text_embedding": (4, D), "gathered": (4, 2, D), "logit_scale": (), "relevance": (4, K),
+              "slot_attn": (2, K, g, g), "recon_mse": (2,), "hard_negative_weight": ()}
+    assert {k: tuple(v.shape) for k, v in out.items()} == shapes
+    assert (out["no_target_logits"] < -4).all()  # never fires untrained
+    batch = {"image_index": index, "ref_id": torch.tensor([1, 2, 3, 3]), "no_target": torch.zeros(4, dtype=torch.bool)}
+    losses = sag_text_loss(out, batch)
+    losses["loss"].backward()
+    for key, value in {**out, **losses}.items():
+        assert torch.isfinite(value).all(), key
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("head.") for n, _ in trainable)  # encoders frozen by default
+    for n, p in trainable:
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+
+    # model.config is JSON and rebuilds the same architecture
+    rebuilt = build_model(json.loads(json.dumps(model.config)))
+    rebuilt.load_state_dict(model.state_dict())
+    model.eval(), rebuilt.eval()
+    with torch.no_grad():
+        a, b = model(_images(1), TEXTS[:1]), rebuilt(_images(1), TEXTS[:1])
+    assert torch.allclose(a["mask_logits"], b["mask_logits"])
+
+
+def test_sag_decode_shares_images_like_forward():
+    model = _tiny().eval()
+    images = _images(2, seed=1)
+    index = torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        vis = model.encode_image(images)
+        shared = model.decode(vis, model.encode_text(TEXTS), index)
+        direct = model(images[index], TEXTS)
+        half = model.decode([m.half() for m in vis], model.encode_text(TEXTS), index)
+    assert len(vis) == 2  # only the stride-16 and stride-32 maps are kept (and cached)
+    for key in ("mask_logits", "prior_logits", "no_target_logits", "text_embedding", "relevance"):
+        assert torch.allclose(shared[key], direct[key], atol=1e-5), key
+    # direct's image j is shared's image index[j]
+    assert torch.allclose(shared["gathered"][:, index], direct["gathered"], atol=1e-5)
+    assert half["mask_logits"].dtype == torch.float32
+
+
+def test_slot_attention_is_a_softmax_over_slots():
+    torch.manual_seed(0)
+    sa = SlotAttention(dim=16, num_slots=5, iters=3)
+    slots, attn = sa(torch.randn(3, 40, 16))
+    assert slots.shape == (3, 5, 16) and attn.shape == (3, 5, 40)
+    assert (attn >= 0).all() and torch.allclose(attn.sum(1), torch.ones(3, 40), atol=1e-5)
+    out = _tiny()(_images(2), TEXTS[:2])
+    assert torch.allclose(out["slot_attn"].sum(1), torch.ones(2, S // 16, S // 16), atol=1e-5)
+    assert torch.allclose(out["relevance"].sum(1), torch.ones(2), atol=1e-5)
+
+
+def test_mask_is_the_min_max_normalised_map_thresholded_at_half():
+    out = _tiny()(_images(2), TEXTS[:2])
+    m = torch.sigmoid(out["prior_logits"]).flatten(1)  # the normalised map on the grid
+    assert torch.allclose(m.amin(1), torch.zeros(2), atol=1e-3)
+    assert torch.allclose(m.amax(1), torch.ones(2), atol=1e-3)
+    expected = torch.einsum("bk,bkhw->bhw", out["relevance"], out["slot_attn"])  # images are 0, 1
+    lo, hi = expected.flatten(1).amin(1), expected.flatten(1).amax(1)
+    expected = (expected - lo[:, None, None]) / (hi - lo)[:, None, None]
+    assert torch.allclose(m.view(2, S // 16, S // 16), expected, atol=1e-3)
+    up = torch.nn.functional.interpolate(expected[:, None], size=(S, S), mode="bilinear", align_corners=False)
+    assert torch.equal(out["mask_logits"] > 0, up > 0.5)
+
+
+# ---- loss -----------------------------------------------------------------------------
+
+
+def _loss_out(e, g, scale=1.0, hard_weight=1.0):
+    B, M = g.shape[:2]
+    return {"text_embedding": e, "gathered": g, "logit_scale": torch.tensor(scale),
+            "recon_mse": torch.zeros(M), "no_target_logits": torch.full((B,), -30.0),
+            "hard_negative_weight": torch.tensor(hard_weight)}
+
+
+def test_infonce_hand_computed_2x2():
+    # two sentences, two images, unit embeddings e_0 = (1, 0), e_1 = (0, 1), scale 1
+    e = torch.eye(2)
+    batch = {"image_index": torch.tensor([0, 1]), "ref_id": torch.tensor([10, 11])}
+    # aligned: each sentence gathers e_j from image j -> logits [[1, 0], [0, 1]]:
+    # -log(e^1 / (e^1 + e^0)) = log(1 + e^-1) = 0.313262 per row
+    aligned = e[None].expand(2, 2, 2)  # gathered[t, j] = e_j
+    # shuffled: images swapped -> logits [[0, 1], [1, 0]]: log(1 + e^1) = 1.313262
+    shuffled = e.flip(0)[None].expand(2, 2, 2)
+    a = sag_text_loss(_loss_out(e, aligned), batch)
+    s = sag_text_loss(_loss_out(e, shuffled), batch)
+    assert a["infonce"].item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
+    assert s["infonce"].item() == pytest.approx(math.log(1 + math.exp(1)), rel=1e-6)
+    assert a["infonce"] < s["infonce"]
+    assert (a["acc_image"].item(), s["acc_image"].item()) == (1.0, 0.0)
+    assert a["hard"].item() == 0.0  # different images: no same-image hard negatives
+    assert a["loss"].item() == pytest.approx(a["infonce"].item() + 0.1 * math.log(1 + math.exp(-30)), rel=1e-6)
+    # the helper on its own, scale 2: rows [2, 0] and [0, 2] -> log(1 + e^-2)
+    assert info_nce(2 * torch.eye(2), torch.tensor([0, 1])).item() == pytest.approx(math.log(1 + math.exp(-2)))
+
+
+def test_hard_negatives_hand_computed():
+    # two sentences about different objects of the same image (one image in the batch)
+    e = torch.eye(2)
+    batch = {"image_index": torch.tensor([0, 0]), "ref_id": torch.tensor([1, 2])}
+    # each query gathers what its own text embedding describes: g[t, 0] = e_t
+    # row t: positive e_t . g[t, 0] = 1, negative e_t . g[t', 0] = 0 -> log(1 + e^-1)
+    specific = e[:, None, :]  # (B=2, B_img=1, D=2)
+    out = sag_text_loss(_loss_out(e, specific), batch)
+    assert out["hard"].item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
+    assert out["infonce"].item() == pytest.approx(0.0, abs=1e-7)  # one image: nothing to tell apart
+    # both queries gather the same mixture: positive == negative -> log 2, whatever it is
+    same = torch.nn.functional.normalize(torch.ones(2, 1, 2), dim=-1)
+    assert sag_text_loss(_loss_out(e, same), batch)["hard"].item() == pytest.approx(math.log(2), rel=1e-6)
+    # sentences of the same ref are not negatives of each other
+    assert sag_text_loss(_loss_out(e, same), {**batch, "ref_id": torch.tensor([1, 1])})["hard"].item() == 0.0
+    # a no-target sentence is neither an anchor nor a negative
+    nt = sag_text_loss(_loss_out(e, specific), {**batch, "no_target": torch.tensor([False, True])})
+    assert nt["hard"].item() == 0.0
+    # the flag: hard_negative_weight 0 leaves the term out of the total (it is still logged)
+    off = sag_text_loss(_loss_out(e, specific, hard_weight=0.0), batch)
+    assert off["hard"].item() == pytest.approx(out["hard"].item())
+    assert off["loss"].item() == pytest.approx(out["loss"].item() - out["hard"].item(), rel=1e-6)
+    assert _tiny(hard_negatives=0.0)(_images(1), TEXTS[:1])["hard_negative_weight"].item() == 0.0
+
+
+# ---- training from text alone -----------------------------------------------------------
+
+
+def _strip_locations(src, dst):
+    """Copy a SynthRef folder, then delete every train annotation's segmentation (left as an
+    empty polygon list: the key is part of the format) and bbox, and every ref's clicks."""
+    shutil.copytree(src, dst)
+    with open(dst / "refs(unc).p", "rb") as f:
+        refs = pickle.load(f)  # written by refseg make-data in this session
+    train_anns = {r["ann_id"] for r in refs if r["split"] == "train"}
+    for r in refs:
+        r.pop("click_center", None)
+        r.pop("click_corners", None)
+    with open(dst / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    inst = json.loads((dst / "instances.json").read_text())
+    for a in inst["annotations"]:
+        if a["id"] in train_anns:
+            a["segmentation"] = []
+            a.pop("bbox", None)
+    (dst / "instances.json").write_text(json.dumps(inst))
+    return train_anns
+
+
+def _read_log(run):
+    with open(run / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    return {tag: [float(r["value"]) for r in rows if r["tag"] == tag] for tag in {r["tag"] for r in rows}}
+
+
+def test_trains_from_text_alone_through_the_engine(synthref_tiny, tmp_path, monkeypatch):
+    from refseg.cli import main as cli
+    from refseg.data.refer import ReferData
+
+    data = tmp_path / "textonly"
+    train_anns = _strip_locations(synthref_tiny, data)
+    # and nothing may even try to read a train mask or any click
+    get_mask = ReferData.get_mask
+
+    def guarded_get_mask(self, ann_id, image_id=None):
+        assert ann_id not in train_anns, f"text-only training read the mask of train annotation {ann_id}"
+        return get_mask(self, ann_id, image_id=image_id)
+
+    def no_clicks(self, ref_id):
+        raise AssertionError("text-only training read clicks")
+
+    monkeypatch.setattr(ReferData, "get_mask", guarded_get_mask)
+    monkeypatch.setattr(ReferData, "clicks", no_clicks)
+    run = tmp_path / "run"
+    rc = cli(["train", "--data", str(data), "--model", "sag", "--supervision", "text",
+              "--model-kwargs", json.dumps(TINY_SAG), "--size", str(S), "--batch-size", "8",
+              "--images-per-batch", "2", "--max-steps", "3", "--warmup-steps", "1", "--log-every", "1",
+              "--val-max-samples", "16", "--threads", "1", "--no-progress", "--out", str(run)])
+    assert rc == 0
+    log = _read_log(run)
+    assert len(log["train/loss"]) == 3 and all(math.isfinite(v) for v in log["train/loss"])
+    assert {"train/infonce", "train/hard", "train/recon", "train/acc_hard"} <= set(log)
+    assert "val/mIoU" in log and "val/PointM" in log  # validation reads val masks only
+    assert (run / "last").is_dir()
+
+
+def test_text_only_loss_falls(synthref_tiny, tmp_path):
+    from refseg.engine.config import TrainConfig
+    from refseg.engine.train import train
+
+    cfg = TrainConfig(model="sag", model_kwargs=dict(TINY_SAG), data=str(synthref_tiny), supervision="text",
+                      size=S, batch_size=16, images_per_batch=4, max_steps=40, lr=3e-3, warmup_steps=2,
+                      val_split="", log_every=1, progress=False, threads=1, out=str(tmp_path / "run"), seed=0)
+    train(cfg)
+    loss = _read_log(tmp_path / "run")["train/loss"]
+    assert len(loss) == 40
+    first, last = sum(loss[:8]) / 8, sum(loss[-8:]) / 8
+    assert last < 0.8 * first, (first, last)
