@@ -53,17 +53,37 @@ class RefSegDataset(Dataset):
         self.supervision = supervision
         self.letterbox = Letterbox(size)
         self.samples = data.samples(split)
+        # The last image and mask read, letterboxed: sentences of one image are
+        # usually read one after another (feature caching, evaluation), and
+        # decoding a PNG costs more than the rest of an item.
+        self._last_image: tuple = (None, None)
+        self._last_mask: tuple = (None, None)
+
+    def _image(self, image_id: int) -> tuple:
+        """(letterboxed (3, S, S) uint8 tensor, (H, W)) of an image, reusing the last one read."""
+        if self._last_image[0] != image_id:
+            image = self.data.load_image(image_id)  # (H, W, 3) uint8
+            boxed = torch.from_numpy(self.letterbox.apply_image(image)).permute(2, 0, 1).contiguous()  # (3, S, S)
+            self._last_image = (image_id, (boxed, image.shape[:2]))
+        return self._last_image[1]
+
+    def _mask(self, ann_id: int, image_id: int) -> tuple:
+        """(original (H, W) uint8 mask, letterboxed (1, S, S) float), reusing the last one read."""
+        key = (ann_id, image_id)
+        if self._last_mask[0] != key:
+            mask = self.data.get_mask(ann_id, image_id=image_id)  # (H, W) uint8
+            self._last_mask = (key, (mask, torch.from_numpy(self.letterbox.apply_mask(mask)).float()[None]))
+        return self._last_mask[1]
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
         s = self.samples[index]
-        image = self.data.load_image(s.image_id)  # (H, W, 3) uint8
-        h, w = image.shape[:2]
+        boxed, (h, w) = self._image(s.image_id)
         lb = self.letterbox.params(h, w)
         item = {
-            "image": torch.from_numpy(self.letterbox.apply_image(image)).permute(2, 0, 1).contiguous(),  # (3, S, S)
+            "image": boxed.clone(),  # (3, S, S) uint8
             "text": s.text,
             "no_target": torch.tensor(s.no_target),
             "image_id": s.image_id,
@@ -74,10 +94,10 @@ class RefSegDataset(Dataset):
             "letterbox": torch.tensor(lb.as_tuple(), dtype=torch.float32),
         }
         if self.supervision in ("full", "eval"):
-            mask = self.data.get_mask(s.ann_id, image_id=s.image_id)  # (H, W) uint8
-            item["mask"] = torch.from_numpy(self.letterbox.apply_mask(mask)).float()[None]  # (1, S, S)
+            mask, boxed_mask = self._mask(s.ann_id, s.image_id)
+            item["mask"] = boxed_mask.clone()  # (1, S, S)
             if self.supervision == "eval":
-                item["orig_mask"] = torch.from_numpy(mask)
+                item["orig_mask"] = torch.from_numpy(mask.copy())
         elif self.supervision == "click":
             clicks = self.data.clicks(s.ref_id)
             if clicks is None:

@@ -101,9 +101,12 @@ class SlotAttention(nn.Module):
         B, N, D = x.shape
         x = self.norm_in(x)
         k, v = self.k(x), self.v(x)  # (B, N, D) each
-        slots = self.slots_init.expand(B, -1, -1)  # (B, K, D)
+        init = self.slots_init.expand(B, -1, -1)  # (B, K, D)
+        slots = init
         attn = x.new_zeros(B, self.num_slots, N)
-        for _ in range(self.iters):
+        for i in range(self.iters):
+            if i == self.iters - 1 and self.iters > 1:
+                slots = slots.detach() + init - init.detach()  # BO-QSA: last round's gradient reaches init directly
             q = self.q(self.norm_slots(slots))  # (B, K, D)
             attn = torch.softmax(q @ k.transpose(1, 2) * self.scale, dim=1)  # (B, K, N), softmax over slots
             weights = attn + self.eps
