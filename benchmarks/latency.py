@@ -168,7 +168,7 @@ def table(args, results: list, export_note: str) -> str:
     cols = [r["backend"] for r in results]
     names = {"torch": "PyTorch", "onnx": "ONNX Runtime"}
     lines = [f"model: {args.model}   image {results[0]['image_size']} px, 1 expression, "
-             f"{args.threads} threads, {args.runs} runs (median / p90){export_note}",
+             f"threads {args.threads}, {args.runs} runs (median / p90){export_note}",
              f"{'':36}" + "".join(f"{names[c]:>22}" for c in cols)]
 
     def row(label, fmt):

@@ -10,6 +10,7 @@ Prints the median step time and samples/s over ``--steps`` timed steps.
 
 import argparse
 import contextlib
+import json
 import statistics
 import time
 
@@ -29,15 +30,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--no-stride2", action="store_true", help="leave out the stride-2 map")
     ap.add_argument("--bf16", action="store_true", help="CPU autocast to bfloat16")
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--head-kwargs", default="{}", help='LTSHead arguments as JSON, e.g. \'{"depth": 3}\'')
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     strides = (4, 8, 16, 32) if args.no_stride2 else (2, 4, 8, 16, 32)
     channels = {2: 16, 4: 24, 8: 40, 16: 112, 32: 320}
-    head = LTSHead([channels[s] for s in strides], strides, 384, dim=args.dim, depth=args.depth)
+    head = LTSHead([channels[s] for s in strides], strides, 384, **json.loads(args.head_kwargs))
     n_params = sum(p.numel() for p in head.parameters())
     opt = torch.optim.AdamW(head.parameters(), lr=3e-4)
 
@@ -67,7 +67,7 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
     t = statistics.median(times)
     print(
-        f"LTSHead dim={args.dim} depth={args.depth} strides={strides} params={n_params / 1e6:.2f}M "
+        f"LTSHead {args.head_kwargs} strides={strides} params={n_params / 1e6:.2f}M "
         f"bf16={args.bf16} threads={args.threads}: batch {B} ({args.images} images) "
         f"step {t * 1000:.0f} ms (min {min(times) * 1000:.0f}), {B / t:.1f} samples/s"
     )

@@ -6,6 +6,7 @@ Per-sample losses reduce over every non-batch dimension; ``reduction`` is
 "mean" (over the batch), "sum" or "none" (per sample, shape (B,)).
 """
 
+import math
 from typing import Dict
 
 import torch
@@ -348,24 +349,13 @@ def box_projection_loss(logits: torch.Tensor, box_mask: torch.Tensor, smooth: fl
     nothing outside) scores 0; ``smooth`` makes an empty box (no-target)
     push the projections to 0 instead of giving no gradient.
     """
-    p = torch.sigmoid(logits.float())[:, 0]  # (B, H, W)
+    x = logits.float()[:, 0]  # (B, H, W)
     t = box_mask.float()[:, 0]
     loss = 0
-    for dim in (1, 2):  # project onto x (max over rows), then onto y
-        pp, tt = p.amax(dim), t.amax(dim)  # (B, W) / (B, H)
+    for dim in (1, 2):  # project onto x (max over rows), then onto y; max sigmoid = sigmoid of the max
+        pp, tt = torch.sigmoid(x.amax(dim)), t.amax(dim)  # (B, W) / (B, H)
         loss = loss + 1 - (2 * (pp * tt).sum(1) + smooth) / ((pp**2).sum(1) + (tt**2).sum(1) + smooth)
     return _reduce(loss, reduction)
-
-
-def colour_similarity(lab: torch.Tensor, dy: int, dx: int, theta: float = 2.0) -> torch.Tensor:
-    """exp(-||lab(p) - lab(p + (dy, dx))|| / theta) for every pixel pair in the image: (B, h', w').
-
-    lab: (B, 3, H, W); the returned map covers the pixels p whose neighbour
-    p + (dy, dx) is in the image (dy >= 0); see ``_pair_slices``.
-    """
-    (py, px), (qy, qx) = _pair_slices(lab.shape[-2], lab.shape[-1], dy, dx)
-    diff = lab[:, :, py, px] - lab[:, :, qy, qx]  # (B, 3, h', w')
-    return torch.exp(-diff.norm(dim=1) / theta)
 
 
 def _pair_slices(H: int, W: int, dy: int, dx: int):
@@ -384,24 +374,27 @@ def pairwise_colour_affinity_loss(logits: torch.Tensor, lab: torch.Tensor, box_m
     and its 8 neighbours at distance ``dilation`` (each unordered pair once,
     4 offsets). A pair counts when both pixels lie in the box and their
     colour similarity exp(-||dLAB|| / theta) >= ``threshold``; its loss is
-    -log P(same label) = -log(p_i p_j + (1 - p_i)(1 - p_j)). Returns the
-    mean over counted pairs of the batch (0 when none count).
+    -log P(same label) = -log(p_i p_j + (1 - p_i)(1 - p_j)), P clamped at
+    1e-6. Returns the mean over counted pairs of the batch (0 when none count).
     """
-    logits = logits.float()
+    p = torch.sigmoid(logits.float())  # (B, 1, H, W)
     lab = lab.float()
-    log_fg, log_bg = F.logsigmoid(logits), F.logsigmoid(-logits)  # (B, 1, H, W)
+    box_mask = box_mask.float()
     H, W = logits.shape[-2:]
     d = dilation
-    total = logits.new_zeros(())
-    count = logits.new_zeros(())
+    max_sq = (theta * math.log(threshold)) ** 2  # exp(-dist / theta) >= threshold  <=>  dist^2 <= max_sq
+    total = p.new_zeros(())
+    count = p.new_zeros(())
     for dy, dx in ((0, d), (d, -d), (d, 0), (d, d)):
         if dy >= H or abs(dx) >= W:
             continue
         (py, px), (qy, qx) = _pair_slices(H, W, dy, dx)
-        same = torch.logaddexp(log_fg[..., py, px] + log_fg[..., qy, qx], log_bg[..., py, px] + log_bg[..., qy, qx])
-        sim = colour_similarity(lab, dy, dx, theta)[:, None]  # (B, 1, h', w')
-        weight = (sim >= threshold).float() * box_mask[..., py, px].float() * box_mask[..., qy, qx].float()
-        total = total + (-same * weight).sum()
+        with torch.no_grad():
+            similar = ((lab[:, :, py, px] - lab[:, :, qy, qx]) ** 2).sum(1, keepdim=True) <= max_sq  # (B, 1, h', w')
+            weight = similar * box_mask[..., py, px] * box_mask[..., qy, qx]
+        a, b = p[..., py, px], p[..., qy, qx]
+        same = (1 - a - b + 2 * a * b).clamp(min=1e-6)  # p_i p_j + (1 - p_i)(1 - p_j)
+        total = total - (torch.log(same) * weight).sum()
         count = count + weight.sum()
     return total / count.clamp(min=1)
 

@@ -301,7 +301,7 @@ def test_click_training_never_reads_a_training_mask(synthref_tiny, tmp_path, cac
     summary = train(cfg, model=tiny_pks())
     assert summary["step"] == 4 and math.isfinite(summary["train_loss"])
     assert 0 <= summary["val"]["mIoU"] <= 1  # validation reads the (intact) val masks
-    with pytest.raises(Exception):  # the same data cannot train with full supervision
+    with pytest.raises(ReferFormatError):  # the same data cannot train with full supervision
         train(tiny_config(data_dir, tmp_path / "full", model="pks", model_kwargs=dict(TINY_PKS),
                           supervision="full", max_steps=1, val_split=""), model=tiny_pks())
 

@@ -80,7 +80,7 @@ def encoder_fingerprint(model: nn.Module) -> str:
             h.update(str(t.dtype).encode())
             h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     config = getattr(model, "config", None) or {}
-    encoder_keys = ("visual", "text", "pretrained", "stride2", "max_length", "text_tokenizer", "image_size")
+    encoder_keys = ("visual", "text", "pretrained", "stride2", "levels", "max_length", "text_tokenizer", "image_size")
     h.update(json.dumps({k: config.get(k) for k in encoder_keys}, sort_keys=True, default=str).encode())
     for attr in ("max_length",):  # tokenisation length changes the text features' shape
         text = getattr(model, "text", None)

@@ -79,19 +79,24 @@ def build_sag(
     max_length: int = 24,
     text_tokenizer: Optional[str] = None,
     image_size: int = 320,
+    levels: tuple[int, ...] = (16, 32),
     **head_kwargs,
 ) -> SaG:
     """SaG (trained from text alone) on a visual and a text encoder.
 
-    Arguments as build_lts (no stride2: SaG reads the stride-16 and -32 maps
-    only). head_kwargs: SaGHead arguments (dim, num_slots, iters, heads,
+    Arguments as build_lts (no stride2). levels: the encoder strides whose
+    maps, resampled to the stride-16 grid and concatenated, SaG groups into
+    slots and reconstructs (16 required; any of 4, 8, 32 besides); only
+    these maps are kept by encode_image and the feature cache.
+    head_kwargs: SaGHead arguments (dim, num_slots, iters, heads,
     mlp_ratio, text_layers, context_layers, decoder_hidden, decoder_depth,
     logit_scale_init, hard_negatives).
     """
     v = build_visual(visual, frozen=freeze_visual, pretrained=pretrained)
     t = build_text(text, frozen=freeze_text, max_length=max_length, tokenizer=text_tokenizer)
     channels = dict(zip(v.strides, v.channels))
-    head = SaGHead([channels[16], channels[32]], (16, 32), t.dim, **head_kwargs)
+    levels = tuple(sorted(int(s) for s in levels))
+    head = SaGHead([channels[s] for s in levels], levels, t.dim, **head_kwargs)
     config = {
         "model": "sag",
         "visual": visual,
@@ -102,6 +107,7 @@ def build_sag(
         "max_length": max_length,
         "text_tokenizer": text_tokenizer,
         "image_size": image_size,
+        "levels": list(levels),
         **{k: list(v) if isinstance(v, tuple) else v for k, v in head_kwargs.items()},
     }
     return SaG(v, t, head, image_size=image_size, config=config)

@@ -1,7 +1,7 @@
 """SaG: Shatter and Gather (Kim, Kim, Lan, Kwak, ICCV 2023), refseg's text-only head.
 
     model = SaG(visual, text, SaGHead(channels, strides, text.dim))
-    vis = model.encode_image(images)          # (B_img, 3, S, S) uint8 -> [stride-16, stride-32 maps]
+    vis = model.encode_image(images)          # (B_img, 3, S, S) uint8 -> [stride-16, stride-32 maps] (``levels``)
     txt = model.encode_text(texts)            # list[str] -> TextFeatures
     out = model.decode(vis, txt, image_index) # sentence b is about vis[...][image_index[b]]
 
@@ -10,15 +10,17 @@ boxes or clicks); losses in ``refseg.losses.sag_text_loss``.
 
 1. Shatter, once per image, on the stride-16 grid (20 x 20 at 320 px).
    Input tokens: the stride-16 map concatenated with the stride-32 map
-   upsampled to that grid, layer-normalised (no affine): this is also the
-   reconstruction target. An MLP maps them to width D and a projected 2D
+   upsampled bilinearly to that grid (``levels``, default (16, 32); finer
+   maps are average-pooled to it), layer-normalised (no affine): this is
+   also the reconstruction target. An MLP maps them to width D and a projected 2D
    sine position encoding is added (so two identical shapes are told apart
    and each slot knows where it is). Slot attention (Locatello et al.
    2020), ``iters`` rounds: attention logits q(slot) . k(position), softmax
    over the *slots* (at each position the K weights sum to one: slots
    compete for positions), a weighted mean of the values per slot, GRU
    update, residual MLP. *(choice)* Slots start from K learned vectors
-   (BO-QSA style), not from Gaussian noise, so a forward pass is
+   (as BO-QSA; without its bi-level gradient trick, which did not help in
+   short runs), not from Gaussian noise, so a forward pass is
    deterministic and training and evaluation see the same slots.
    Decoder: DINOSAUR's spatial-broadcast MLP; each slot plus the position
    code of every cell goes through an MLP to a feature vector and an alpha
@@ -42,9 +44,10 @@ boxes or clicks); losses in ``refseg.losses.sag_text_loss``.
 4. Mask (inference): map = sum_k relevance_k * attention_k (the slot
    attention maps of the sentence's own image, each in [0, 1]), min-max
    normalised per sentence to [0, 1]; ``prior_logits`` = logit(map) on the
-   grid (clamped at 1e-4), whose argmax is the PointM point;
-   ``mask_logits`` = logit of the map upsampled bilinearly to S, so
-   ``mask_logits > 0`` is exactly "normalised map > 0.5" and
+   grid (clamped at 1e-4), the response map whose argmax is the PointM
+   point; ``mask_logits`` = logit of the map upsampled bilinearly to S
+   (whose argmax, what the evaluator takes, lies in the same 16-px cell),
+   so ``mask_logits > 0`` is exactly "normalised map > 0.5" and
    sigmoid(mask_logits) gives the normalised map back.
 5. No target *(choice)*: a learned, calibrated score
    ``exp(a) * (b - cos(text_embedding, gathered own image))`` with the cosine
@@ -53,6 +56,20 @@ boxes or clicks); losses in ``refseg.losses.sag_text_loss``.
    to a >= 5 margin below zero, so it never fires unless trained on
    no-target sentences; with data that has none (SynthRef's default) the
    BCE only pushes it further down.
+
+Batches and negatives. Train with the image-grouped sampler (the engine's
+default: ``images_per_batch`` images, batch / images_per_batch sentences of
+each). The paper's InfoNCE contrasts each expression with the embeddings
+gathered from the *other images* of the batch, which a whole-image summary
+can satisfy ("there is a red star somewhere here"): nothing in it asks
+*which* slots the expression selects. Here every (sentence, image) pair
+is gathered with that sentence's own query, and ``sag_text_loss`` adds a
+sentence-level term whose negatives come from the same image: the
+embeddings gathered from the sentence's own image by the queries of its
+other sentences with a different referent (ref_id). Same image, so no
+image-level cue tells them apart; sentence t's text embedding must prefer
+what t's query selects over what "the blue circle" selects from the same
+slots, i.e. slot selection, hence the mask, has to be referent-specific.
 
 ``hard_negatives`` is a training setting (the weight of the same-image
 sentence-level contrast in ``sag_text_loss``, 0 = off) that the model
@@ -101,12 +118,9 @@ class SlotAttention(nn.Module):
         B, N, D = x.shape
         x = self.norm_in(x)
         k, v = self.k(x), self.v(x)  # (B, N, D) each
-        init = self.slots_init.expand(B, -1, -1)  # (B, K, D)
-        slots = init
+        slots = self.slots_init.expand(B, -1, -1)  # (B, K, D)
         attn = x.new_zeros(B, self.num_slots, N)
-        for i in range(self.iters):
-            if i == self.iters - 1 and self.iters > 1:
-                slots = slots.detach() + init - init.detach()  # BO-QSA: last round's gradient reaches init directly
+        for _ in range(self.iters):
             q = self.q(self.norm_slots(slots))  # (B, K, D)
             attn = torch.softmax(q @ k.transpose(1, 2) * self.scale, dim=1)  # (B, K, N), softmax over slots
             weights = attn + self.eps
@@ -167,8 +181,8 @@ class SlotContextLayer(nn.Module):
 class SaGHead(nn.Module):
     """The trainable part of SaG.
 
-    visual_channels / visual_strides: the maps ``decode`` receives (strides
-      16 and 32, finest first).
+    visual_channels / visual_strides: the maps ``decode`` receives, finest
+      first (stride 16 required, any of 4, 8, 32 besides; default 16, 32).
     text_dim: the text encoder's width.
     dim: width D of tokens, slots and embeddings; num_slots: K; iters: slot
       attention rounds; heads: heads of the text and slot-context layers;
@@ -199,10 +213,11 @@ class SaGHead(nn.Module):
     ):
         super().__init__()
         self.strides = tuple(int(s) for s in visual_strides)
-        if self.strides != (16, 32):
-            raise ValueError(f"SaGHead reads the stride-16 and stride-32 maps, got strides {self.strides}")
+        if 16 not in self.strides or not set(self.strides) <= {4, 8, 16, 32} or list(self.strides) != sorted(self.strides):
+            raise ValueError(f"SaGHead needs the stride-16 map (plus any of 4, 8, 32), finest first; got {self.strides}")
         self.dim, self.num_slots = dim, num_slots
-        self.feat_dim = int(sum(visual_channels))
+        self.channels = [int(c) for c in visual_channels]
+        self.feat_dim = sum(self.channels)
         self.hard_negatives = float(hard_negatives)
 
         # 1. shatter
@@ -229,14 +244,24 @@ class SaGHead(nn.Module):
         self.nt_bias = nn.Parameter(torch.tensor(-1.5))
 
     def shatter(self, vis: List[torch.Tensor]):
-        """Maps [stride 16 (B_img, C16, h, w), stride 32 (B_img, C32, h/2, w/2)] ->
-        (slots (B_img, K, D), attn (B_img, K, N), recon_mse (B_img,), (h, w))."""
-        f16, f32 = vis
-        B_img, _, h, w = f16.shape
-        f32 = F.interpolate(f32, size=(h, w), mode="bilinear", align_corners=False)  # (B_img, C32, h, w)
-        feats = torch.cat([f16, f32], 1).flatten(2).transpose(1, 2)  # (B_img, N, C), N = h*w
+        """Maps at ``self.strides`` [(B_img, C_i, S/s_i, S/s_i)] ->
+        (slots (B_img, K, D), attn (B_img, K, N), recon_mse (B_img,), (h, w)), N = h*w on the stride-16 grid."""
+        got = [int(m.shape[1]) for m in vis]
+        if got != self.channels:
+            raise ValueError(f"SaGHead expects maps with {self.channels} channels at strides {self.strides}, got {got} "
+                             "(features cached for other `levels`?)")
+        maps = dict(zip(self.strides, vis))
+        B_img, _, h, w = maps[16].shape
+        grid = []
+        for stride, m in maps.items():
+            if stride < 16:
+                m = F.adaptive_avg_pool2d(m, (h, w))  # (B_img, C, h, w), the mean over each 16-px cell
+            elif stride > 16:
+                m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)  # (B_img, C, h, w)
+            grid.append(m)
+        feats = torch.cat(grid, 1).flatten(2).transpose(1, 2)  # (B_img, N, C)
         target = F.layer_norm(feats, (self.feat_dim,)).detach()  # (B_img, N, C), the reconstruction target
-        pe = sine_position_encoding(h, w, self.dim, f16.device, f16.dtype)  # (N, D)
+        pe = sine_position_encoding(h, w, self.dim, feats.device, feats.dtype)  # (N, D)
         x = self.feat_in(target) + self.pos_in(pe)  # (B_img, N, D)
         slots, attn = self.slot_attention(x)  # (B_img, K, D), (B_img, K, N)
         recon, _ = self.decoder(slots, pe)  # (B_img, N, C)
@@ -304,9 +329,9 @@ class SaG(LTS):
     """visual encoder + text encoder + SaGHead.
 
     The preprocessing, ``encode_text``, ``decode`` (dtype handling) and
-    ``forward`` are LTS's; ``encode_image`` keeps only the stride-16 and
-    stride-32 maps, the only ones the head reads (so a feature cache holds
-    nothing else).
+    ``forward`` are LTS's; ``encode_image`` keeps only the maps the head
+    reads (``head.strides``, by default stride 16 and 32), so a feature
+    cache holds nothing else.
 
     ``decode`` returns mask_logits (B, 1, S, S), prior_logits (B, 1, S/16,
     S/16), no_target_logits (B,) (the model contract), and for the loss and
@@ -317,6 +342,7 @@ class SaG(LTS):
     """
 
     def encode_image(self, images: torch.Tensor) -> List[torch.Tensor]:
-        """(B, 3, S, S) uint8 RGB in [0, 255] -> [stride 16 (B, C16, S/16, S/16), stride 32 (B, C32, S/32, S/32)]."""
+        """(B, 3, S, S) uint8 RGB in [0, 255] -> the maps at ``head.strides`` (default stride 16
+        (B, C16, S/16, S/16) and stride 32 (B, C32, S/32, S/32)), finest first."""
         maps = dict(zip(self.visual.strides, super().encode_image(images)))
-        return [maps[16], maps[32]]
+        return [maps[s] for s in self.head.strides]

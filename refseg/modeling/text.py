@@ -35,9 +35,6 @@ class TextFeatures(NamedTuple):
     mask: torch.Tensor
     sentence: torch.Tensor
 
-    def index_select(self, index: torch.Tensor) -> "TextFeatures":
-        return TextFeatures(self.tokens[index], self.mask[index], self.sentence[index])
-
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, L, D), (B, L) -> (B, D): mean over positions where ``mask`` is set."""
