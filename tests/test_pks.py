@@ -18,6 +18,7 @@ from refseg.losses import (
     box_bitmap,
     box_projection_loss,
     centre_heatmap,
+    click_mask_terms,
     interior_point,
     mask_box,
     pairwise_colour_affinity_loss,
@@ -245,6 +246,23 @@ def test_pairwise_affinity_hand_cases():
     assert pairwise_colour_affinity_loss(split, lab2, box).item() == pytest.approx(0, abs=1e-6)
     # no box: nothing counts, loss 0
     assert pairwise_colour_affinity_loss(split, lab, torch.zeros_like(box)).item() == 0
+
+
+def test_click_mask_terms_hand_cases():
+    # stride-4 grid of 4 x 4 cells (16 px); box = pixels 4..11 -> cells 1..2; centre click at (8, 8)
+    box = torch.tensor([[3.5, 3.5, 11.5, 11.5], [NAN] * 4])
+    center = torch.tensor([[8.0, 8.0], [NAN, NAN]])
+    perfect = torch.full((2, 1, 4, 4), -30.0)
+    perfect[0, :, 1:3, 1:3] = 30.0
+    outside, hit = click_mask_terms(perfect, box, center, 4)
+    assert outside.item() == pytest.approx(0, abs=1e-6) and hit.item() == pytest.approx(0, abs=1e-6)
+    # logits 0 everywhere: BCE log 2 on each of the 12 + 16 outside cells, log 2 at the one click
+    outside, hit = click_mask_terms(torch.zeros(2, 1, 4, 4), box, center, 4)
+    assert outside.item() == pytest.approx(math.log(2)) and hit.item() == pytest.approx(math.log(2))
+    # foreground inside the box is free; foreground outside costs
+    spill = perfect.clone()
+    spill[0, :, 0, 0] = 30.0
+    assert click_mask_terms(spill, box, center, 4)[0].item() == pytest.approx(30 / 28, rel=1e-3)
 
 
 def test_click_loss_ignores_masks_and_full_loss_needs_them():

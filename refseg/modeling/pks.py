@@ -50,6 +50,15 @@ choices (marked *(choice)* in METHODS.md or left open there) are:
 4. No-target logit: as in LTS (a sentence-conditioned query pools the
    located tokens; an MLP over [pooled, sentence, max heatmap logit]).
 
+Losses (refseg/losses.py). Full: heatmap focal + mask BCE + Dice (+ the
+no-target BCE). Click: heatmap focal (Gaussian at the centre click, sigma
+from the corner clicks' box, TTFNet-style alpha = 0.54) + BoxInst's
+projection loss (on the full-resolution mask) and pairwise LAB colour
+affinity (on ``mask_logits_low``; 8 neighbours at dilation 2, similarity
+threshold 0.3, theta 2) + two terms the clicks give exactly: cells outside
+the box are background, the centre click is foreground (without them the
+mask drifted off the peak in short runs; see pks_click_loss).
+
 The weak (click) mode needs the image colours inside the loss (BoxInst's
 pairwise colour affinity), and the engine's feature cache stores only the
 encoders' outputs. So ``encode_image`` appends one more "map" to the
