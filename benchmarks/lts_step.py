@@ -5,7 +5,11 @@
 
 Inputs are random tensors shaped like EfficientNet-Lite0 + MiniLM cached
 features at 320 px; a step = forward + lts_loss + backward + AdamW step.
-Prints the median step time and samples/s over ``--steps`` timed steps.
+Prints the median (and best) step time and samples/s over ``--steps`` timed
+steps, the step's FLOPs, and a reference fp32 matmul rate measured just
+before, to tell a quiet machine from a busy one (2 quiet cores of the dev
+machine: ~100 GFLOP/s; other processes on the cores can slow every figure
+several-fold).
 """
 
 import argparse
@@ -15,6 +19,7 @@ import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from refseg.losses import lts_loss
 from refseg.modeling.lts import LTSHead
@@ -53,6 +58,11 @@ def main() -> None:
         gt[b, :, y : y + 40, x : x + 40] = 1
     batch = {"mask": gt, "no_target": torch.zeros(B, dtype=torch.bool)}
 
+    with FlopCounterMode(display=False) as flops:
+        lts_loss(head(vis, txt, index), batch)["loss"].backward()
+    head.zero_grad(set_to_none=True)
+    reference = matmul_gflops()
+
     times = []
     for step in range(args.steps + 2):
         t0 = time.perf_counter()
@@ -69,8 +79,20 @@ def main() -> None:
     print(
         f"LTSHead {args.head_kwargs} strides={strides} params={n_params / 1e6:.2f}M "
         f"bf16={args.bf16} threads={args.threads}: batch {B} ({args.images} images) "
-        f"step {t * 1000:.0f} ms (min {min(times) * 1000:.0f}), {B / t:.1f} samples/s"
+        f"step {t * 1000:.0f} ms (min {min(times) * 1000:.0f}), {B / t:.1f} samples/s; "
+        f"{flops.get_total_flops() / 1e9:.1f} GFLOP/step; reference matmul {reference:.0f} GFLOP/s"
     )
+
+
+def matmul_gflops(n: int = 20) -> float:
+    """fp32 (12800 x 128) @ (128 x 512) rate, best of n: how fast the cores are right now."""
+    a, b = torch.randn(12800, 128), torch.randn(128, 512)
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 12800 * 128 * 512 / best / 1e9
 
 
 if __name__ == "__main__":

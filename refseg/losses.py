@@ -23,7 +23,9 @@ def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
-def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+def dice_loss(
+    logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0, reduction: str = "mean"
+) -> torch.Tensor:
     """Soft Dice loss per sample: 1 - (2 sum(p t) + smooth) / (sum(p) + sum(t) + smooth), p = sigmoid(logits).
 
     logits, targets: (B, ...). Perfect logits give ~0, also for an empty
@@ -116,7 +118,9 @@ def lts_loss(
     target = batch["mask"].to(mask_logits.dtype)
     B = mask_logits.shape[0]
     no_target = batch.get("no_target")
-    no_target = torch.zeros(B, dtype=torch.bool, device=mask_logits.device) if no_target is None else no_target.bool().view(B)
+    if no_target is None:
+        no_target = torch.zeros(B, dtype=torch.bool, device=mask_logits.device)
+    no_target = no_target.bool().view(B)
 
     mask_bce = bce_loss(mask_logits, target)
     has_target = (~no_target).to(mask_logits.dtype)  # (B,)

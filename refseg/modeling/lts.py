@@ -117,7 +117,8 @@ class LTSHead(nn.Module):
         self.up16 = nn.Linear(dim, 4 * c16)
         self.lat16, self.gate16 = conv_gn(ch[16], c16), nn.Linear(dim, c16)
         self.dec16 = conv(c16 + 1, c16)
-        self.red8, self.lat8, self.gate8, self.dec8 = nn.Conv2d(c16, c8, 1), conv_gn(ch[8], c8), nn.Linear(dim, c8), conv(c8, c8)
+        self.red8, self.lat8, self.dec8 = nn.Conv2d(c16, c8, 1), conv_gn(ch[8], c8), conv(c8, c8)
+        self.gate8 = nn.Linear(dim, c8)
         self.red4, self.lat4, self.dec4 = nn.Conv2d(c8, c4, 1), conv_gn(ch[4], c4), conv(c4, c4)
         self.fine = 2 in self.strides
         self.fine_rank = fine_rank if self.fine else 0
@@ -134,7 +135,7 @@ class LTSHead(nn.Module):
     def forward(self, vis: List[torch.Tensor], txt: TextFeatures, image_index: torch.Tensor) -> Dict[str, torch.Tensor]:
         maps = dict(zip(self.strides, vis))
         idx = image_index
-        B_img, _, h, w = maps[32].shape
+        h, w = maps[32].shape[-2:]
         S = vis[0].shape[-1] * self.strides[0]
 
         # 1. fuse. Language-free grid, once per image.
