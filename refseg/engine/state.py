@@ -74,16 +74,18 @@ def optimizer_state(optimizer: torch.optim.Optimizer, names: Dict[nn.Parameter, 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, names: Dict[nn.Parameter, str],
                          tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
+    # Matched by parameter name, group by group: the order in which a model
+    # registers its parameters may change without changing the model.
     current = [[names[p] for p in g["params"]] for g in optimizer.param_groups]
     saved = [g["param_names"] for g in meta["param_groups"]]
-    if current != saved:
+    if len(current) != len(saved) or any(set(c) != set(s) for c, s in zip(current, saved)):
         raise StateError("the optimizer's parameters differ from the checkpoint's: "
-                              f"{sum(map(len, current))} now, {sum(map(len, saved))} saved")
-    name_to_index, groups = {}, []
-    for g in meta["param_groups"]:
-        g = dict(g)
-        names_in_group = g.pop("param_names")
-        g["params"] = [name_to_index.setdefault(n, len(name_to_index)) for n in names_in_group]
+                         f"{sum(map(len, current))} now, {sum(map(len, saved))} saved")
+    name_to_index = {n: i for i, n in enumerate(n for group in current for n in group)}
+    groups = []
+    for g, names_now in zip(meta["param_groups"], current):
+        g = {k: v for k, v in g.items() if k != "param_names"}
+        g["params"] = [name_to_index[n] for n in names_now]
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
         groups.append(g)
