@@ -169,3 +169,31 @@ def test_export_heads_fp16(tmp_path, model):
     st.write_bytes(st.read_bytes()[:-1] + b"\0")
     with pytest.raises(ckpt.CheckpointError, match="SHA-256"):
         ckpt.load_model(st)
+
+
+def test_optimizer_state_survives_a_change_of_parameter_registration_order():
+    from torch import nn
+
+    from refseg.engine.state import load_optimizer_state, optimizer_state
+
+    class AB(nn.Module):
+        def __init__(self, a_first: bool):
+            super().__init__()
+            if a_first:
+                self.a, self.b = nn.Linear(3, 2), nn.Linear(2, 4)
+            else:
+                self.b, self.a = nn.Linear(2, 4), nn.Linear(3, 2)
+
+    torch.manual_seed(0)
+    src, dst = AB(a_first=True), AB(a_first=False)
+    dst.load_state_dict(src.state_dict())
+    opt = torch.optim.AdamW(src.parameters(), lr=0.1)
+    (src.b(src.a(torch.randn(5, 3))) ** 2).sum().backward()
+    opt.step()
+    tensors, meta = optimizer_state(opt, {p: n for n, p in src.named_parameters()})
+
+    opt2 = torch.optim.AdamW(dst.parameters(), lr=0.1)
+    load_optimizer_state(opt2, {p: n for n, p in dst.named_parameters()}, tensors, meta)
+    for name, p in dst.named_parameters():
+        want = opt.state[dict(src.named_parameters())[name]]["exp_avg"]
+        assert torch.equal(opt2.state[p]["exp_avg"], want), name
