@@ -61,7 +61,7 @@ def main() -> int:
         train = card.get("training", {})
         if train:
             print("\ntraining record (from the model card):")
-            for k in ("command", "wall_minutes", "cache_minutes", "steps", "cached_step_samples_per_s", "machine"):
+            for k in ("commands", "note", "steps", "batch_size", "logged_span_minutes", "cached_step_samples_per_s_median"):
                 if k in train:
                     print(f"  {k}: {train[k]}")
     if args.json:

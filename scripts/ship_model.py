@@ -1,0 +1,76 @@
+"""Ship a trained run as a named model in refseg/weights/ (heads only + model card).
+
+    python scripts/ship_model.py --run runs/lts-a --name lts-synthref \
+        --command "refseg train ..." --eval-data data/natural-small-s0 --split test
+
+Loads the run's best checkpoint (falls back to last), evaluates it on the
+given split with the same code as `refseg eval`, and writes
+`refseg/weights/<name>.safetensors` (trainable weights only: the frozen
+encoders come from their pip packages) and `<name>.json` (model config,
+SHA-256, the training command(s), the training record read from the run's
+log.csv, and the measured scores).
+"""
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def training_record(run: Path) -> dict:
+    """Steps, wall time of the logged training steps, and median cached-step throughput from log.csv."""
+    times, steps, speeds = [], [], []
+    with open(run / "log.csv") as f:
+        for row in csv.DictReader(f):
+            if row["tag"] == "train/loss":
+                times.append(float(row["time"]))
+                steps.append(int(row["step"]))
+            elif row["tag"] == "train/samples_per_s":
+                speeds.append(float(row["value"]))
+    config = json.loads((run / "config.json").read_text())
+    return {
+        "steps": max(steps) if steps else 0,
+        "batch_size": config.get("batch_size"),
+        "logged_span_minutes": round((max(times) - min(times)) / 60, 1) if times else None,
+        "cached_step_samples_per_s_median": round(statistics.median(speeds), 1) if speeds else None,
+        "config": config,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--command", action="append", default=[], help="the command(s) that trained it, in order")
+    ap.add_argument("--note", default="", help="free text for the card (machine, caveats)")
+    ap.add_argument("--eval-data", required=True)
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--fp16", action="store_true")
+    args = ap.parse_args()
+
+    from refseg.data import load_refer
+    from refseg.engine.checkpoint import export_heads, load_model
+    from refseg.engine.evaluate_core import evaluate_model
+    from refseg.hub import WEIGHTS_DIR
+
+    run = Path(args.run)
+    model = load_model(run).eval()
+    data = load_refer(args.eval_data)
+    results = evaluate_model(model, data, split=args.split, batch_size=32, progress=False)
+    synth = json.loads((Path(args.eval_data) / "synthref.json").read_text()) if (Path(args.eval_data) / "synthref.json").exists() else {}
+    meta = {
+        "name": args.name,
+        "training": {"commands": args.command, "note": args.note, **training_record(run)},
+        "evaluation": {"data": {k: synth.get(k) for k in ("domain", "preset", "seed", "version")},
+                       "split": args.split, "metrics": results},
+    }
+    st, js = export_heads(model, WEIGHTS_DIR / args.name, extra_meta=meta, fp16=args.fp16)
+    print(json.dumps({k: round(v, 4) for k, v in results.items() if isinstance(v, float)}, indent=1))
+    print(f"wrote {st} ({st.stat().st_size / 1e6:.1f} MB) and {js}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
