@@ -202,17 +202,17 @@ def test_evaluate_model_reports_forms(synthref_tiny, tmp_path):
 
 def test_loss_falls_when_overfitting_two_images(tmp_path):
     data = make_shapes_refer(tmp_path / "data", n_train=2, n_val=1)
-    cfg = tiny_config(data, tmp_path / "run", max_steps=30, batch_size=4, images_per_batch=2, lr=3e-3,
+    cfg = tiny_config(data, tmp_path / "run", max_steps=80, batch_size=4, images_per_batch=2, lr=3e-3,
                       warmup_steps=3, val_every=0)
     summary = train(cfg, model=tiny_model())
     losses = _train_losses(tmp_path / "run")
-    assert len(losses) == 30
-    assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:3]), losses
+    assert len(losses) == 80
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3]), losses
     run = tmp_path / "run"
     assert (run / "last" / "model.safetensors").exists() and (run / "best" / "model.safetensors").exists()
     assert TrainConfig.load(run / "config.json") == TrainConfig.from_dict({**cfg.to_dict(), "resume": None})
     assert list((run / "tb").iterdir())
-    assert summary["step"] == 30 and summary["best"]["step"] == 30
+    assert summary["step"] == 80 and summary["best"]["step"] == 80
 
 
 @pytest.mark.parametrize("cache", ["on", "off"])
