@@ -23,6 +23,12 @@ from refseg.modeling.text import build_text
 from refseg.modeling.visual import build_visual
 
 
+
+def _config(model: str, head_kwargs: dict, **fields) -> dict:
+    """The JSON-able ``model.config``: factory name, factory arguments, head arguments (tuples as lists)."""
+    return {"model": model, **fields, **{k: list(v) if isinstance(v, tuple) else v for k, v in head_kwargs.items()}}
+
+
 def build_lts(
     visual: Union[str, dict] = "efficientnet-lite0",
     text: Union[str, dict] = "minilm",
@@ -53,19 +59,9 @@ def build_lts(
     v = build_visual(visual, frozen=freeze_visual, pretrained=pretrained, return_stride2=stride2)
     t = build_text(text, frozen=freeze_text, max_length=max_length, tokenizer=text_tokenizer)
     head = LTSHead(v.channels, v.strides, t.dim, **head_kwargs)
-    config = {
-        "model": "lts",
-        "visual": visual,
-        "text": text,
-        "pretrained": pretrained,
-        "freeze_visual": freeze_visual,
-        "freeze_text": freeze_text,
-        "stride2": stride2,
-        "max_length": max_length,
-        "text_tokenizer": text_tokenizer,
-        "image_size": image_size,
-        **{k: list(v) if isinstance(v, tuple) else v for k, v in head_kwargs.items()},
-    }
+    config = _config("lts", head_kwargs, visual=visual, text=text, pretrained=pretrained, freeze_visual=freeze_visual,
+                     freeze_text=freeze_text, stride2=stride2, max_length=max_length,
+                     text_tokenizer=text_tokenizer, image_size=image_size)
     return LTS(v, t, head, image_size=image_size, config=config)
 
 
@@ -97,19 +93,9 @@ def build_sag(
     channels = dict(zip(v.strides, v.channels))
     levels = tuple(sorted(int(s) for s in levels))
     head = SaGHead([channels[s] for s in levels], levels, t.dim, **head_kwargs)
-    config = {
-        "model": "sag",
-        "visual": visual,
-        "text": text,
-        "pretrained": pretrained,
-        "freeze_visual": freeze_visual,
-        "freeze_text": freeze_text,
-        "max_length": max_length,
-        "text_tokenizer": text_tokenizer,
-        "image_size": image_size,
-        "levels": list(levels),
-        **{k: list(v) if isinstance(v, tuple) else v for k, v in head_kwargs.items()},
-    }
+    config = _config("sag", head_kwargs, visual=visual, text=text, pretrained=pretrained, freeze_visual=freeze_visual,
+                     freeze_text=freeze_text, max_length=max_length, text_tokenizer=text_tokenizer,
+                     image_size=image_size, levels=list(levels))
     return SaG(v, t, head, image_size=image_size, config=config)
 
 
@@ -140,19 +126,9 @@ def build_pks(
     v = build_visual(visual, frozen=freeze_visual, pretrained=pretrained, return_stride2=stride2)
     t = build_text(text, frozen=freeze_text, max_length=max_length, tokenizer=text_tokenizer)
     head = PKSHead(v.channels, v.strides, t.dim, **head_kwargs)
-    config = {
-        "model": "pks",
-        "visual": visual,
-        "text": text,
-        "pretrained": pretrained,
-        "freeze_visual": freeze_visual,
-        "freeze_text": freeze_text,
-        "stride2": stride2,
-        "max_length": max_length,
-        "text_tokenizer": text_tokenizer,
-        "image_size": image_size,
-        **{k: list(v) if isinstance(v, tuple) else v for k, v in head_kwargs.items()},
-    }
+    config = _config("pks", head_kwargs, visual=visual, text=text, pretrained=pretrained, freeze_visual=freeze_visual,
+                     freeze_text=freeze_text, stride2=stride2, max_length=max_length,
+                     text_tokenizer=text_tokenizer, image_size=image_size)
     return PKS(v, t, head, image_size=image_size, config=config)
 
 
