@@ -59,7 +59,56 @@ from refseg.modeling.common import MLP, LocateLayer, TextLayer, conv, conv_gn, c
 from refseg.modeling.text import TextFeatures, masked_mean
 
 
-class LTSHead(nn.Module):
+class FuseLocate(nn.Module):
+    """LTS steps 1-2 (fuse, locate), shared by the LTS and PKS heads.
+
+    Subclasses call ``_build_fuse_locate`` in ``__init__`` and
+    ``fuse_locate`` in ``forward``; the sub-module names are part of the
+    shipped checkpoints' keys, so keep them.
+    """
+
+    def _build_fuse_locate(self, channels: dict, text_dim: int, dim: int, depth: int, heads: int,
+                           mlp_ratio: float, text_layers: int) -> None:
+        self.dim = dim
+        # fuse: stride-32 cells + the 2x2 stride-16 cells under each (space-to-depth)
+        self.grid_in = nn.Linear(channels[32] + 4 * channels[16], dim)
+        self.grid_norm = nn.LayerNorm(dim)
+        self.text_in = nn.Linear(text_dim, dim)
+        self.text_layers = nn.ModuleList([TextLayer(dim, heads, mlp_ratio) for _ in range(text_layers)])
+        self.sent_in = nn.Linear(text_dim, dim)
+        self.sent_norm = nn.LayerNorm(dim)
+        self.fuse_vis = nn.Linear(dim, dim)
+        self.fuse_mul = nn.Linear(dim, dim, bias=False)
+        self.fuse_coord = nn.Linear(2, dim, bias=False)
+        # locate
+        self.locate = nn.ModuleList([LocateLayer(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.out_norm = nn.LayerNorm(dim)
+
+    def fuse_locate(self, maps: Dict[int, torch.Tensor], txt: TextFeatures, idx: torch.Tensor) -> tuple:
+        """Located tokens of each sentence.
+
+        maps: {stride: (B_img, C, H/stride, W/stride)}; idx: (B,) image row
+        of each sentence. Returns x (B, N, D) located tokens on the h x w
+        stride-32 grid (N = h*w), the refined text tokens t (B, L, D), the
+        sentence vector s (B, D), and (h, w).
+        """
+        h, w = maps[32].shape[-2:]
+        # Language-free grid, once per image.
+        g = torch.cat([maps[32], F.pixel_unshuffle(maps[16], 2)], 1)  # (B_img, C32 + 4 C16, h, w)
+        g = self.grid_norm(self.grid_in(g.flatten(2).transpose(1, 2)))  # (B_img, N, D), N = h*w
+        t = self.text_in(txt.tokens)  # (B, L, D)
+        for layer in self.text_layers:
+            t = layer(t, txt.mask)
+        s = self.sent_norm(self.sent_in(txt.sentence) + masked_mean(t, txt.mask))  # (B, D)
+        pos = sine_position_encoding(h, w, self.dim, g.device, g.dtype)  # (N, D)
+        coords = self.fuse_coord(coord_grid(h, w, g.device, g.dtype))  # (N, D)
+        x = self.fuse_vis(g)[idx] + self.fuse_mul(g[idx] * s[:, None, :]) + coords + pos  # (B, N, D)
+        for layer in self.locate:
+            x = layer(x, pos, t, txt.mask)
+        return self.out_norm(x), t, s, (h, w)
+
+
+class LTSHead(FuseLocate):
     """The trainable part of LTS.
 
     visual_channels / visual_strides: the visual encoder's ``channels`` and
@@ -91,22 +140,9 @@ class LTSHead(nn.Module):
             raise ValueError(f"LTSHead needs strides 4, 8, 16, 32 (and optionally 2), got {self.strides}")
         ch = dict(zip(self.strides, visual_channels))
         c16, c8, c4 = decoder_widths
-        self.dim = dim
 
-        # 1. fuse: stride-32 cells + the 2x2 stride-16 cells under each (space-to-depth)
-        self.grid_in = nn.Linear(ch[32] + 4 * ch[16], dim)
-        self.grid_norm = nn.LayerNorm(dim)
-        self.text_in = nn.Linear(text_dim, dim)
-        self.text_layers = nn.ModuleList([TextLayer(dim, heads, mlp_ratio) for _ in range(text_layers)])
-        self.sent_in = nn.Linear(text_dim, dim)
-        self.sent_norm = nn.LayerNorm(dim)
-        self.fuse_vis = nn.Linear(dim, dim)
-        self.fuse_mul = nn.Linear(dim, dim, bias=False)
-        self.fuse_coord = nn.Linear(2, dim, bias=False)
-
-        # 2. locate
-        self.locate = nn.ModuleList([LocateLayer(dim, heads, mlp_ratio) for _ in range(depth)])
-        self.out_norm = nn.LayerNorm(dim)
+        # 1-2. fuse, locate
+        self._build_fuse_locate(ch, text_dim, dim, depth, heads, mlp_ratio, text_layers)
         self.prior = nn.Linear(dim, 4)  # 2x2 sub-cells -> prior on the stride-16 grid
 
         # 3. no-target
@@ -135,24 +171,10 @@ class LTSHead(nn.Module):
     def forward(self, vis: List[torch.Tensor], txt: TextFeatures, image_index: torch.Tensor) -> Dict[str, torch.Tensor]:
         maps = dict(zip(self.strides, vis))
         idx = image_index
-        h, w = maps[32].shape[-2:]
         S = vis[0].shape[-1] * self.strides[0]
 
-        # 1. fuse. Language-free grid, once per image.
-        g = torch.cat([maps[32], F.pixel_unshuffle(maps[16], 2)], 1)  # (B_img, C32 + 4 C16, h, w)
-        g = self.grid_norm(self.grid_in(g.flatten(2).transpose(1, 2)))  # (B_img, N, D), N = h*w
-        t = self.text_in(txt.tokens)  # (B, L, D)
-        for layer in self.text_layers:
-            t = layer(t, txt.mask)
-        s = self.sent_norm(self.sent_in(txt.sentence) + masked_mean(t, txt.mask))  # (B, D)
-        pos = sine_position_encoding(h, w, self.dim, g.device, g.dtype)  # (N, D)
-        coords = self.fuse_coord(coord_grid(h, w, g.device, g.dtype))  # (N, D)
-        x = self.fuse_vis(g)[idx] + self.fuse_mul(g[idx] * s[:, None, :]) + coords + pos  # (B, N, D)
-
-        # 2. locate
-        for layer in self.locate:
-            x = layer(x, pos, t, txt.mask)
-        x = self.out_norm(x)  # (B, N, D)
+        # 1-2. fuse, locate
+        x, t, s, (h, w) = self.fuse_locate(maps, txt, idx)  # x: (B, N, D)
         B = x.shape[0]
         prior = self.prior(x).transpose(1, 2).reshape(B, 4, h, w)  # (B, 4, h, w)
         prior = F.pixel_shuffle(prior, 2)  # (B, 1, 2h, 2w)

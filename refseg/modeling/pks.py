@@ -87,9 +87,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refseg.modeling.common import MLP, LocateLayer, TextLayer, conv_gn, coord_grid, sine_position_encoding
-from refseg.modeling.lts import LTS
-from refseg.modeling.text import TextFeatures, masked_mean
+from refseg.modeling.common import MLP, conv_gn
+from refseg.modeling.lts import LTS, FuseLocate
+from refseg.modeling.text import TextFeatures
 
 HEATMAP_STRIDE = 16
 
@@ -124,7 +124,7 @@ class MaskBranch(nn.Module):
         return self.out(p)  # (B_img, mask_channels, S/r, S/r)
 
 
-class PKSHead(nn.Module):
+class PKSHead(FuseLocate):
     """The trainable part of PKS.
 
     visual_channels / visual_strides: the visual encoder's ``channels`` and
@@ -168,21 +168,10 @@ class PKSHead(nn.Module):
         if kernel_layers < 1:
             raise ValueError("kernel_layers must be >= 1")
         ch = dict(zip(self.strides, visual_channels))
-        self.dim = dim
         self.mask_stride = int(mask_stride)
 
         # 1. position branch: LTS fusion + locate layers -> centre heatmap on the stride-16 grid
-        self.grid_in = nn.Linear(ch[32] + 4 * ch[16], dim)
-        self.grid_norm = nn.LayerNorm(dim)
-        self.text_in = nn.Linear(text_dim, dim)
-        self.text_layers = nn.ModuleList([TextLayer(dim, heads, mlp_ratio) for _ in range(text_layers)])
-        self.sent_in = nn.Linear(text_dim, dim)
-        self.sent_norm = nn.LayerNorm(dim)
-        self.fuse_vis = nn.Linear(dim, dim)
-        self.fuse_mul = nn.Linear(dim, dim, bias=False)
-        self.fuse_coord = nn.Linear(2, dim, bias=False)
-        self.locate = nn.ModuleList([LocateLayer(dim, heads, mlp_ratio) for _ in range(depth)])
-        self.out_norm = nn.LayerNorm(dim)
+        self._build_fuse_locate(ch, text_dim, dim, depth, heads, mlp_ratio, text_layers)
         self.heatmap = nn.Linear(dim, 4)  # 2x2 sub-cells per token
 
         # 2. kernel branch: sub-cell kernel features -> controller -> dynamic conv weights
@@ -213,22 +202,10 @@ class PKSHead(nn.Module):
         maps = dict(zip(self.strides, vis[:-1]))
         pooled_image = vis[-1]
         idx = image_index
-        _, _, h, w = maps[32].shape
         S = maps[4].shape[-1] * 4
 
         # 1. position branch
-        g = torch.cat([maps[32], F.pixel_unshuffle(maps[16], 2)], 1)  # (B_img, C32 + 4 C16, h, w)
-        g = self.grid_norm(self.grid_in(g.flatten(2).transpose(1, 2)))  # (B_img, N, D), N = h*w
-        t = self.text_in(txt.tokens)  # (B, L, D)
-        for layer in self.text_layers:
-            t = layer(t, txt.mask)
-        s = self.sent_norm(self.sent_in(txt.sentence) + masked_mean(t, txt.mask))  # (B, D)
-        pos = sine_position_encoding(h, w, self.dim, g.device, g.dtype)  # (N, D)
-        coords = self.fuse_coord(coord_grid(h, w, g.device, g.dtype))  # (N, D)
-        x = self.fuse_vis(g)[idx] + self.fuse_mul(g[idx] * s[:, None, :]) + coords + pos  # (B, N, D)
-        for layer in self.locate:
-            x = layer(x, pos, t, txt.mask)
-        x = self.out_norm(x)  # (B, N, D)
+        x, t, s, (h, w) = self.fuse_locate(maps, txt, idx)  # x: (B, N, D)
         B = x.shape[0]
         heat = self.heatmap(x).transpose(1, 2).reshape(B, 4, h, w)  # (B, 4, h, w)
         heat = F.pixel_shuffle(heat, 2)  # (B, 1, 2h, 2w)
