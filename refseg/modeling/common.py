@@ -105,7 +105,11 @@ class MLP(nn.Module):
 
 
 class TextLayer(nn.Module):
-    """Pre-norm transformer encoder layer over text tokens (B, L, D) with a padding mask (B, L)."""
+    """Pre-norm transformer encoder layer (self-attention + MLP) over tokens (B, L, D).
+
+    Used for text tokens with their padding mask (B, L) and, mask-free, for
+    SaG's slots of one image.
+    """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 2.0):
         super().__init__()
@@ -114,7 +118,7 @@ class TextLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
-    def forward(self, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         n = self.norm1(t)
         t = t + self.attn(n, n, n, mask)
         return t + self.mlp(self.norm2(t))

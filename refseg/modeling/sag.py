@@ -85,7 +85,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refseg.modeling.common import MLP, Attention, TextLayer, sine_position_encoding
+from refseg.modeling.common import MLP, TextLayer, sine_position_encoding
 from refseg.modeling.lts import LTS
 from refseg.modeling.text import TextFeatures, masked_mean
 
@@ -162,22 +162,6 @@ class SlotDecoder(nn.Module):
         return self.out(mixed), alpha  # (B, N, C), (B, K, N)
 
 
-class SlotContextLayer(nn.Module):
-    """Pre-norm self-attention + MLP among the slots (B, K, D) of one image."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 2.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.norm1(x)
-        x = x + self.attn(n, n, n)
-        return x + self.mlp(self.norm2(x))
-
-
 class SaGHead(nn.Module):
     """The trainable part of SaG.
 
@@ -226,7 +210,7 @@ class SaGHead(nn.Module):
         self.slot_attention = SlotAttention(dim, num_slots, iters, mlp_ratio)
         self.decoder = SlotDecoder(dim, self.feat_dim, decoder_hidden, decoder_depth)
         # 2. slot context
-        self.context = nn.ModuleList([SlotContextLayer(dim, heads, mlp_ratio) for _ in range(context_layers)])
+        self.context = nn.ModuleList([TextLayer(dim, heads, mlp_ratio) for _ in range(context_layers)])
         self.context_norm = nn.LayerNorm(dim)
         # 3. gather
         self.text_in = nn.Linear(text_dim, dim)
