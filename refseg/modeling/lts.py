@@ -9,8 +9,14 @@ Design (choices beyond the paper, made to reach the SynthRef targets with
 frozen cached encoders on a CPU budget; contracts in docs/DESIGN.md):
 
 1. Fuse, on the stride-32 grid (10 x 10 at 320 px). Each token is a
-   stride-32 cell concatenated with the 2 x 2 stride-16 cells under it
-   (space-to-depth, so no stride-16 detail is lost), projected to width D.
+   stride-32 cell concatenated with the cells under it of the finer maps
+   in ``grid_strides`` (space-to-depth: 2 x 2 stride-16, 4 x 4 stride-8,
+   8 x 8 stride-4 cells, so no detail is lost), projected to width D.
+   The fine maps matter for colour: with stride 32 + 16 only (the first
+   shipped model) most misses picked an object of the right shape and the
+   wrong colour (the deep ImageNet stages are nearly colour-invariant); the
+   early stride-8/4 stages still carry colour. It costs one wider linear
+   layer per image.
    This grid is language-free and computed once per *image*. Per sentence:
    ``x = A(g) + B(g * s) + C(coords) + pe``: ``s`` is the sentence vector
    projected to D (LTS's element-wise multiplicative fusion), ``coords``
@@ -68,10 +74,14 @@ class FuseLocate(nn.Module):
     """
 
     def _build_fuse_locate(self, channels: dict, text_dim: int, dim: int, depth: int, heads: int,
-                           mlp_ratio: float, text_layers: int) -> None:
+                           mlp_ratio: float, text_layers: int, grid_strides: Sequence[int] = (32, 16)) -> None:
         self.dim = dim
-        # fuse: stride-32 cells + the 2x2 stride-16 cells under each (space-to-depth)
-        self.grid_in = nn.Linear(channels[32] + 4 * channels[16], dim)
+        self.grid_strides = tuple(int(s) for s in grid_strides)
+        if self.grid_strides[0] != 32 or not set(self.grid_strides) <= set(channels) or len(set(self.grid_strides)) != len(self.grid_strides):
+            raise ValueError(f"grid_strides must start with 32 and name distinct encoder strides {sorted(channels)}, "
+                             f"got {list(grid_strides)}")
+        # fuse: each stride-32 cell + the (32/s)^2 cells under it of every finer grid stride s (space-to-depth)
+        self.grid_in = nn.Linear(sum(channels[s] * (32 // s) ** 2 for s in self.grid_strides), dim)
         self.grid_norm = nn.LayerNorm(dim)
         self.text_in = nn.Linear(text_dim, dim)
         self.text_layers = nn.ModuleList([TextLayer(dim, heads, mlp_ratio) for _ in range(text_layers)])
@@ -94,7 +104,8 @@ class FuseLocate(nn.Module):
         """
         h, w = maps[32].shape[-2:]
         # Language-free grid, once per image.
-        g = torch.cat([maps[32], F.pixel_unshuffle(maps[16], 2)], 1)  # (B_img, C32 + 4 C16, h, w)
+        g = torch.cat([maps[s] if s == 32 else F.pixel_unshuffle(maps[s], 32 // s) for s in self.grid_strides], 1)
+        # g: (B_img, sum_s C_s (32/s)^2, h, w)
         g = self.grid_norm(self.grid_in(g.flatten(2).transpose(1, 2)))  # (B_img, N, D), N = h*w
         t = self.text_in(txt.tokens)  # (B, L, D)
         for layer in self.text_layers:
@@ -117,7 +128,9 @@ class LTSHead(FuseLocate):
     dim: width D of the grid tokens; depth: locate layers; heads: attention
       heads; mlp_ratio: MLP hidden width / D; text_layers: refinement layers
       over the text tokens; decoder_widths: channels at strides 16, 8, 4;
-      fine_rank: K, the per-image stride-2 channels mixed per sentence.
+      fine_rank: K, the per-image stride-2 channels mixed per sentence;
+      grid_strides: the encoder maps folded into each grid token (see
+      FuseLocate).
     """
 
     def __init__(
@@ -133,6 +146,7 @@ class LTSHead(FuseLocate):
         decoder_widths: Sequence[int] = (48, 24, 12),
         fine_rank: int = 4,
         prior_init: float = 0.02,
+        grid_strides: Sequence[int] = (32, 16, 8, 4),
     ):
         super().__init__()
         self.strides = tuple(int(s) for s in visual_strides)
@@ -142,7 +156,7 @@ class LTSHead(FuseLocate):
         c16, c8, c4 = decoder_widths
 
         # 1-2. fuse, locate
-        self._build_fuse_locate(ch, text_dim, dim, depth, heads, mlp_ratio, text_layers)
+        self._build_fuse_locate(ch, text_dim, dim, depth, heads, mlp_ratio, text_layers, grid_strides)
         self.prior = nn.Linear(dim, 4)  # 2x2 sub-cells -> prior on the stride-16 grid
 
         # 3. no-target
