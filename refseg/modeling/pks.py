@@ -11,8 +11,9 @@ features the mask is cut from (shared/METHODS.md section 2). Same
 encode_image / encode_text / decode contract as LTS (docs/DESIGN.md); the
 choices (marked *(choice)* in METHODS.md or left open there) are:
 
-1. Position branch (per sentence). LTS's fusion, unchanged: stride-32 cells
-   + the 2 x 2 stride-16 cells under each (space-to-depth), multiplied with
+1. Position branch (per sentence). LTS's fusion (FuseLocate), unchanged:
+   stride-32 cells + the cells of the finer ``grid_strides`` maps under
+   each (space-to-depth), multiplied with
    the projected sentence vector, CoordConv + sine position encodings; then
    ``depth`` LocateLayers (self-attention among positions + cross-attention
    to the text tokens) on that 10 x 10 grid (at 320 px); a linear layer
@@ -136,6 +137,7 @@ class PKSHead(FuseLocate):
     kernel_channels / kernel_layers: the dynamic mask head (CondInst: 8 / 3).
     mask_stride: 4, or 2 (needs the stride-2 map); None = the finest available.
     heatmap_init / mask_init: initial probabilities (biases) of the heatmap and mask.
+    grid_strides: encoder maps folded into each grid token (LTS's FuseLocate).
     """
 
     def __init__(
@@ -156,6 +158,7 @@ class PKSHead(FuseLocate):
         mask_stride: Optional[int] = None,
         heatmap_init: float = 0.01,
         mask_init: float = 0.02,
+        grid_strides: Sequence[int] = (32, 16, 8, 4),
     ):
         super().__init__()
         self.strides = tuple(int(s) for s in visual_strides)
@@ -171,7 +174,7 @@ class PKSHead(FuseLocate):
         self.mask_stride = int(mask_stride)
 
         # 1. position branch: LTS fusion + locate layers -> centre heatmap on the stride-16 grid
-        self._build_fuse_locate(ch, text_dim, dim, depth, heads, mlp_ratio, text_layers)
+        self._build_fuse_locate(ch, text_dim, dim, depth, heads, mlp_ratio, text_layers, grid_strides)
         self.heatmap = nn.Linear(dim, 4)  # 2x2 sub-cells per token
 
         # 2. kernel branch: sub-cell kernel features -> controller -> dynamic conv weights
