@@ -113,9 +113,10 @@ PROMPT_INIT_STD = 0.02
 
 def ema_momentum(step: int, total_steps: int, steps_per_epoch: int, reference_epochs: float) -> float:
     """The EMA momentum used after optimiser step `step` (0-based) of a run of total_steps (module docstring)."""
-    run_epochs = total_steps / steps_per_epoch
-    scale = min(1.0, run_epochs / reference_epochs)
-    e = step / steps_per_epoch / scale  # position in epochs of the reference run
+    if total_steps < reference_epochs * steps_per_epoch:  # a shorter run: the same fraction of the run
+        e = step * reference_epochs / total_steps  # position in epochs of the reference run
+    else:
+        e = step / steps_per_epoch
     (m0, m1, m2, m3), (b1, b2) = EMA_MOMENTA, EMA_BREAKS
     if e < b1:
         return m0 + (m1 - m0) * e / b1
