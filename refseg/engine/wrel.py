@@ -227,7 +227,7 @@ def weak_refs(samples) -> List[tuple]:
     return [(r, first[r], samples[first[r]].text) for r in order]
 
 
-def _stage_done(folder: Path) -> bool:
+def stage_done(folder: Path) -> bool:
     """Whether a stage's last/ checkpoint has reached the stage's length."""
     found = ckpt.find_checkpoint(folder, "last")
     if found is None:
@@ -394,7 +394,7 @@ def train_wrel(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -
 
     # 1. teacher on the accurate refs
     stage1 = run / STAGE1
-    if resume and _stage_done(stage1):
+    if resume and stage_done(stage1):
         _note(cfg, f"stage 1 done ({stage1})")
     else:
         _note(cfg, "stage 1/3: teacher on the accurate refs")
@@ -408,7 +408,7 @@ def train_wrel(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -
 
     # 2. reference bank through the frozen teacher
     stage2 = run / STAGE2
-    if resume and _stage_done(stage2):
+    if resume and stage_done(stage2):
         _note(cfg, f"stage 2 done ({stage2})")
     else:
         _note(cfg, "stage 2/3: reference bank")
@@ -421,7 +421,7 @@ def train_wrel(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -
 
     # 3. student on the mixed data, EMA teacher
     hooks = StudentHooks(enriched, cfg.wrel_ema_epochs, cfg.wrel_final)
-    if resume and _stage_done(run):
+    if resume and stage_done(run):
         _note(cfg, f"stage 3 done ({run})")
         return {"run": str(run), "stages": stages, "done": True}
     _note(cfg, "stage 3/3: student on the mixed data, EMA teacher")
