@@ -106,7 +106,7 @@ def main() -> int:
     ap.add_argument("--runs", default="runs/wrel-aerial", help="folder of the runs (reused when finished)")
     ap.add_argument("--steps", type=int, default=3000, help="optimiser steps of upper, naive and the WREL student")
     ap.add_argument("--teacher-steps", type=int, default=0, help="WREL stage-1 steps (0 = --steps)")
-    ap.add_argument("--bank-iters", type=int, default=20, help="WREL stage-2 Adam steps per weak ref")
+    ap.add_argument("--bank-iters", type=int, default=10, help="WREL stage-2 Adam steps per weak ref")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", default=None, help="shared feature cache folder (recommended)")

@@ -17,7 +17,7 @@ from refseg.cli import main as cli
 from refseg.engine import train as engine
 from refseg.engine import wrel
 from refseg.engine.wrel import StudentHooks, ema_copy, ema_momentum
-from refseg.modeling.bank import class_name_tokens, encode_with_prompts, insert_prompts
+from refseg.modeling.bank import class_name_tokens, encode_with_prompts, insert_prompts, prompt_slots
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools on numpy 2
 
@@ -138,8 +138,12 @@ def test_bank_prompts_reach_the_teacher_output_and_leave_the_class_name_alone():
     per_prompt = prompts.grad.norm(dim=-1)  # (2, P)
     assert (per_prompt > 0).all(), per_prompt
     assert all(p.grad is None for p in text.parameters())  # the encoder stays frozen
-    with pytest.raises(ValueError, match="exceeds the text length"):
-        insert_prompts(words, mask, torch.zeros(2, 10, text.dim))
+    # more prompts than padding slots: the first L - n fit, the rest are left out
+    many = torch.randn(2, 10, text.dim)
+    embeds, enriched_mask = insert_prompts(words, mask, many)
+    assert torch.equal(embeds[:, :n], words[:, :n]) and torch.equal(embeds[:, n:], many[:, :12 - n])
+    assert enriched_mask.tolist() == [[1] * 12] * 2
+    assert prompt_slots(mask, 10).tolist() == [9, 9] and prompt_slots(mask, PROMPTS).tolist() == [PROMPTS] * 2
 
 
 # ---- the three stages -------------------------------------------------------------------------

@@ -52,7 +52,7 @@ class TrainConfig:
     method: str = "plain"  # plain (one model, the loop below) or wrel (LRB-WREL: teacher, reference bank, EMA student; engine/wrel.py)
     wrel_teacher_steps: int = 0  # wrel stage 1 (teacher on the accurate refs) optimiser steps (0 = as max_steps / epochs)
     wrel_bank_prompts: int = 20  # wrel stage 2: learnable prompt vectors per weak ref, placed after the class-name tokens
-    wrel_bank_iters: int = 30  # wrel stage 2: Adam steps spent on each weak ref's prompts
+    wrel_bank_iters: int = 10  # wrel stage 2: Adam steps spent on each weak ref's prompts
     wrel_bank_lr: float = 0.01  # wrel stage 2: Adam learning rate of the prompts
     wrel_bank_batch: int = 0  # wrel stage 2: weak refs optimised together (0 = batch_size)
     wrel_ema_epochs: float = 40.0  # wrel stage 3: length in epochs of the run the EMA schedule (epochs 0-1-3) is written for; shorter runs squeeze it

@@ -28,7 +28,8 @@ Stages (choices marked as such; METHODS.md leaves them open):
 2. Learnable Reference Bank (modeling/bank.py): for each weak train ref,
    wrel_bank_prompts vectors in the word-embedding space (N(0, 0.02^2),
    seeded by --seed), written after its class-name tokens in the padding
-   slots with the attention mask on. With the teacher frozen, each ref's
+   slots with the attention mask on (a class name too long for all of them
+   within the text length gets those that fit). With the teacher frozen, each ref's
    prompts are optimised for the teacher's own loss (LTS: mask BCE + Dice +
    prior) against the ref's ground-truth mask: wrel_bank_iters Adam steps at
    wrel_bank_lr. Refs go in image-grouped batches of wrel_bank_batch, each
@@ -248,17 +249,18 @@ def train_bank(cfg: TrainConfig, teacher: nn.Module, train_ds, cache, out: Path,
 
     from refseg.engine.optim import resolve_amp
     from refseg.engine.runlog import RunLog
-    from refseg.modeling.bank import ReferenceBank, class_name_tokens, encode_with_prompts
+    from refseg.modeling.bank import ReferenceBank, class_name_tokens, encode_with_prompts, prompt_slots
 
     refs = weak_refs(train_ds.samples)
     if not refs:
         raise engine.TrainError(f"no weak refs in split {cfg.train_split!r}: nothing for the reference bank")
     ref_ids = torch.tensor([r for r, _, _ in refs], dtype=torch.int64)
     input_ids, attention_mask = class_name_tokens(teacher.text, [t for _, _, t in refs], device)  # (R, L)
-    longest = int(attention_mask.sum(1).max())
-    if longest + cfg.wrel_bank_prompts > input_ids.shape[1]:
-        raise engine.TrainError(f"a weak expression takes {longest} tokens: with {cfg.wrel_bank_prompts} prompts "
-                                f"it exceeds the text length {input_ids.shape[1]}; lower --wrel-bank-prompts")
+    fits = prompt_slots(attention_mask, cfg.wrel_bank_prompts)  # (R,)
+    short = sorted({t for (_, _, t), k in zip(refs, fits.tolist()) if k < cfg.wrel_bank_prompts})
+    if short and cfg.progress:
+        print(f"refseg train (wrel): {short} leave room for only {int(fits.min())} of the "
+              f"{cfg.wrel_bank_prompts} prompts (text length {input_ids.shape[1]})", file=sys.stderr)
     bank = ReferenceBank(len(refs), cfg.wrel_bank_prompts, teacher.text.dim, PROMPT_INIT_STD,
                          generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     size = cfg.wrel_bank_batch or cfg.batch_size

@@ -50,19 +50,24 @@ def insert_prompts(embeds: torch.Tensor, attention_mask: torch.Tensor, prompts: 
     must come first; prompts: (B, P, D). Returns (embeds (B, L, D), mask
     (B, L) int64) as new tensors: the real tokens' rows unchanged, rows
     n_b .. n_b + P - 1 replaced by the prompts (n_b = real tokens of row b)
-    with the mask set there. Gradients flow to `prompts` (and to `embeds`
-    outside those rows). Raises ValueError when n_b + P exceeds L.
+    with the mask set there. A row whose n_b + P exceeds L takes its first
+    L - n_b prompts only (see `prompt_slots`). Gradients flow to `prompts`
+    (and to `embeds` outside those rows).
     """
     B, L, D = embeds.shape
     P = prompts.shape[1]
-    n = attention_mask.sum(1)  # (B,)
-    if int(n.max()) + P > L:
-        raise ValueError(f"an expression of {int(n.max())} tokens + {P} prompts exceeds the text length {L}; "
-                         "use fewer prompts (wrel_bank_prompts) or a larger max_length")
-    slots = n[:, None] + torch.arange(P, device=n.device)[None, :]  # (B, P) positions after [SEP]
-    embeds = embeds.scatter(1, slots[:, :, None].expand(B, P, D), prompts.to(embeds.dtype))  # (B, L, D)
-    mask = attention_mask.long().scatter(1, slots, 1)  # (B, L)
-    return embeds, mask
+    slots = attention_mask.sum(1)[:, None] + torch.arange(P, device=embeds.device)[None, :]  # (B, P) after [SEP]
+    # scatter into P spare rows past the end, then cut them off: prompts that do not fit fall there
+    spare = embeds.new_zeros(B, P, D)
+    embeds = torch.cat([embeds, spare], 1).scatter(1, slots[:, :, None].expand(B, P, D), prompts.to(embeds.dtype))
+    mask = torch.cat([attention_mask.long(), attention_mask.new_zeros(B, P).long()], 1).scatter(1, slots, 1)
+    return embeds[:, :L], mask[:, :L]  # (B, L, D), (B, L)
+
+
+def prompt_slots(attention_mask: torch.Tensor, n_prompts: int) -> torch.Tensor:
+    """(B,) how many of the prompts fit after each expression: min(P, L - n_b)."""
+    free = attention_mask.shape[1] - attention_mask.sum(1)
+    return free.clamp(max=n_prompts)
 
 
 def encode_with_prompts(text: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
