@@ -12,8 +12,10 @@ when finished, three runs under --runs:
     wrel-p<p>-s<s>     LRB-WREL on the same weak split (refseg train --method wrel --accurate-fraction p)
 
 then evaluates each run's best/ on the accurate expressions of --split
-(test) with refseg.engine.evaluate_core (the code of `refseg eval`) and
-prints oIoU / mIoU / PointM with the ratios to the upper bound, and the
+(test) with refseg.engine.evaluate_core (the code of `refseg eval`), and
+for WREL also the network best/ does not hold (the student, or the EMA
+teacher with --wrel-final student; shown as an extra row, left out of the
+verdicts), and prints oIoU / mIoU / PointM with the ratios to the upper bound, and the
 issue's targets: WREL oIoU >= 0.92 x upper at p = 0.1, >= 0.97 x at
 p = 0.5, and (with two or more seeds) WREL beats naive by more than the
 seed-to-seed spread (max - min over seeds of either). --json writes it all.
@@ -81,6 +83,19 @@ def ensure_run(condition: str, args, seed: int) -> Path:
     return out
 
 
+def other_network(run: Path) -> tuple:
+    """(name, model) of the WREL network best/ does not hold: the student (last/) or the EMA teacher (last/ema)."""
+    import refseg
+    from refseg.engine.checkpoint import load_extra, load_weights
+
+    final = json.loads((run / "config.json").read_text()).get("wrel_final", "teacher")
+    model = refseg.load(run / "last")  # the student
+    if final == "teacher":
+        return "student", model
+    load_weights(model, load_extra(run / "last", "ema"), source=f"{run}/last/ema.safetensors")
+    return "teacher", model
+
+
 def table(rows: dict) -> str:
     """Aligned text: one row per run; oIoU, mIoU, PointM in %, the ratios to the upper bound as fractions."""
     cols = ["oIoU", "mIoU", "PointM", "oIoU/upper", "mIoU/upper"]
@@ -140,22 +155,27 @@ def main() -> int:
         return 0
 
     data = load_refer(data_dir)
-    results = {}
+    results, names = {}, {}  # (label, seed) -> metrics, row name
     for (c, s), run in runs.items():
-        start = time.perf_counter()
-        metrics = evaluate_model(refseg.load(run), data, split=args.split, batch_size=32,
-                                 max_samples=args.eval_max_samples, progress=False)
-        results[(c, s)] = metrics
-        print(f"[{c} s{s}] evaluated {metrics['n']} {args.split} sentences in {time.perf_counter() - start:.0f} s",
-              flush=True)
+        networks = [(c, refseg.load(run))]
+        if c == "wrel":  # also the network the run does not ship, for the teacher-or-student choice
+            other, model = other_network(run)
+            networks.append((f"wrel-{other}", model))
+        for label, model in networks:
+            start = time.perf_counter()
+            results[(label, s)] = evaluate_model(model, data, split=args.split, batch_size=32,
+                                                 max_samples=args.eval_max_samples, progress=False)
+            names[(label, s)] = run_name(c, args.accurate_fraction, s) + (f" ({label[5:]})" if label != c else "")
+            print(f"[{label} s{s}] evaluated {results[(label, s)]['n']} {args.split} sentences in "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
 
     rows = {}
-    for (c, s), m in results.items():
+    for (label, s), m in results.items():
         row = {k: m[k] for k in ("oIoU", "mIoU", "PointM")}
         upper = results.get(("upper", s))
         for k in ("oIoU", "mIoU"):
             row[f"{k}/upper"] = m[k] / upper[k] if upper is not None and upper[k] else float("nan")
-        rows[run_name(c, args.accurate_fraction, s)] = row
+        rows[names[(label, s)]] = row
     mean = {c: statistics.mean(results[(c, s)]["oIoU"] for s in args.seed) for c in conditions}
     spread = {c: max(results[(c, s)]["oIoU"] for s in args.seed) - min(results[(c, s)]["oIoU"] for s in args.seed)
               for c in conditions}
@@ -177,9 +197,8 @@ def main() -> int:
         write_json_atomic({
             "data": str(data_dir.resolve()), "split": args.split, "accurate_fraction": args.accurate_fraction,
             "seeds": args.seed, "weak_seed": args.weak_seed, "steps": args.steps,
-            "runs": {run_name(c, args.accurate_fraction, s): {"condition": c, "seed": s, "run": str(runs[(c, s)]),
-                                                              "metrics": results[(c, s)]}
-                     for (c, s) in results},
+            "runs": {names[(label, s)]: {"network": label, "seed": s, "metrics": m} for (label, s), m in results.items()},
+            "folders": {run_name(c, args.accurate_fraction, s): str(run) for (c, s), run in runs.items()},
             "mean_oIoU": mean, "spread_oIoU": spread, "verdicts": verdicts,
         }, Path(args.json))
         print(f"wrote {args.json}")

@@ -4,7 +4,6 @@ the hand-over between the three stages, resume inside a stage, and the baselines
 import csv
 import json
 import pickle
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +14,6 @@ from safetensors.torch import load_file
 import refseg
 from refseg.cli import main as cli
 from refseg.engine import train as engine
-from refseg.engine import wrel
 from refseg.engine.wrel import StudentHooks, ema_copy, ema_momentum
 from refseg.modeling.bank import class_name_tokens, encode_with_prompts, insert_prompts, prompt_slots
 

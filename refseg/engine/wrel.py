@@ -64,7 +64,10 @@ E_ref 10: 0.95 at step 0, 0.99 at step 40, 0.999 just before step 120,
 Evaluation: wrel_final chooses the network that validation scores, best/
 holds and a shipped model carries: the EMA teacher by default (choice:
 mean-teacher practice; without the optional consistency loss the teacher
-has no other effect on the result), or the student. Without a validation
+has no other effect on the result), or the student. Caveat: at 0.9995 the
+teacher averages over about 2000 steps, so in a stage 3 of a few thousand
+steps it still carries a share of the early weights (0.9995^2000 = 0.37);
+benchmarks/wrel_aerial.py scores both networks so the choice can be checked. Without a validation
 split best/ is written at the end of stage 3. RUN/best is a plain LTS
 checkpoint, so `refseg.load(RUN)`, `refseg eval --checkpoint RUN` and
 `scripts/ship_model.py --run RUN` treat the run like any other.
@@ -93,7 +96,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -173,7 +175,7 @@ class StudentHooks(engine.TrainHooks):
         self.final = final
         self.student: Optional[nn.Module] = None
         self.teacher: Optional[nn.Module] = None
-        self.momentum: Optional[float] = None  # the last one applied (logged, tested)
+        self.momentum: Optional[float] = None  # the last one applied
 
     def setup(self, model: nn.Module, train_ds, device: torch.device) -> None:
         missing = sorted({s.ref_id for s in train_ds.samples if s.weak} - set(self.row_of))
