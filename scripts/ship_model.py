@@ -8,7 +8,9 @@ given split with the same code as `refseg eval`, and writes
 `refseg/weights/<name>.safetensors` (trainable weights only: the frozen
 encoders come from their pip packages) and `<name>.json` (model config,
 SHA-256, the training command(s), the training record read from the run's
-log.csv, and the measured scores).
+log.csv, and the measured scores). An LRB-WREL run (`refseg train --method
+wrel`) ships its best/ (the EMA teacher by default) and records its three
+stages.
 """
 
 import argparse
@@ -30,13 +32,29 @@ def training_record(run: Path) -> dict:
             elif row["tag"] == "train/samples_per_s":
                 speeds.append(float(row["value"]))
     config = json.loads((run / "config.json").read_text())
-    return {
+    record = {
         "steps": max(steps) if steps else 0,
         "batch_size": config.get("batch_size"),
         "logged_span_minutes": round((max(times) - min(times)) / 60, 1) if times else None,
         "cached_step_samples_per_s_median": round(statistics.median(speeds), 1) if speeds else None,
         "config": config,
     }
+    if (run / "stage1-teacher" / "log.csv").exists():  # an LRB-WREL run (engine/wrel.py): stages 1 and 2 too
+        record["stages"] = {"teacher": training_record(run / "stage1-teacher"),
+                            "bank": bank_record(run / "stage2-bank")}
+    return record
+
+
+def bank_record(folder: Path) -> dict:
+    """LRB-WREL stage 2 from its log.csv: batches, mean loss before / after fitting, mean IoU after, wall time."""
+    values, times = {}, []
+    with open(folder / "log.csv") as f:
+        for row in csv.DictReader(f):
+            values.setdefault(row["tag"], []).append(float(row["value"]))
+            times.append(float(row["time"]))
+    mean = {tag: round(statistics.mean(v), 4) for tag, v in values.items()}
+    return {"batches": len(values.get("bank/loss_last", [])), "mean": mean,
+            "logged_span_minutes": round((max(times) - min(times)) / 60, 1) if times else None}
 
 
 def main() -> int:

@@ -132,6 +132,28 @@ def weaken(src_dir, out_dir, accurate_fraction: float, seed: int, split_by: str 
     return meta
 
 
+def ensure_weak(src_dir, out_dir, accurate_fraction: float, seed: int, split_by: str = "unc",
+                images_dir: Optional[str] = None) -> Path:
+    """`out_dir`, holding the weak split of `src_dir`: made by `weaken`, or reused
+    when its weak.json records the same source, fraction, seed and refs file
+    (what `refseg train --accurate-fraction` calls). Raises FileExistsError
+    when `out_dir` holds something else."""
+    out = Path(out_dir)
+    wanted = {"source": str(Path(src_dir).absolute()), "accurate_fraction": float(accurate_fraction),
+              "seed": int(seed), "refs_file": f"refs({split_by}).p"}
+    if out.exists():
+        try:
+            meta = json.loads((out / "weak.json").read_text())
+        except (OSError, ValueError):
+            meta = None
+        found = None if meta is None else {k: meta.get(k) for k in wanted}
+        if found != wanted:
+            raise FileExistsError(f"{out} exists but is not the weak split {wanted} (weak.json: {found})")
+        return out
+    weaken(src_dir, out, accurate_fraction, seed, split_by=split_by, images_dir=images_dir)
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True,
                         help="source refer data set folder (refs(<split_by>).p, instances.json)")

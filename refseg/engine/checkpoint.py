@@ -10,6 +10,8 @@ A checkpoint is a folder (`RUN/last/`, `RUN/best/`):
     optimizer.safetensors  AdamW moments, keyed by parameter name
     state.json             step, epoch, data-order position, schedule, RNG
                            states, optimizer hyper-parameters, metrics
+    <name>.safetensors     optional further tensors a training method keeps
+                           (LRB-WREL: the EMA teacher, the reference bank)
     manifest.json          name, size and SHA-256 of every file above; written
                            last, so a folder without a matching manifest is not
                            a checkpoint
@@ -197,9 +199,14 @@ def model_meta(model: nn.Module, stored: Iterable[str], dtype: str = "float32") 
 
 def save_checkpoint(final: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     state: Optional[Dict[str, Any]] = None, include_frozen: bool = False,
-                    with_rng: bool = True) -> Path:
+                    with_rng: bool = True, extra: Optional[Dict[str, Dict[str, torch.Tensor]]] = None) -> Path:
     """Write a checkpoint folder atomically (see the module docstring). `state`
-    is any JSON-able dict (step, epoch, ...); RNG states are added to it."""
+    is any JSON-able dict (step, epoch, ...); RNG states are added to it.
+    extra: {name: tensors} written as `<name>.safetensors` (read back with load_extra)."""
+    extra = {name: _contiguous(tensors) for name, tensors in (extra or {}).items()}
+    reserved = {MODEL_FILE, OPTIM_FILE} & {f"{name}.safetensors" for name in extra}
+    if reserved:
+        raise ValueError(f"extra tensors may not be named like {sorted(reserved)}")
     weights = _contiguous(stored_state(model, include_frozen))
     names = {p: n for n, p in model.named_parameters()}
     state = dict(state or {})
@@ -214,9 +221,19 @@ def save_checkpoint(final: PathLike, model: nn.Module, optimizer: Optional[torch
         _write_json(tmp / MODEL_JSON, model_meta(model, weights))
         if optimizer is not None:
             _save_safetensors(opt_tensors, tmp / OPTIM_FILE)
+        for name, tensors in extra.items():
+            _save_safetensors(tensors, tmp / f"{name}.safetensors")
         _write_json(tmp / STATE_JSON, state)
 
     return write_atomic_dir(Path(final), write)
+
+
+def load_extra(ckpt: PathLike, name: str) -> Dict[str, torch.Tensor]:
+    """The tensors a checkpoint stored under `extra={name: ...}`."""
+    path = Path(ckpt) / f"{name}.safetensors"
+    if not path.exists():
+        raise CheckpointError(f"{ckpt} holds no {path.name}")
+    return load_file(str(path))
 
 
 def load_training_state(ckpt: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,

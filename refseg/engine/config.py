@@ -22,6 +22,9 @@ from typing import Any, Dict, Optional, Union
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 CACHE_CHOICES = ("auto", "on", "off")
 SUPERVISION_CHOICES = ("full", "click", "text")
+METHOD_CHOICES = ("plain", "wrel")
+SUBSET_CHOICES = ("all", "accurate")
+WREL_FINAL_CHOICES = ("teacher", "student")
 
 
 @dataclass
@@ -37,11 +40,23 @@ class TrainConfig:
     val_split: str = "val"  # split validated on ("" = no validation)
     size: int = 320  # letterbox side, pixels
     supervision: str = "full"  # training signal: full (masks), click, text
+    train_subset: str = "all"  # sentences of train_split trained on: all, or accurate (refs not marked weak by refseg weaken)
+    accurate_fraction: Optional[float] = None  # first make the weak-expression split of DATA (refseg weaken, this share p of accurate train refs) in RUN/data and train on it (None = DATA as it is)
+    weak_seed: int = 0  # seed of refseg weaken's per-category choice (with accurate_fraction)
     # batching and length
     batch_size: int = 32  # sentences per optimiser step, summed over all processes
     images_per_batch: int = 8  # distinct images per batch; their sentences share one visual encoding (0 = sentences drawn independently)
     epochs: int = 10  # passes over the training sentences (ignored when max_steps > 0)
     max_steps: int = 0  # optimiser steps to run (0 = epochs x steps per epoch)
+    # method
+    method: str = "plain"  # plain (one model, the loop below) or wrel (LRB-WREL: teacher, reference bank, EMA student; engine/wrel.py)
+    wrel_teacher_steps: int = 0  # wrel stage 1 (teacher on the accurate refs) optimiser steps (0 = as max_steps / epochs)
+    wrel_bank_prompts: int = 20  # wrel stage 2: learnable prompt vectors per weak ref, placed after the class-name tokens
+    wrel_bank_iters: int = 10  # wrel stage 2: Adam steps spent on each weak ref's prompts
+    wrel_bank_lr: float = 0.01  # wrel stage 2: Adam learning rate of the prompts
+    wrel_bank_batch: int = 0  # wrel stage 2: weak refs optimised together (0 = batch_size)
+    wrel_ema_epochs: float = 40.0  # wrel stage 3: length in epochs of the run the EMA schedule (epochs 0-1-3) is written for; shorter runs squeeze it
+    wrel_final: str = "teacher"  # wrel stage 3: the network validated, kept in best/ and shipped: teacher (the EMA) or student
     # optimisation
     lr: float = 3e-4  # AdamW peak learning rate
     min_lr: float = 3e-6  # learning rate at the end of the cosine decay
@@ -74,11 +89,24 @@ class TrainConfig:
             raise ValueError(f"cache_features must be one of {CACHE_CHOICES}, got {self.cache_features!r}")
         if self.supervision not in SUPERVISION_CHOICES:
             raise ValueError(f"supervision must be one of {SUPERVISION_CHOICES}, got {self.supervision!r}")
+        for name, choices in (("method", METHOD_CHOICES), ("train_subset", SUBSET_CHOICES),
+                              ("wrel_final", WREL_FINAL_CHOICES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.accurate_fraction is not None and not 0.0 <= self.accurate_fraction <= 1.0:
+            raise ValueError(f"accurate_fraction must be in [0, 1], got {self.accurate_fraction}")
+        if self.method == "wrel" and self.supervision != "full":
+            raise ValueError(f"method wrel trains with full masks, got supervision {self.supervision!r}")
+        for name in ("wrel_bank_prompts", "wrel_bank_iters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.wrel_bank_lr <= 0 or self.wrel_ema_epochs <= 0:
+            raise ValueError("wrel_bank_lr and wrel_ema_epochs must be positive")
         for name in ("batch_size", "size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("images_per_batch", "epochs", "max_steps", "warmup_steps", "threads", "workers",
-                     "val_every", "val_max_samples", "log_every", "save_every"):
+                     "val_every", "val_max_samples", "log_every", "save_every", "wrel_teacher_steps", "wrel_bank_batch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.epochs == 0 and self.max_steps == 0:
@@ -192,11 +220,18 @@ def _parse_json_dict(text: str) -> dict:
     return value
 
 
-def _optional_str(text: str) -> Optional[str]:
-    return None if text.lower() in ("", "none", "null") else text
+def _optional(base):
+    """Parser of an Optional[base] flag: "", none, null -> None, else base(text)."""
+
+    def parse(text: str):
+        return None if text.lower() in ("", "none", "null") else base(text)
+
+    parse.__name__ = base.__name__  # argparse names the type in its error messages
+    return parse
 
 
-CHOICES = {"amp": AMP_CHOICES, "cache_features": CACHE_CHOICES, "supervision": SUPERVISION_CHOICES}
+CHOICES = {"amp": AMP_CHOICES, "cache_features": CACHE_CHOICES, "supervision": SUPERVISION_CHOICES,
+           "method": METHOD_CHOICES, "train_subset": SUBSET_CHOICES, "wrel_final": WREL_FINAL_CHOICES}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
@@ -220,7 +255,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> No
         if origin is dict:
             kw.update(type=_parse_json_dict, metavar="JSON")
         elif optional:
-            kw.update(type=_optional_str, metavar=f.name.upper())
+            kw.update(type=_optional(origin), metavar=f.name.upper())
         else:
             kw.update(type=origin, metavar=f.name.upper())
         if f.name in CHOICES:

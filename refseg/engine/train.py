@@ -4,6 +4,8 @@
     refseg train --config runs/lts/config.json --lr 1e-4 --out runs/lts-lr1e-4
     refseg train --resume runs/lts --max-steps 6000       # continue exactly where last/ stopped
     refseg train --nproc 2 ...                             # = torchrun --nproc_per_node 2 -m refseg.cli train ...
+    refseg train --accurate-fraction 0.1 --data D ...      # on the weak split of D (made in RUN/data)
+    refseg train --method wrel --accurate-fraction 0.1 --data D ...   # LRB-WREL, three stages (engine/wrel.py)
 
 What a run does:
 1. Builds the model (`refseg.modeling.MODELS[model](**model_kwargs)`), with
@@ -20,6 +22,12 @@ What a run does:
 4. Logs to RUN/log.csv (time, step, epoch, tag, value) and TensorBoard
    (RUN/tb); validates every val_every steps with RISMetrics and keeps the
    checkpoint of the best val mIoU in RUN/best/, the latest in RUN/last/.
+
+With `accurate_fraction` set, the run first writes the weak-expression split
+of DATA into RUN/data (`refseg weaken`, reused when it is already there) and
+trains on that; `train_subset accurate` trains on the refs it left accurate
+only. `method wrel` runs LRB-WREL's three stages (engine/wrel.py), which use
+this loop for stages 1 and 3 through `TrainHooks`.
 """
 
 from __future__ import annotations
@@ -46,6 +54,36 @@ from refseg.engine.runlog import RunLog
 
 class TrainError(ValueError):
     """A configuration or data problem, reported to the user in one line."""
+
+
+class TrainHooks:
+    """What a training method adds to the loop; the defaults add nothing (a plain run).
+
+    engine/wrel.py's student stage uses them: it swaps the text features of
+    weak sentences, moves an EMA teacher after every step, validates and
+    ships the teacher, and keeps it in RUN/last/ for --resume.
+    """
+
+    def setup(self, model: nn.Module, train_ds, device: torch.device) -> None:
+        """Called once, after the model, data set and cache are ready and before a resume loads last/."""
+
+    def prepare(self, batch: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
+        """The step's batch (cached: vis + txt; uncached: images + text) before the forward pass."""
+        return batch
+
+    def after_step(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
+        """Called after optimiser step `step` (0-based) has updated the model."""
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        """The network that validation scores and RUN/best/ holds."""
+        return model
+
+    def state_tensors(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """Extra tensors RUN/last/ keeps for --resume: {file stem: tensors}."""
+        return {}
+
+    def load_state(self, ckpt: Path) -> None:
+        """Restore what state_tensors saved, from a resumed checkpoint folder."""
 
 
 # (model name, supervision) -> name of the loss in refseg.losses: loss(out, batch) -> {"loss": ..., parts}
@@ -181,6 +219,24 @@ def to_step_batch(items: Dict[str, Any], device: torch.device) -> Dict[str, Any]
     return out
 
 
+def subset_rows(samples, subset: str) -> np.ndarray:
+    """Indices of the training sentences used: all, or those of refs not marked weak."""
+    if subset == "all":
+        return np.arange(len(samples), dtype=np.int64)
+    return np.array([i for i, s in enumerate(samples) if not s.weak], dtype=np.int64)
+
+
+def weak_data_dir(cfg: TrainConfig, run: Path) -> Path:
+    """RUN/data: the weak split of cfg.data at cfg.accurate_fraction (made, or reused when it matches)."""
+    from refseg.data.weak import ensure_weak
+
+    try:
+        return ensure_weak(cfg.data, run / "data", cfg.accurate_fraction, cfg.weak_seed,
+                           split_by=cfg.split_by or "unc", images_dir=cfg.images)
+    except FileExistsError as e:
+        raise TrainError(str(e)) from None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -190,12 +246,20 @@ def seed_everything(seed: int) -> None:
 # ---- the run ------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -> Dict[str, Any]:
+def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
+          hooks: Optional[TrainHooks] = None) -> Dict[str, Any]:
     """Run training as configured; returns {"run", "step", "best", "val", "train_loss"}.
 
     model / data: ready-built objects to use instead of building them from
     cfg.model / cfg.data (tests, notebooks); cfg still names them in config.json.
+    hooks: a training method's additions to the loop (see TrainHooks). A
+    `method wrel` config without hooks runs the three LRB-WREL stages.
     """
+    if cfg.method == "wrel" and hooks is None:
+        from refseg.engine.wrel import train_wrel
+
+        return train_wrel(cfg, model, data)
+    hooks = hooks or TrainHooks()
     from refseg.data.dataset import RefSegDataset, collate
     from refseg.engine import cache as feature_cache
     from refseg.engine import checkpoint as ckpt
@@ -215,21 +279,27 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -> Dic
     main_rank = info.is_main
     progress = cfg.progress and main_rank
 
-    # data, model, loss (checked before anything is written)
+    # data, model, loss (checked before anything is written, but the weak split)
+    loss_fn = loss_function(cfg)
+    run = Path(cfg.out or f"runs/{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}")
+    run = Path(distributed.broadcast_object(str(run), info))
     if data is None:
         from refseg.data.refer import load_refer
 
-        data = load_refer(cfg.data, split_by=cfg.split_by, images_dir=cfg.images)
+        data_dir = cfg.data
+        if cfg.accurate_fraction is not None:
+            if main_rank:
+                weak_data_dir(cfg, run)
+            distributed.barrier(info)
+            data_dir = run / "data"
+        data = load_refer(data_dir, split_by=cfg.split_by, images_dir=cfg.images)
     if cfg.train_split not in data.splits():
         raise TrainError(f"no split {cfg.train_split!r} in {cfg.data} (splits: {', '.join(data.splits())})")
-    loss_fn = loss_function(cfg)
     seed_everything(cfg.seed)
     if model is None:
         model = build_model(cfg)
     model.to(device)
 
-    run = Path(cfg.out or f"runs/{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}")
-    run = Path(distributed.broadcast_object(str(run), info))
     if main_rank:
         run.mkdir(parents=True, exist_ok=True)
         TrainConfig.from_dict({**cfg.to_dict(), "out": str(run), "resume": None}).save(run / "config.json")
@@ -274,13 +344,17 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -> Dic
     optimizer = make_optimizer(model, cfg)
     amp_dtype = resolve_amp(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16 and device.type == "cuda")
-    sampler = GroupBatchSampler([s.image_id for s in train_ds.samples], cfg.batch_size, cfg.images_per_batch,
+    rows = subset_rows(train_ds.samples, cfg.train_subset)  # data set indices trained on
+    sampler = GroupBatchSampler([train_ds.samples[r].image_id for r in rows], cfg.batch_size, cfg.images_per_batch,
                                 seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     steps_per_epoch = len(sampler)
     if steps_per_epoch == 0:
-        raise TrainError(f"split {cfg.train_split!r} has no sentences")
+        raise TrainError(f"split {cfg.train_split!r} has no sentences"
+                         + (f" in subset {cfg.train_subset!r}" if cfg.train_subset != "all" else ""))
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     trainable = [p for p in model.parameters() if p.requires_grad]
+
+    hooks.setup(model, train_ds, device)
 
     # resume
     step, epoch, position, best = 0, 0, 0, None
@@ -292,6 +366,7 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -> Dic
         step, epoch, position, best = state["step"], state["epoch"], state["position"], state.get("best")
         if state.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])
+        hooks.load_state(found)
         if main_rank and progress:
             print(f"resumed from {found} at step {step} (epoch {epoch}, batch {position})", file=sys.stderr)
 
@@ -312,14 +387,20 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -> Dic
 
     def save(name: str) -> None:
         if main_rank:
-            ckpt.save_checkpoint(run / name, model, optimizer, state_dict(), include_frozen=cfg.save_frozen)
+            if name == "last":  # what --resume needs
+                ckpt.save_checkpoint(run / name, model, optimizer, state_dict(), include_frozen=cfg.save_frozen,
+                                     extra=hooks.state_tensors())
+            else:  # the network validation scored
+                scored = hooks.eval_model(model)
+                ckpt.save_checkpoint(run / name, scored, optimizer if scored is model else None, state_dict(),
+                                     include_frozen=cfg.save_frozen)
         distributed.barrier(info)
 
     def validate() -> None:
         nonlocal best, last_val
         if val_ds is None:
             return
-        result = evaluate_model(model, val_ds, batch_size=max(cfg.batch_size, 32), device=device,
+        result = evaluate_model(hooks.eval_model(model), val_ds, batch_size=max(cfg.batch_size, 32), device=device,
                                 progress=progress, cache=val_cache, dist=info, amp_dtype=amp_dtype)
         set_train_mode(model)
         last_val = result
@@ -346,9 +427,9 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -> Dic
     n_running, t_log, seen_log = 0, time.perf_counter(), 0
     loss_ema = None
     while step < total_steps:
-        batches = sampler.batches(epoch)
+        batches = [rows[b].tolist() for b in sampler.batches(epoch)]
         if use_cache:
-            source = (train_cache.batch(rows, device) for rows in batches[position:])
+            source = (train_cache.batch(b, device) for b in batches[position:])
         else:
             loader = torch.utils.data.DataLoader(
                 train_ds, batch_sampler=batches[position:], collate_fn=collate, num_workers=cfg.workers,
@@ -359,6 +440,7 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -> Dic
             lr = lr_at(step, cfg, total_steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
+            batch = hooks.prepare(batch, model)
             with autocast():
                 out = step_module(batch)
                 losses = loss_fn(out, batch)
@@ -374,6 +456,7 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -> Dic
                 grad_norm = float("nan")
             scaler.step(optimizer)
             scaler.update()
+            hooks.after_step(step, total_steps, steps_per_epoch)
             step += 1
             position += 1
             if position >= len(batches):

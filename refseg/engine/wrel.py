@@ -1,0 +1,442 @@
+"""LRB-WREL: training with scarce referring expressions (shared/METHODS.md section 4), on top of LTS.
+
+    refseg train --method wrel --accurate-fraction 0.1 --data data/aerial-small --out runs/wrel-p10 \\
+        --wrel-teacher-steps 3000 --max-steps 3000 --cache-dir cache/
+    refseg train --resume runs/wrel-p10        # skips finished stages, continues the unfinished one exactly
+
+Data. With --accurate-fraction p, RUN/data is `refseg weaken`'s split of
+DATA (per category, a share p of the train refs keeps its expressions; the
+others are marked `weak: true` and say only their class name; seed
+--weak-seed), made once and reused on resume. Without it, DATA must already
+be such a split. val / test are left accurate by weaken, so validation and
+`refseg eval` measure the model on accurate expressions.
+
+Run folder:
+
+    RUN/config.json log.csv tb/ last/ best/   stage 3, the run as refseg.load / refseg eval / ship_model see it
+    RUN/data/                                 the weak split (with --accurate-fraction)
+    RUN/cache/                                the feature cache of all stages (unless --cache-dir names one)
+    RUN/stage1-teacher/                       stage 1, an ordinary run folder (train_subset accurate)
+    RUN/stage2-bank/                          stage 2: log.csv, last/ (bank, ref ids, enriched text features)
+
+Stages (choices marked as such; METHODS.md leaves them open):
+
+1. Teacher: the plain loop (engine/train.py) on the sentences of the
+   accurate refs only (`train_subset accurate`), wrel_teacher_steps steps
+   (0: as max_steps / epochs). Its best/ (last/ without validation) is the
+   teacher of stage 2 and the starting point of stage 3.
+2. Learnable Reference Bank (modeling/bank.py): for each weak train ref,
+   wrel_bank_prompts vectors in the word-embedding space (N(0, 0.02^2),
+   seeded by --seed), written after its class-name tokens in the padding
+   slots with the attention mask on (a class name too long for all of them
+   within the text length gets those that fit). With the teacher frozen, each ref's
+   prompts are optimised for the teacher's own loss (LTS: mask BCE + Dice +
+   prior) against the ref's ground-truth mask: wrel_bank_iters Adam steps at
+   wrel_bank_lr. Refs go in image-grouped batches of wrel_bank_batch, each
+   batch with a fresh Adam (choice: a ref's prompts then depend on its own
+   image and mask only; one optimiser over the whole bank would keep moving
+   rows absent from a batch by their momentum). One row per weak *ref*, not
+   per sentence (choice): weaken gives every sentence of a weak ref the same
+   class name, so per-sentence rows would be copies (on RRSIS-D, one
+   sentence per ref, the two coincide). Once all batches are done, the
+   bank-enriched text features (the frozen text encoder's output on class
+   name + prompts) are computed once and stored in fp16, as the feature
+   cache stores text: stage 3 reads them, detached.
+3. Student: the plain loop on all train sentences, started from the stage-1
+   teacher's weights with a fresh optimiser and learning-rate schedule
+   (max_steps / epochs); a weak sentence's text features are replaced by its
+   ref's bank-enriched ones (StudentHooks.prepare). An EMA teacher, also
+   started from stage 1, follows the student after every optimiser step:
+   teacher = m * teacher + (1 - m) * student over the head (the frozen
+   encoders are shared), m = ema_momentum(step, ...).
+
+EMA schedule: METHODS.md gives m = 0.95 -> 0.99 (linear) over epochs 0-1,
+0.99 -> 0.999 over epochs 1-3, then 0.9995. It is written for a long run;
+we take that run to be E_ref = wrel_ema_epochs epochs (default 40, choice:
+RMSIN's recipe on RRSIS-D, which LRB-WREL builds on). Rescaling: a stage 3
+of E < E_ref epochs (E = its steps / steps per epoch) reaches breakpoint
+epoch b at b * E / E_ref epochs, i.e. at the same fraction of the run as
+the reference does; a run of E >= E_ref epochs uses the breakpoints as
+written. The momentum values never change. Example: 4 epochs of 100 steps,
+E_ref 10: 0.95 at step 0, 0.99 at step 40, 0.999 just before step 120,
+0.9995 from step 120 on.
+
+Evaluation: wrel_final chooses the network that validation scores, best/
+holds and a shipped model carries: the EMA teacher by default (choice:
+mean-teacher practice; without the optional consistency loss the teacher
+has no other effect on the result), or the student. Caveat: at 0.9995 the
+teacher averages over about 2000 steps, so in a stage 3 of a few thousand
+steps it still carries a share of the early weights (0.9995^2000 = 0.37);
+benchmarks/wrel_aerial.py scores both networks so the choice can be checked. Without a validation
+split best/ is written at the end of stage 3. RUN/best is a plain LTS
+checkpoint, so `refseg.load(RUN)`, `refseg eval --checkpoint RUN` and
+`scripts/ship_model.py --run RUN` treat the run like any other.
+
+Resume: without --resume every stage runs afresh. With it, a stage whose
+last/ has reached its length is skipped, and the unfinished one continues:
+stages 1 and 3 through the engine's exact resume (stage 3's last/ also holds
+the EMA teacher, ema.safetensors), stage 2 from the first batch it had not
+saved (batches are independent of each other, so that is exact too).
+
+Requirements and omissions: frozen encoders with the feature cache (the
+bank, the enriched features and the EMA teacher all assume encoders that do
+not change); one process (no --nproc). Left out: METHODS.md's optional
+confidence-thresholded teacher-student consistency loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from refseg.engine import checkpoint as ckpt
+from refseg.engine import distributed
+from refseg.engine import train as engine
+from refseg.engine.config import TrainConfig
+from refseg.modeling.text import TextFeatures
+
+STAGE1, STAGE2 = "stage1-teacher", "stage2-bank"
+EMA_MOMENTA = (0.95, 0.99, 0.999, 0.9995)  # at epoch 0, epoch 1, end of the second ramp, after it
+EMA_BREAKS = (1.0, 3.0)  # epochs at which the two linear ramps end (in the reference run)
+PROMPT_INIT_STD = 0.02
+
+
+# ---- the EMA teacher ----------------------------------------------------------------
+
+
+def ema_momentum(step: int, total_steps: int, steps_per_epoch: int, reference_epochs: float) -> float:
+    """The EMA momentum used after optimiser step `step` (0-based) of a run of total_steps (module docstring)."""
+    if total_steps < reference_epochs * steps_per_epoch:  # a shorter run: the same fraction of the run
+        e = step * reference_epochs / total_steps  # position in epochs of the reference run
+    else:
+        e = step / steps_per_epoch
+    (m0, m1, m2, m3), (b1, b2) = EMA_MOMENTA, EMA_BREAKS
+    if e < b1:
+        return m0 + (m1 - m0) * e / b1
+    if e < b2:
+        return m1 + (m2 - m1) * (e - b1) / (b2 - b1)
+    return m3
+
+
+def ema_copy(model: nn.Module) -> nn.Module:
+    """A teacher for `model`: a deep copy that shares the frozen encoders (same objects), in eval mode.
+
+    Its head parameters keep requires_grad (no optimiser holds them; they
+    only change in ema_update), so that checkpoints store them as the
+    model's trainable part, exactly as for the student.
+    """
+    shared = [model.get_submodule(name) for name in ckpt.frozen_prefixes(model)]
+    teacher = copy.deepcopy(model, memo={id(m): m for m in shared})
+    return teacher.eval()
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter
+    (parameters shared by both are left alone; buffers are copied)."""
+    params = dict(student.named_parameters())
+    for name, t in teacher.named_parameters():
+        s = params[name]
+        if t is not s:
+            t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+    buffers = dict(student.named_buffers())
+    for name, t in teacher.named_buffers():
+        if t is not buffers[name]:
+            t.copy_(buffers[name])
+
+
+def _own_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """State-dict entries outside the frozen (shared) encoders."""
+    frozen = ckpt.frozen_prefixes(model)
+    return {k: v for k, v in model.state_dict().items() if not any(k.startswith(p + ".") for p in frozen)}
+
+
+class StudentHooks(engine.TrainHooks):
+    """Stage 3 in the engine's loop: bank-enriched text for weak sentences, the EMA teacher.
+
+    enriched: {"ref_id" (R,) int64, "tokens" (R, L, D), "mask" (R, L) bool,
+    "sentence" (R, D)}, the stored output of stage 2.
+    """
+
+    def __init__(self, enriched: Dict[str, torch.Tensor], reference_epochs: float, final: str = "teacher"):
+        self.row_of = {int(r): i for i, r in enumerate(enriched["ref_id"].tolist())}
+        self.enriched = enriched
+        self.reference_epochs = reference_epochs
+        self.final = final
+        self.student: Optional[nn.Module] = None
+        self.teacher: Optional[nn.Module] = None
+        self.momentum: Optional[float] = None  # the last one applied
+
+    def setup(self, model: nn.Module, train_ds, device: torch.device) -> None:
+        missing = sorted({s.ref_id for s in train_ds.samples if s.weak} - set(self.row_of))
+        if missing:
+            raise engine.TrainError(f"{len(missing)} weak train refs have no reference-bank row (e.g. ref ids "
+                                    f"{missing[:5]}): the bank in {STAGE2}/ was made for other data")
+        self.enriched = {k: v.to(device) for k, v in self.enriched.items()}
+        self.student = model
+        self.teacher = ema_copy(model)
+
+    def prepare(self, batch: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
+        hits = [(i, self.row_of[r]) for i, r in enumerate(batch["ref_id"].tolist()) if r in self.row_of]
+        if not hits:
+            return batch
+        txt = batch["txt"]
+        device = txt.tokens.device
+        pos = torch.tensor([i for i, _ in hits], device=device)
+        rows = torch.tensor([r for _, r in hits], device=device)
+        tokens, mask, sentence = txt.tokens.clone(), txt.mask.clone(), txt.sentence.clone()
+        tokens[pos] = self.enriched["tokens"][rows].to(tokens.dtype)  # (n, L, D)
+        mask[pos] = self.enriched["mask"][rows].to(mask.dtype)  # (n, L)
+        sentence[pos] = self.enriched["sentence"][rows].to(sentence.dtype)  # (n, D)
+        return {**batch, "txt": TextFeatures(tokens, mask, sentence)}
+
+    def after_step(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
+        self.momentum = ema_momentum(step, total_steps, steps_per_epoch, self.reference_epochs)
+        ema_update(self.teacher, self.student, self.momentum)
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        return self.teacher if self.final == "teacher" else model
+
+    def state_tensors(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        return {"ema": _own_state(self.teacher)}
+
+    def load_state(self, found: Path) -> None:
+        ckpt.load_weights(self.teacher, ckpt.load_extra(found, "ema"), source=f"{found}/ema.safetensors")
+
+
+# ---- stage 2: the reference bank ---------------------------------------------------------
+
+
+def weak_refs(samples) -> List[tuple]:
+    """[(ref_id, data set row of its first sentence, expression)] of the weak refs, grouped by image
+    (images in order of first appearance, refs in data set order within an image): the bank's rows."""
+    first: Dict[int, int] = {}
+    image_rank: Dict[int, int] = {}
+    for i, s in enumerate(samples):
+        image_rank.setdefault(s.image_id, len(image_rank))
+        if s.weak and not s.no_target:
+            first.setdefault(s.ref_id, i)
+    order = sorted(first, key=lambda r: (image_rank[samples[first[r]].image_id], first[r]))
+    return [(r, first[r], samples[first[r]].text) for r in order]
+
+
+def stage_done(folder: Path) -> bool:
+    """Whether a stage's last/ checkpoint has reached the stage's length."""
+    found = ckpt.find_checkpoint(folder, "last")
+    if found is None:
+        return False
+    state = json.loads((found / ckpt.STATE_JSON).read_text())
+    if "n_batches" in state:  # stage 2
+        return state["position"] >= state["n_batches"]
+    return state["step"] >= state["total_steps"]
+
+
+def train_bank(cfg: TrainConfig, teacher: nn.Module, train_ds, cache, out: Path, resume: bool,
+               device: torch.device) -> Path:
+    """Stage 2 (module docstring): optimise the bank through the frozen teacher; returns out/last.
+
+    train_ds: the RefSegDataset of the training split ("full"); cache: its FeatureCache.
+    """
+    from tqdm.auto import tqdm
+
+    from refseg.engine.optim import resolve_amp
+    from refseg.engine.runlog import RunLog
+    from refseg.modeling.bank import ReferenceBank, class_name_tokens, encode_with_prompts, prompt_slots
+
+    refs = weak_refs(train_ds.samples)
+    if not refs:
+        raise engine.TrainError(f"no weak refs in split {cfg.train_split!r}: nothing for the reference bank")
+    ref_ids = torch.tensor([r for r, _, _ in refs], dtype=torch.int64)
+    input_ids, attention_mask = class_name_tokens(teacher.text, [t for _, _, t in refs], device)  # (R, L)
+    fits = prompt_slots(attention_mask, cfg.wrel_bank_prompts)  # (R,)
+    short = sorted({t for (_, _, t), k in zip(refs, fits.tolist()) if k < cfg.wrel_bank_prompts})
+    if short and cfg.progress:
+        print(f"refseg train (wrel): {short} leave room for only {int(fits.min())} of the "
+              f"{cfg.wrel_bank_prompts} prompts (text length {input_ids.shape[1]})", file=sys.stderr)
+    bank = ReferenceBank(len(refs), cfg.wrel_bank_prompts, teacher.text.dim, PROMPT_INIT_STD,
+                         generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    size = cfg.wrel_bank_batch or cfg.batch_size
+    batches = [list(range(i, min(i + size, len(refs)))) for i in range(0, len(refs), size)]
+    save_every = cfg.save_every or max(1, math.ceil(len(batches) / 10))
+    loss_fn = engine.loss_function(cfg)
+    amp_dtype = resolve_amp(cfg.amp, device)
+    if amp_dtype != torch.bfloat16:  # fp16 would need a scaler for these tiny gradients; run in full precision
+        amp_dtype = None
+
+    position = 0
+    found = ckpt.find_checkpoint(out, "last") if resume else None
+    if found is not None:
+        state = ckpt.load_training_state(found, bank, None, restore_rng=False)
+        if not torch.equal(ckpt.load_extra(found, "rows")["ref_id"], ref_ids):
+            raise engine.TrainError(f"{found} holds a bank for other weak refs than the data's")
+        position = state["position"]
+
+    def save(extra_tensors: Optional[Dict[str, torch.Tensor]] = None) -> Path:
+        extra = {"rows": {"ref_id": ref_ids}}
+        if extra_tensors is not None:
+            extra["enriched"] = extra_tensors
+        state = {"position": position, "n_batches": len(batches), "n_refs": len(refs),
+                 "config": cfg.to_dict()}
+        return ckpt.save_checkpoint(out / "last", bank, None, state, extra=extra)
+
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    out.mkdir(parents=True, exist_ok=True)
+    log = RunLog(out, True)
+    bar = tqdm(total=len(batches), initial=position, desc="reference bank", unit="batch",
+               disable=not cfg.progress, dynamic_ncols=True)
+    while position < len(batches):
+        idx = torch.tensor(batches[position], device=device)
+        batch = cache.batch([refs[i][1] for i in batches[position]], device)
+        prompts = bank.prompts[idx].detach().clone().requires_grad_(True)  # (b, P, D)
+        optimizer = torch.optim.Adam([prompts], lr=cfg.wrel_bank_lr)
+        losses = []
+        for _ in range(cfg.wrel_bank_iters):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                txt = encode_with_prompts(teacher.text, input_ids[idx], attention_mask[idx], prompts)
+                result = teacher.decode(batch["vis"], txt, batch["image_index"])
+                loss = loss_fn(result, batch)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        with torch.no_grad():
+            bank.prompts[idx] = prompts.detach()
+            pred = result["mask_logits"].detach() > 0  # at the last step's prompts
+            gt = batch["mask"] > 0.5
+            iou = ((pred & gt).flatten(1).sum(1) / (pred | gt).flatten(1).sum(1).clamp(min=1)).mean()
+        position += 1
+        log.scalars(position, 0, {"bank/loss_first": losses[0], "bank/loss_last": losses[-1],
+                                  "bank/iou_last": float(iou)})
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[0]:.3f}->{losses[-1]:.3f}", refresh=False)
+        if position % save_every == 0 and position < len(batches):
+            save()
+    bar.close()
+
+    # the bank-enriched text features of every weak ref, for stage 3
+    parts: Dict[str, List[torch.Tensor]] = {"tokens": [], "mask": [], "sentence": []}
+    with torch.no_grad():
+        for rows in batches:
+            idx = torch.tensor(rows, device=device)
+            txt = encode_with_prompts(teacher.text, input_ids[idx], attention_mask[idx], bank.prompts[idx])
+            parts["tokens"].append(txt.tokens.half().cpu())
+            parts["mask"].append(txt.mask.cpu())
+            parts["sentence"].append(txt.sentence.half().cpu())
+    enriched = {k: torch.cat(v) for k, v in parts.items()}
+    enriched["ref_id"] = ref_ids
+    log.close()
+    return save(enriched)
+
+
+# ---- the three stages ---------------------------------------------------------------------
+
+
+def _stage_model(folder: Path, template: Optional[nn.Module], device: torch.device) -> nn.Module:
+    """A fresh model holding a finished stage's weights (best/, else last/)."""
+    found = ckpt.find_checkpoint(folder, "best") or ckpt.find_checkpoint(folder, "last")
+    if found is None:
+        raise engine.TrainError(f"{folder} holds no complete checkpoint")
+    if template is None:
+        return ckpt.load_model(found, device=device)
+    model = copy.deepcopy(template).to(device)
+    ckpt.load_training_state(found, model, None, restore_rng=False)
+    return model
+
+
+def _note(cfg: TrainConfig, text: str) -> None:
+    if cfg.progress:
+        print(f"refseg train (wrel): {text}", file=sys.stderr)
+
+
+def train_wrel(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -> Dict[str, Any]:
+    """Run (or resume) the three stages; returns the engine's summary of stage 3 plus "stages".
+
+    model / data: as for engine.train (model is copied for each stage; data,
+    when given, is used as it is, already weak).
+    """
+    from refseg.data.dataset import RefSegDataset
+    from refseg.data.refer import load_refer
+    from refseg.engine import cache as feature_cache
+
+    cfg.validate()
+    if distributed.env_info().enabled:
+        raise engine.TrainError("method wrel runs in one process (drop --nproc)")
+    if cfg.cache_features == "off":
+        raise engine.TrainError("method wrel needs the feature cache (frozen encoders): drop --cache-features off")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = engine.resolve_device(cfg.device)
+    run = Path(cfg.out or f"runs/wrel-{datetime.now():%Y%m%d-%H%M%S}")
+    resume = cfg.resume is not None
+    run.mkdir(parents=True, exist_ok=True)
+    TrainConfig.from_dict({**cfg.to_dict(), "out": str(run), "resume": None}).save(run / "config.json")
+    if data is None:
+        data_dir = engine.weak_data_dir(cfg, run) if cfg.accurate_fraction is not None else cfg.data
+        data = load_refer(data_dir, split_by=cfg.split_by, images_dir=cfg.images)
+    if cfg.train_split not in data.splits():
+        raise engine.TrainError(f"no split {cfg.train_split!r} in {data.ann_dir} (splits: {', '.join(data.splits())})")
+    samples = data.samples(cfg.train_split)
+    n_weak = sum(s.weak for s in samples)
+    if n_weak == 0 or n_weak == len(samples):
+        raise engine.TrainError(f"{data.ann_dir}: {n_weak} of {len(samples)} train sentences are weak; method wrel "
+                                "needs both kinds (pass --accurate-fraction p < 1, or a split made by refseg weaken)")
+    cache_dir = cfg.cache_dir or str(run / "cache")
+    stages: Dict[str, Any] = {}
+    started = time.time()
+
+    # 1. teacher on the accurate refs
+    stage1 = run / STAGE1
+    if resume and stage_done(stage1):
+        _note(cfg, f"stage 1 done ({stage1})")
+    else:
+        _note(cfg, "stage 1/3: teacher on the accurate refs")
+        again = resume and ckpt.find_checkpoint(stage1, "last") is not None
+        cfg1 = replace(cfg, method="plain", train_subset="accurate", accurate_fraction=None,
+                       data=str(data.ann_dir), images=str(data.images_dir), split_by=data.split_by,
+                       max_steps=cfg.wrel_teacher_steps or cfg.max_steps, cache_dir=cache_dir,
+                       out=str(stage1), resume=str(stage1) if again else None)
+        stages["teacher"] = engine.train(cfg1, copy.deepcopy(model) if model is not None else None, data)
+    teacher = _stage_model(stage1, model, device)
+
+    # 2. reference bank through the frozen teacher
+    stage2 = run / STAGE2
+    if resume and stage_done(stage2):
+        _note(cfg, f"stage 2 done ({stage2})")
+    else:
+        _note(cfg, "stage 2/3: reference bank")
+        train_ds = RefSegDataset(data, cfg.train_split, cfg.size, "full")
+        cache = feature_cache.get_cache(teacher, train_ds, device, cache_dir, workers=cfg.workers,
+                                        progress=cfg.progress)
+        train_bank(cfg, teacher, train_ds, cache, stage2, resume, device)
+    enriched = ckpt.load_extra(ckpt.find_checkpoint(stage2, "last"), "enriched")
+    del teacher
+
+    # 3. student on the mixed data, EMA teacher
+    hooks = StudentHooks(enriched, cfg.wrel_ema_epochs, cfg.wrel_final)
+    if resume and stage_done(run):
+        _note(cfg, f"stage 3 done ({run})")
+        return {"run": str(run), "stages": stages, "done": True}
+    _note(cfg, "stage 3/3: student on the mixed data, EMA teacher")
+    again = resume and ckpt.find_checkpoint(run, "last") is not None
+    cfg3 = replace(cfg, cache_dir=cache_dir, out=str(run), resume=str(run) if again else None)
+    student = _stage_model(stage1, model, device)
+    summary = engine.train(cfg3, student, data, hooks=hooks)
+    if ckpt.find_checkpoint(run, "best") is None:  # no validation split: best/ is the end of training
+        ckpt.save_checkpoint(run / "best", hooks.eval_model(student), None,
+                             {"step": summary["step"], "note": "no validation: the end of training",
+                              "config": cfg3.to_dict()}, include_frozen=cfg.save_frozen)
+    summary["stages"] = stages
+    summary["seconds"] = round(time.time() - started, 1)
+    return summary

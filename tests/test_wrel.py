@@ -1,0 +1,271 @@
+"""LRB-WREL (engine/wrel.py, modeling/bank.py): the EMA schedule and update, the reference bank,
+the hand-over between the three stages, resume inside a stage, and the baselines' runs."""
+
+import csv
+import json
+import pickle
+from types import SimpleNamespace
+
+import pytest
+import torch
+from _engine_fixtures import SIZE, TINY_LTS, make_shapes_refer, one_thread, tiny_config, tiny_model  # noqa: F401
+from safetensors.torch import load_file
+
+import refseg
+from refseg.cli import main as cli
+from refseg.engine import train as engine
+from refseg.engine.wrel import StudentHooks, ema_copy, ema_momentum
+from refseg.modeling.bank import class_name_tokens, encode_with_prompts, insert_prompts, prompt_slots
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools on numpy 2
+
+CPU = torch.device("cpu")
+PROMPTS = 4
+WREL = dict(method="wrel", accurate_fraction=0.5, max_steps=6, wrel_teacher_steps=4, wrel_bank_prompts=PROMPTS,
+            wrel_bank_iters=3, wrel_bank_batch=2, save_every=1, val_split="val", wrel_ema_epochs=10.0)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """6 train images x 2 refs (one category, "square"); weakened at p = 0.5: 6 accurate refs, 6 weak."""
+    return make_shapes_refer(tmp_path_factory.mktemp("wrel") / "data")
+
+
+def _recording_losses(record):
+    """engine.loss_function that logs (subset, ref ids) of every batch it scores, one list per stage."""
+    real = engine.loss_function
+
+    def loss_function(cfg):
+        fn, calls = real(cfg), []
+        record.append(calls)
+
+        def loss(out, batch):
+            calls.append(batch["ref_id"].tolist())
+            return fn(out, batch)
+
+        return loss
+
+    return loss_function
+
+
+@pytest.fixture(scope="module")
+def wrel_run(shapes, tmp_path_factory):
+    """One uninterrupted WREL run on the tiny data, recording what each stage saw."""
+    run = tmp_path_factory.mktemp("wrel-run") / "run"
+    record, start = [], {}
+    real_setup = StudentHooks.setup
+
+    def setup(self, model, train_ds, device):
+        start.update({k: v.clone() for k, v in model.state_dict().items()})
+        real_setup(self, model, train_ds, device)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "loss_function", _recording_losses(record))
+        mp.setattr(StudentHooks, "setup", setup)
+        summary = engine.train(tiny_config(shapes, run, **WREL), model=tiny_model())
+    return SimpleNamespace(run=run, summary=summary, record=record, start=start)
+
+
+# ---- EMA ------------------------------------------------------------------------------------
+
+
+def test_ema_schedule_by_hand():
+    # 4 epochs of 100 steps, written for 10: breakpoints squeezed by 0.4, epoch 1 -> step 40, epoch 3 -> step 120
+    m = lambda step: ema_momentum(step, 400, 100, 10.0)  # noqa: E731
+    assert m(0) == pytest.approx(0.95)
+    assert m(20) == pytest.approx(0.97)
+    assert m(40) == pytest.approx(0.99)
+    assert m(80) == pytest.approx(0.9945)
+    assert m(119) == pytest.approx(0.99 + 0.009 * (119 / 40 - 1) / 2)
+    assert m(120) == pytest.approx(0.9995) and m(399) == pytest.approx(0.9995)
+    # a run at least as long as the reference keeps the breakpoints at epochs 1 and 3
+    for total in (4000, 5000):
+        assert [ema_momentum(s, total, 100, 40.0) for s in (0, 50, 100, 200, 299, 300)] == pytest.approx(
+            [0.95, 0.97, 0.99, 0.9945, 0.99 + 0.009 * 0.995, 0.9995])
+
+
+def test_ema_update_moves_teacher_by_the_scheduled_momentum():
+    student = tiny_model()
+    hooks = StudentHooks({"ref_id": torch.zeros(0, dtype=torch.long)}, reference_epochs=10.0)
+    hooks.setup(student, SimpleNamespace(samples=[]), CPU)
+    teacher = hooks.teacher
+    assert teacher.visual is student.visual and teacher.text is student.text  # frozen encoders shared
+    assert teacher.head is not student.head
+    visual_before = {k: v.clone() for k, v in student.visual.state_dict().items()}
+    with torch.no_grad():
+        for p in teacher.head.parameters():
+            p.fill_(1.0)
+        for p in student.head.parameters():
+            p.fill_(3.0)
+    hooks.after_step(20, 400, 100)  # m = 0.97: 0.97 * 1 + 0.03 * 3
+    assert hooks.momentum == pytest.approx(0.97)
+    for p in teacher.head.parameters():
+        assert torch.allclose(p, torch.full_like(p, 1.06), atol=1e-6, rtol=0)
+    hooks.after_step(80, 400, 100)  # m = 0.9945: 0.9945 * 1.06 + 0.0055 * 3
+    for p in teacher.head.parameters():
+        assert torch.allclose(p, torch.full_like(p, 1.07067), atol=1e-6, rtol=0)
+    assert all(torch.equal(p, torch.full_like(p, 3.0)) for p in student.head.parameters())
+    assert all(torch.equal(v, visual_before[k]) for k, v in teacher.visual.state_dict().items())
+    assert ema_copy(student).training is False
+
+
+# ---- the reference bank ----------------------------------------------------------------------
+
+
+def test_bank_prompts_reach_the_teacher_output_and_leave_the_class_name_alone():
+    model = tiny_model().eval()
+    with torch.no_grad():  # a fresh head's output layer is zero (no gradient passes it); a teacher's is trained
+        model.head.mask_out.weight.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
+    text = model.text
+    ids, mask = class_name_tokens(text, ["square", "square"], CPU)  # [CLS] square [SEP] + 9 padding slots
+    n = int(mask[0].sum())
+    assert n == 3 and ids.shape[1] == 12
+    prompts = torch.randn(2, PROMPTS, text.dim, requires_grad=True)
+    words = text.embed_tokens(ids).detach()
+    embeds, enriched_mask = insert_prompts(words, mask, prompts)
+    assert torch.equal(embeds[:, :n], words[:, :n])  # the class-name tokens untouched
+    assert torch.equal(embeds[:, n:n + PROMPTS], prompts.detach())
+    assert torch.equal(embeds[:, n + PROMPTS:], words[:, n + PROMPTS:])
+    assert enriched_mask[0].tolist() == [1] * (n + PROMPTS) + [0] * (12 - n - PROMPTS)
+    assert torch.equal(ids, class_name_tokens(text, ["square", "square"], CPU)[0])
+
+    images = torch.randint(0, 256, (1, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    txt = encode_with_prompts(text, ids, mask, prompts)
+    out = model.decode(model.encode_image(images), txt, torch.zeros(2, dtype=torch.long))
+    out["mask_logits"].sum().backward()
+    per_prompt = prompts.grad.norm(dim=-1)  # (2, P)
+    assert (per_prompt > 0).all(), per_prompt
+    assert all(p.grad is None for p in text.parameters())  # the encoder stays frozen
+    # more prompts than padding slots: the first L - n fit, the rest are left out
+    many = torch.randn(2, 10, text.dim)
+    embeds, enriched_mask = insert_prompts(words, mask, many)
+    assert torch.equal(embeds[:, :n], words[:, :n]) and torch.equal(embeds[:, n:], many[:, :12 - n])
+    assert enriched_mask.tolist() == [[1] * 12] * 2
+    assert prompt_slots(mask, 10).tolist() == [9, 9] and prompt_slots(mask, PROMPTS).tolist() == [PROMPTS] * 2
+
+
+# ---- the three stages -------------------------------------------------------------------------
+
+
+def _weak_ref_ids(run):
+    refs = pickle.loads((run / "data" / "refs(unc).p").read_bytes())
+    return {r["ref_id"] for r in refs if r.get("weak")}, {r["ref_id"] for r in refs if r["split"] == "train"}
+
+
+def test_stage_handover_on_tiny_data(wrel_run):
+    run = wrel_run.run
+    weak, train_refs = _weak_ref_ids(run)
+    assert len(weak) == 6 and len(train_refs) == 12
+    for path in ("stage1-teacher/last", "stage1-teacher/best", "stage2-bank/last/enriched.safetensors",
+                 "stage2-bank/last/rows.safetensors", "last/ema.safetensors", "best/model.safetensors"):
+        assert (run / path).exists(), path
+
+    # stage 1 saw accurate refs only; stage 2 scored the weak refs; stage 3 saw both kinds
+    stage1, stage2, stage3 = wrel_run.record
+    assert len(stage1) == 4 and len(stage3) == 6 and len(stage2) == 3 * 3  # 3 batches of 2 refs x 3 iterations
+    seen1 = {r for batch in stage1 for r in batch}
+    assert seen1 and not seen1 & weak
+    assert {r for batch in stage2 for r in batch} == weak
+    seen3 = {r for batch in stage3 for r in batch}
+    assert seen3 & weak and seen3 - weak
+
+    # stage 3 started from the stage-1 teacher (best/: validated at its end)
+    teacher1 = load_file(str(run / "stage1-teacher" / "best" / "model.safetensors"))
+    assert teacher1.keys() == wrel_run.start.keys()
+    assert all(torch.equal(teacher1[k], wrel_run.start[k]) for k in teacher1)
+
+    # the enriched features are the stage-1 teacher's text encoder on class name + the bank's prompts
+    bank = load_file(str(run / "stage2-bank" / "last" / "model.safetensors"))["prompts"]
+    enriched = load_file(str(run / "stage2-bank" / "last" / "enriched.safetensors"))
+    assert bank.shape == (6, PROMPTS, 32) and set(enriched["ref_id"].tolist()) == weak
+    assert enriched["mask"].sum(1).tolist() == [3 + PROMPTS] * 6
+    model = refseg.load(run / "stage1-teacher")
+    ids, mask = class_name_tokens(model.text, ["square"] * 6, CPU)
+    with torch.no_grad():
+        again = encode_with_prompts(model.text, ids, mask, bank)
+    assert torch.allclose(again.tokens.half().float(), enriched["tokens"].float(), atol=1e-3)
+
+    # the bank fitted its refs' masks a little (3 Adam steps per batch)
+    with open(run / "stage2-bank" / "log.csv") as f:
+        rows = [r for r in csv.DictReader(f)]
+    first = [float(r["value"]) for r in rows if r["tag"] == "bank/loss_first"]
+    last = [float(r["value"]) for r in rows if r["tag"] == "bank/loss_last"]
+    assert len(first) == 3 and all(b < a for a, b in zip(first, last))
+
+    # the run loads as the EMA teacher, a plain LTS, and evaluates like any run
+    loaded = refseg.load(run)
+    ema = load_file(str(run / "last" / "ema.safetensors"))
+    head = {k: v for k, v in loaded.state_dict().items() if k.startswith("head.")}
+    assert head.keys() == {k for k in ema if k.startswith("head.")}
+    assert all(torch.equal(head[k], ema[k]) for k in head)
+    student = load_file(str(run / "last" / "model.safetensors"))
+    assert any(not torch.equal(head[k], student[k]) for k in head)
+    assert json.loads((run / "config.json").read_text())["method"] == "wrel"
+    assert cli(["eval", "--checkpoint", str(run), "--data", str(run / "data"), "--split", "val",
+                "--out", str(run / "eval.json")]) == 0
+    assert json.loads((run / "eval.json").read_text())["metrics"]["n"] == 12
+
+
+def _crash_in_stage(stage, after):
+    """engine.loss_function whose `stage`-th loss (1, 2, 3) raises on its call number after + 1."""
+    real, made = engine.loss_function, []
+
+    def loss_function(cfg):
+        fn = real(cfg)
+        made.append(cfg)
+        if len(made) != stage:
+            return fn
+        calls = []
+
+        def loss(out, batch):
+            calls.append(1)
+            if len(calls) > after:
+                raise KeyboardInterrupt("simulated crash")
+            return fn(out, batch)
+
+        return loss
+
+    return loss_function
+
+
+@pytest.mark.parametrize("stage, after", [(2, 4), (3, 3)])  # stage 2: inside its second batch; stage 3: after step 3
+def test_resume_inside_a_stage_gives_the_uninterrupted_run(wrel_run, shapes, tmp_path, monkeypatch, stage, after):
+    run = tmp_path / "run"
+    monkeypatch.setattr(engine, "loss_function", _crash_in_stage(stage, after))
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(tiny_config(shapes, run, **WREL), model=tiny_model())
+    monkeypatch.undo()
+    if stage == 2:
+        assert json.loads((run / "stage2-bank" / "last" / "state.json").read_text())["position"] == 1
+        assert not (run / "last").exists()
+    else:
+        assert json.loads((run / "last" / "state.json").read_text())["step"] == 3
+    engine.train(tiny_config(shapes, run, resume=str(run), **WREL), model=tiny_model())
+    for name in ("stage2-bank/last/model.safetensors", "stage2-bank/last/enriched.safetensors",
+                 "last/model.safetensors", "last/ema.safetensors", "best/model.safetensors"):
+        once, twice = load_file(str(wrel_run.run / name)), load_file(str(run / name))
+        assert once.keys() == twice.keys()
+        assert all(torch.equal(once[k], twice[k]) for k in once), name
+
+
+# ---- the baselines -----------------------------------------------------------------------------
+
+
+def test_upper_bound_and_naive_runs(shapes, tmp_path, capsys):
+    common = ["train", "--data", str(shapes), "--size", str(SIZE), "--model-kwargs", json.dumps(TINY_LTS),
+              "--max-steps", "2", "--batch-size", "4", "--val-split", "", "--threads", "1", "--no-progress",
+              "--save-frozen"]
+    assert cli(common + ["--out", str(tmp_path / "upper")]) == 0
+    assert not (tmp_path / "upper" / "data").exists()
+    assert cli(common + ["--out", str(tmp_path / "naive"), "--accurate-fraction", "0.5", "--weak-seed", "3"]) == 0
+    meta = json.loads((tmp_path / "naive" / "data" / "weak.json").read_text())
+    assert (meta["accurate_fraction"], meta["seed"], meta["weak_refs"]) == (0.5, 3, 6)
+    for name in ("upper", "naive"):
+        assert (tmp_path / name / "last" / "model.safetensors").exists()
+        assert json.loads((tmp_path / name / "last" / "state.json").read_text())["step"] == 2
+    # resuming reuses the weak split; another fraction in the same folder is refused
+    assert cli(["train", "--resume", str(tmp_path / "naive"), "--max-steps", "3", "--no-progress"]) == 0
+    assert cli(common + ["--out", str(tmp_path / "naive"), "--accurate-fraction", "0.2"]) == 2
+    assert "is not the weak split" in capsys.readouterr().err
+    assert cli(common + ["--out", str(tmp_path / "w"), "--method", "wrel"]) == 2  # DATA has no weak refs
+    assert "needs both kinds" in capsys.readouterr().err
