@@ -66,6 +66,8 @@ def main() -> int:
     ap.add_argument("--eval-data", required=True)
     ap.add_argument("--split", default="test")
     ap.add_argument("--fp16", action="store_true")
+    ap.add_argument("--metrics-json", help="reuse the figures of `benchmarks/lts_synthref.py --json` (or any JSON "
+                    "with 'model', 'split', 'metrics') for this run and split instead of evaluating again")
     args = ap.parse_args()
 
     from refseg.data import load_refer
@@ -76,7 +78,15 @@ def main() -> int:
     run = Path(args.run)
     model = load_model(run).eval()
     data = load_refer(args.eval_data)
-    results = evaluate_model(model, data, split=args.split, batch_size=32, progress=False)
+    if args.metrics_json:
+        saved = json.loads(Path(args.metrics_json).read_text())
+        if Path(saved.get("model", "")).resolve() != run.resolve() or saved.get("split") != args.split:
+            print(f"error: {args.metrics_json} holds figures of model {saved.get('model')!r} split {saved.get('split')!r}, "
+                  f"not of {str(run)!r} split {args.split!r}", file=sys.stderr)
+            return 2
+        results = saved["metrics"]
+    else:
+        results = evaluate_model(model, data, split=args.split, batch_size=32, progress=False)
     synth = json.loads((Path(args.eval_data) / "synthref.json").read_text()) if (Path(args.eval_data) / "synthref.json").exists() else {}
     meta = {
         "name": args.name,
