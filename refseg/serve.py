@@ -16,8 +16,22 @@ REST API (all answers JSON; errors are ``{"error": {"code": ..., "message": ...}
 
     400 missing_image, missing_text, bad_form (not multipart)   404 unknown_model
     413 request_too_large (body over ``max_upload_bytes``), image_too_large (over ``max_pixels``)
-    415 not_an_image (unrecognised bytes)    422 bad_image (undecodable), empty_text, too_many_texts
+    415 not_an_image (unrecognised bytes)
+    422 bad_image (undecodable), empty_text, bad_text (a file sent as 'text'), too_many_texts
     503 model_unavailable (a registered model failed to load)
+
+Text fields are read as UTF-8; a field that is not valid UTF-8 is read as
+Latin-1 (Starlette's rule), so it gets an answer, not an error. Expressions
+of any length are accepted: the tokenizer keeps the first ``max_length``
+tokens.
+
+Load: the server listens on 127.0.0.1 unless told otherwise (``refseg demo
+--host``). At most ``max_concurrent`` requests decode an image and run a
+model at once (the others wait with their upload spooled, not decoded), so
+memory stays bounded by about ``max_concurrent`` decoded images of at most
+``max_pixels`` each; a slow or stalled upload holds no thread and no slot.
+The model names a request may give are only those the server was started
+with: a name is never a path.
 
 Masks are at the uploaded image's full resolution (EXIF orientation applied);
 ``rle`` is COCO RLE (column-major, pycocotools ``counts`` string). The demo at
@@ -45,6 +59,7 @@ from PIL import Image, UnidentifiedImageError
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 40_000_000
 MAX_TEXTS = 32
+MAX_CONCURRENT = 2
 EXAMPLES_SEED = 0
 
 
@@ -92,7 +107,9 @@ def parse_texts(values: Sequence[str]) -> List[str]:
     """Form values -> stripped expressions; raises ApiError when none, one empty, or too many."""
     if not values:
         raise ApiError(400, "missing_text", "give at least one 'text' field (one per expression)")
-    texts = [str(v).strip() for v in values]
+    if not all(isinstance(v, str) for v in values):
+        raise ApiError(422, "bad_text", "'text' must be form fields, not files")
+    texts = [v.strip() for v in values]
     empty = [i for i, t in enumerate(texts) if not t]
     if empty:
         raise ApiError(422, "empty_text", f"'text' field(s) {empty} are empty")
@@ -110,20 +127,29 @@ class ModelPool:
     models: name -> a shipped model name, a checkpoint path, or a ready model
       (an ``nn.Module`` with encode_image / encode_text / decode).
     A Predictor caches one image, so ``segment`` holds the model's lock from
-    ``set_image`` to the end of ``predict``.
+    ``set_image`` to the end of ``predict``. ``slot()`` admits at most
+    ``max_concurrent`` callers at a time to decoding + segmenting (bounded memory).
     """
 
-    def __init__(self, models: Mapping[str, ModelSource], default: str, mask_threshold: float = 0.5):
+    def __init__(self, models: Mapping[str, ModelSource], default: str, mask_threshold: float = 0.5,
+                 max_concurrent: int = MAX_CONCURRENT):
         if default not in models:
             raise KeyError(f"default model {default!r} is not among {list(models)}")
+        if max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         self.sources = dict(models)
         self.default = default
         self.mask_threshold = mask_threshold
         self._predictors: Dict[str, object] = {}
         self._locks = {name: threading.Lock() for name in self.sources}
+        self._slots = threading.BoundedSemaphore(max_concurrent)
 
     def names(self) -> List[str]:
         return list(self.sources)
+
+    def slot(self) -> threading.BoundedSemaphore:
+        """``with pool.slot():`` waits until fewer than ``max_concurrent`` callers hold one."""
+        return self._slots
 
     def loaded(self) -> List[str]:
         return [n for n in self.sources if n in self._predictors]
@@ -151,6 +177,7 @@ class ModelPool:
         return self._predictors[name]
 
     def resolve(self, name: Optional[str]) -> str:
+        """A registered model name (the default for None or ""); 404 for anything else, paths included."""
         name = (name or "").strip() or self.default
         if name not in self.sources:
             raise ApiError(404, "unknown_model", f"unknown model {name!r}; available: {self.names()}")
@@ -292,8 +319,9 @@ def build_demo(pool: ModelPool, examples: Sequence[Sequence[str]] = (), max_pixe
         texts = [line.strip() for line in (text_block or "").splitlines() if line.strip()]
         try:
             texts = parse_texts(texts)
-            rgb = decode_image(Path(image_path).read_bytes(), max_pixels)
-            pred = pool.segment(model_name, rgb, texts)
+            with pool.slot():
+                rgb = decode_image(Path(image_path).read_bytes(), max_pixels)
+                pred = pool.segment(model_name, rgb, texts)
         except ApiError as e:
             raise gr.Error(e.message) from None
         captions = [f"{t}  [{'no target' if nt else f'score {s:.2f}'}]"
@@ -335,6 +363,7 @@ def create_app(
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
     max_pixels: int = MAX_PIXELS,
     mask_threshold: float = 0.5,
+    max_concurrent: int = MAX_CONCURRENT,
 ):
     """The FastAPI app: the REST API, and the Gradio demo at ``/`` when ``demo``.
 
@@ -342,6 +371,7 @@ def create_app(
       every shipped model. default: the model used when a request names none
       (default: ``lts-synthref`` if present, else the first).
     cache_dir: where the demo's example data is generated (``default_cache_dir()``).
+    max_concurrent: requests decoding + segmenting at once (see the module docstring).
     """
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
@@ -354,7 +384,7 @@ def create_app(
     if not models:
         raise ValueError("no model to serve: none is shipped in refseg/weights; pass a checkpoint path (--model PATH)")
     default = default or ("lts-synthref" if "lts-synthref" in models else next(iter(models)))
-    pool = ModelPool(models, default, mask_threshold)
+    pool = ModelPool(models, default, mask_threshold, max_concurrent)
     shipped = set(refseg.available_models())
 
     app = FastAPI(title="refseg", version=refseg.__version__, docs_url="/api/docs", redoc_url=None,
@@ -388,13 +418,19 @@ def create_app(
             raise ApiError(400, "missing_image", "no 'image' file in the form (multipart field 'image')")
         texts = parse_texts(form.getlist("text"))
         name = pool.resolve(form.get("model") if isinstance(form.get("model"), str) else None)
-        start = time.perf_counter()
-        rgb = await run_in_threadpool(decode_image, await upload.read(), max_pixels)
-        decoded = time.perf_counter()
-        pred = await run_in_threadpool(pool.segment, name, rgb, texts)
-        done = time.perf_counter()
-        timing = {"decode": round((decoded - start) * 1e3, 1), "model": round((done - decoded) * 1e3, 1)}
-        return await run_in_threadpool(segment_response, name, rgb, texts, pred, timing)
+
+        def work():  # in a worker thread, once a slot is free: the upload is read and decoded only then
+            with pool.slot():
+                start = time.perf_counter()
+                upload.file.seek(0)
+                rgb = decode_image(upload.file.read(), max_pixels)
+                decoded = time.perf_counter()
+                pred = pool.segment(name, rgb, texts)
+                done = time.perf_counter()
+                timing = {"decode": round((decoded - start) * 1e3, 1), "model": round((done - decoded) * 1e3, 1)}
+                return segment_response(name, rgb, texts, pred, timing)
+
+        return await run_in_threadpool(work)
 
     if demo:
         import gradio as gr
