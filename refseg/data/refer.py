@@ -225,9 +225,12 @@ def decode_segmentation(seg, h: int, w: int, where: str = "segmentation") -> np.
                                        f"adding up to h * w = {h * w}")
             rles.append(mask_utils.frPyObjects({"size": size, "counts": counts}, h, w))
         else:
-            if isinstance(counts, str) and not counts.isascii():
-                raise ReferFormatError(f"{where}: field 'segmentation' RLE counts string is not ASCII")
-            rles.append({"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
+            counts = counts.encode("latin-1", "replace") if isinstance(counts, str) else bytes(counts)
+            runs = compressed_rle_runs(counts)
+            if runs is None or sum(runs) != h * w:
+                raise ReferFormatError(f"{where}: field 'segmentation' RLE counts string is corrupt (its runs do "
+                                       f"not add up to h * w = {h * w})")
+            rles.append({"size": size, "counts": counts})
     if not rles:
         return np.zeros((h, w), dtype=np.uint8)
     try:
@@ -237,6 +240,38 @@ def decode_segmentation(seg, h: int, w: int, where: str = "segmentation") -> np.
     if m.shape[:2] != (h, w):
         raise ReferFormatError(f"{where}: field 'segmentation' RLE decodes to {m.shape[:2]}, not {(h, w)}")
     return np.ascontiguousarray(m.astype(np.uint8))
+
+
+def compressed_rle_runs(counts: bytes) -> Optional[list]:
+    """Run lengths of a COCO compressed RLE string (pycocotools' rleFrString), or None when malformed.
+
+    Each run is a little-endian base-32 number, 5 bits per character
+    (character - 48, bit 0x20 = more characters follow, bit 0x10 of the last
+    = negative); from the third run on, the value is a difference to the run
+    two before. pycocotools decodes whatever it is given, so a corrupt
+    string would silently make a wrong mask: this lets the caller check.
+    """
+    runs: list = []
+    p, n = 0, len(counts)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            if p >= n:
+                return None
+            c = counts[p] - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x -= 1 << (5 * k)  # sign-extend
+        if len(runs) > 2:
+            x += runs[-2]
+        if x < 0:
+            return None
+        runs.append(x)
+    return runs
 
 
 def clicks_from_mask(mask: np.ndarray):

@@ -143,8 +143,9 @@ def read_json(path: Path, what: str = "file") -> Any:
         raise CheckpointError(f"{path}: {what} is not valid JSON: {e}") from None
 
 
-def read_safetensors(path: PathLike) -> Dict[str, torch.Tensor]:
-    """load_file with a CheckpointError naming the file; pickles (.pt, .pth, .bin) are refused unread."""
+def check_safetensors(path: PathLike) -> None:
+    """Raise CheckpointError unless `path` starts like a safetensors file; pickles (.pt, .pth, .bin) are
+    named as such. Reads 9 bytes; nothing is interpreted."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -159,6 +160,11 @@ def read_safetensors(path: PathLike) -> Dict[str, torch.Tensor]:
                                   "from safetensors and never unpickles them (convert it with "
                                   "safetensors.torch.save_file)")
         raise CheckpointError(f"{path}: not a safetensors file (truncated, empty or another format)")
+
+
+def read_safetensors(path: PathLike) -> Dict[str, torch.Tensor]:
+    """load_file with a CheckpointError naming the file; pickles (.pt, .pth, .bin) are refused unread."""
+    check_safetensors(path)
     try:
         return load_file(str(path))
     except Exception as e:  # noqa: BLE001  (SafetensorError and friends: the file is not valid safetensors)
@@ -382,6 +388,7 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", strict:
     eval mode on `device`.
     """
     weights_path, json_path = _resolve(path)
+    check_safetensors(weights_path)
     if not json_path.exists():
         raise CheckpointError(f"{weights_path}: no {json_path.name} beside it (it holds the model config)")
     meta = read_json(json_path, "model JSON")
