@@ -26,12 +26,15 @@ of any length are accepted: the tokenizer keeps the first ``max_length``
 tokens.
 
 Load: the server listens on 127.0.0.1 unless told otherwise (``refseg demo
---host``). At most ``max_concurrent`` requests decode an image and run a
-model at once (the others wait with their upload spooled, not decoded), so
-memory stays bounded by about ``max_concurrent`` decoded images of at most
-``max_pixels`` each; a slow or stalled upload holds no thread and no slot.
-The model names a request may give are only those the server was started
-with: a name is never a path.
+--host``). An upload's header is checked as soon as it has arrived (413 /
+415 at once, whatever the queue), then at most ``max_concurrent`` REST
+requests decode an image and run a model at once; the others wait in the
+event loop with their upload spooled (to disk above 1 MiB), holding no
+thread. Memory therefore stays bounded by about ``max_concurrent`` decoded
+images of at most ``max_pixels`` each (plus one for the demo, whose
+Gradio queue runs one request at a time). A slow or stalled upload holds
+neither a thread nor a slot. The model names a request may give are only
+those the server was started with: a name is never a path.
 
 Masks are at the uploaded image's full resolution (EXIF orientation applied);
 ``rle`` is COCO RLE (column-major, pycocotools ``counts`` string). The demo at
@@ -43,13 +46,14 @@ Nothing is fetched from the network: Gradio analytics are off, the theme
 uses local/system fonts, no share link is made.
 """
 
+import asyncio
 import base64
 import io
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import BinaryIO, Dict, List, Mapping, Optional, Sequence, Union
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported anywhere
 
@@ -76,18 +80,19 @@ class ApiError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Bytes of an image file -> (H, W, 3) uint8 RGB (EXIF orientation applied).
+def open_image(data: Union[bytes, BinaryIO], max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Parse only the header of an image file (bytes or a binary file object); no pixel is decoded.
 
-    The pixel count is checked from the header, before any pixel is decoded.
-    Raises ApiError: 400 empty, 415 not an image, 413 too many pixels, 422 undecodable.
+    Raises ApiError: 400 empty, 415 not an image, 413 too many pixels.
     """
-    from refseg.data.image import ImageReadError, load_image_rgb
-
-    if not data:
+    if isinstance(data, (bytes, bytearray)):
+        data = io.BytesIO(data)
+    data.seek(0)
+    if not data.read(1):
         raise ApiError(400, "missing_image", "the 'image' file is empty")
+    data.seek(0)
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(data)
     except Image.DecompressionBombError as e:
         raise ApiError(413, "image_too_large", f"image has too many pixels ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
@@ -96,6 +101,18 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     if w * h > max_pixels:
         raise ApiError(413, "image_too_large",
                        f"image is {w}x{h} = {w * h / 1e6:.1f} MP; the limit is {max_pixels / 1e6:g} MP")
+    return img
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Bytes of an image file -> (H, W, 3) uint8 RGB (EXIF orientation applied).
+
+    The pixel count is checked from the header, before any pixel is decoded.
+    Raises ApiError: 400 empty, 415 not an image, 413 too many pixels, 422 undecodable.
+    """
+    from refseg.data.image import ImageReadError, load_image_rgb
+
+    img = open_image(data, max_pixels)
     try:
         img.load()
         return load_image_rgb(img)
@@ -127,29 +144,20 @@ class ModelPool:
     models: name -> a shipped model name, a checkpoint path, or a ready model
       (an ``nn.Module`` with encode_image / encode_text / decode).
     A Predictor caches one image, so ``segment`` holds the model's lock from
-    ``set_image`` to the end of ``predict``. ``slot()`` admits at most
-    ``max_concurrent`` callers at a time to decoding + segmenting (bounded memory).
+    ``set_image`` to the end of ``predict``.
     """
 
-    def __init__(self, models: Mapping[str, ModelSource], default: str, mask_threshold: float = 0.5,
-                 max_concurrent: int = MAX_CONCURRENT):
+    def __init__(self, models: Mapping[str, ModelSource], default: str, mask_threshold: float = 0.5):
         if default not in models:
             raise KeyError(f"default model {default!r} is not among {list(models)}")
-        if max_concurrent < 1:
-            raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         self.sources = dict(models)
         self.default = default
         self.mask_threshold = mask_threshold
         self._predictors: Dict[str, object] = {}
         self._locks = {name: threading.Lock() for name in self.sources}
-        self._slots = threading.BoundedSemaphore(max_concurrent)
 
     def names(self) -> List[str]:
         return list(self.sources)
-
-    def slot(self) -> threading.BoundedSemaphore:
-        """``with pool.slot():`` waits until fewer than ``max_concurrent`` callers hold one."""
-        return self._slots
 
     def loaded(self) -> List[str]:
         return [n for n in self.sources if n in self._predictors]
@@ -319,9 +327,8 @@ def build_demo(pool: ModelPool, examples: Sequence[Sequence[str]] = (), max_pixe
         texts = [line.strip() for line in (text_block or "").splitlines() if line.strip()]
         try:
             texts = parse_texts(texts)
-            with pool.slot():
-                rgb = decode_image(Path(image_path).read_bytes(), max_pixels)
-                pred = pool.segment(model_name, rgb, texts)
+            rgb = decode_image(Path(image_path).read_bytes(), max_pixels)
+            pred = pool.segment(model_name, rgb, texts)
         except ApiError as e:
             raise gr.Error(e.message) from None
         captions = [f"{t}  [{'no target' if nt else f'score {s:.2f}'}]"
@@ -384,13 +391,24 @@ def create_app(
     if not models:
         raise ValueError("no model to serve: none is shipped in refseg/weights; pass a checkpoint path (--model PATH)")
     default = default or ("lts-synthref" if "lts-synthref" in models else next(iter(models)))
-    pool = ModelPool(models, default, mask_threshold, max_concurrent)
+    if max_concurrent < 1:
+        raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
+    pool = ModelPool(models, default, mask_threshold)
     shipped = set(refseg.available_models())
 
     app = FastAPI(title="refseg", version=refseg.__version__, docs_url="/api/docs", redoc_url=None,
                   openapi_url="/api/openapi.json")
     app.state.pool = pool
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes, paths=["/segment"])
+    per_loop: Dict[int, asyncio.Semaphore] = {}
+
+    def slots() -> asyncio.Semaphore:
+        """The semaphore of the running event loop (one per loop: a test client may start several)."""
+        loop = id(asyncio.get_running_loop())
+        if loop not in per_loop:
+            per_loop.clear()
+            per_loop[loop] = asyncio.Semaphore(max_concurrent)
+        return per_loop[loop]
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -419,18 +437,20 @@ def create_app(
         texts = parse_texts(form.getlist("text"))
         name = pool.resolve(form.get("model") if isinstance(form.get("model"), str) else None)
 
-        def work():  # in a worker thread, once a slot is free: the upload is read and decoded only then
-            with pool.slot():
-                start = time.perf_counter()
-                upload.file.seek(0)
-                rgb = decode_image(upload.file.read(), max_pixels)
-                decoded = time.perf_counter()
-                pred = pool.segment(name, rgb, texts)
-                done = time.perf_counter()
-                timing = {"decode": round((decoded - start) * 1e3, 1), "model": round((done - decoded) * 1e3, 1)}
-                return segment_response(name, rgb, texts, pred, timing)
+        await run_in_threadpool(open_image, upload.file, max_pixels)  # 400 / 413 / 415 now, not after the queue
 
-        return await run_in_threadpool(work)
+        def work():  # in a worker thread, holding a slot: the upload is read and decoded only now
+            start = time.perf_counter()
+            upload.file.seek(0)
+            rgb = decode_image(upload.file.read(), max_pixels)
+            decoded = time.perf_counter()
+            pred = pool.segment(name, rgb, texts)
+            done = time.perf_counter()
+            timing = {"decode": round((decoded - start) * 1e3, 1), "model": round((done - decoded) * 1e3, 1)}
+            return segment_response(name, rgb, texts, pred, timing)
+
+        async with slots():
+            return await run_in_threadpool(work)
 
     if demo:
         import gradio as gr
