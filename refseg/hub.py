@@ -43,7 +43,7 @@ def load(name_or_path: Union[str, Path], device: str = "cpu") -> "torch.nn.Modul
     request: it serves only the models it was started with). The shipped weights are checked against the SHA-256 in their JSON card
     before use. Returns the model in eval mode on ``device``.
     """
-    from refseg.engine.checkpoint import load_model
+    from refseg.engine.checkpoint import CheckpointError, load_model
 
     name = str(name_or_path)
     if name in available_models():
@@ -51,7 +51,7 @@ def load(name_or_path: Union[str, Path], device: str = "cpu") -> "torch.nn.Modul
         weights = WEIGHTS_DIR / f"{name}.safetensors"
         digest = sha256_of(weights)
         if card.get("sha256") and digest != card["sha256"]:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{weights}: SHA-256 {digest} does not match {card['sha256']} in {weights.with_suffix('.json')}; "
                 "the file is corrupt or was changed."
             )
