@@ -217,7 +217,7 @@ def run(kills: int = 12, steps: int = 100, save_every: int = 3, seed: int = 0, w
                 time.sleep(rng.uniform(0.0, window))
             was_killed = child.kill()
         if not was_killed:
-            rc = child.wait(600)
+            rc = child.wait(killing.TIMEOUT)
             if rc != 0:
                 raise RuntimeError(f"attempt {attempts} exited {rc}:\n{child.tail()}")
         text = child.log.read_text(errors="replace")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = float(os.environ.get("REFSEG_STRESS_TIMEOUT", 3600))  # seconds one child may run (a starved CPU is slow)
 
 
 def env() -> dict:
@@ -111,7 +112,7 @@ class Child:
             return ""
 
 
-def run_to_end(child: Child, timeout: float = 600) -> float:
+def run_to_end(child: Child, timeout: float = TIMEOUT) -> float:
     """Wait for a child; raise with its log's tail unless it exits 0. Returns its wall time."""
     rc = child.wait(timeout)
     if rc is None:

@@ -117,7 +117,7 @@ def start_server(model: str, port: int, threads: int, max_concurrent: int, log: 
                                 start_new_session=True)
 
 
-def wait_healthy(port: int, proc=None, timeout: float = 300) -> dict:
+def wait_healthy(port: int, proc=None, timeout: float = killing.TIMEOUT) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
