@@ -7,11 +7,27 @@ Each sub-command lives in its own module, which exports two functions:
 
 Only the module of the command being run is imported, so `refseg --help`
 and light commands start quickly.
+
+Bad input (a malformed data set, an unreadable image, a broken config or
+checkpoint, a missing file) ends any command with one line on stderr,
+`refseg <command>: error: <message naming the file / field / value>`, and
+exit status 2; Ctrl-C ends it with status 130. Other exceptions are bugs
+and keep their traceback.
 """
 
 import argparse
 import importlib
 import sys
+
+# (module, class) of the errors that mean bad input; looked up only in modules already imported
+USER_ERRORS = (
+    ("refseg.data.image", "ImageReadError"),
+    ("refseg.data.refer", "ReferFormatError"),
+    ("refseg.engine.config", "ConfigError"),
+    ("refseg.engine.checkpoint", "CheckpointError"),
+    ("refseg.engine.state", "StateError"),
+    ("refseg.engine.train", "TrainError"),
+)
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -51,7 +67,32 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=f"refseg {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    return int(module.main(args) or 0)
+    try:
+        return int(module.main(args) or 0)
+    except KeyboardInterrupt:
+        print(f"refseg {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001  (re-raised unless it is bad input)
+        if not is_user_error(e):
+            raise
+        print(f"refseg {name}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def is_user_error(e: BaseException) -> bool:
+    """True for refseg's bad-input errors and for OS errors (missing file, no permission, disk full)."""
+    if isinstance(e, OSError):
+        return True
+    classes = [getattr(sys.modules[m], c) for m, c in USER_ERRORS if m in sys.modules]
+    return isinstance(e, tuple(classes))
+
+
+def one_line(e: BaseException) -> str:
+    """The exception's message on one line (multi-line messages joined with '; ')."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return "; ".join(lines) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-demo", action="store_true", help="serve the REST API only")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body accepted, MiB (413 above)")
     p.add_argument("--max-megapixels", type=float, default=40.0, help="largest image accepted, megapixels (413 above)")
+    p.add_argument("--max-concurrent", type=int, default=2,
+                   help="requests decoding and segmenting at once; the rest wait (bounds memory)")
     p.add_argument("--threshold", type=float, default=0.5, help="mask probability threshold")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
 
@@ -68,7 +70,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         app = create_app(models, default=default, demo=not args.no_demo, cache_dir=args.cache_dir,
                          examples=not args.no_examples, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                         max_pixels=int(args.max_megapixels * 1e6), mask_threshold=args.threshold)
+                         max_pixels=int(args.max_megapixels * 1e6), mask_threshold=args.threshold,
+                         max_concurrent=args.max_concurrent)
         app.state.pool.preload()  # a broken default model fails here, not on the first request
     except (ApiError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"refseg demo: error: {e}", file=sys.stderr)

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from refseg.engine.config import write_text_atomic
 from refseg.predictor import Predictor
 
 FORMAT = "refseg-onnx"
@@ -203,14 +204,14 @@ def export_onnx(
         "config": getattr(model, "config", {}),
         **(extra_meta or {}),
     }
-    paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(paths["meta"], json.dumps(meta, indent=2) + "\n")
     if check:
         onnx_model = OnnxModel(paths["meta"])
         ref = model.decode(maps, model.encode_text(list(EXAMPLE_TEXTS)), index)
         got = onnx_model.decode(onnx_model.encode_image(image), onnx_model.encode_text(list(EXAMPLE_TEXTS)), index)
         diff = {k: float((ref[k] - got[k]).abs().max()) for k in ("mask_logits", "no_target_logits")}
         meta["parity"] = {"max_abs_diff": diff, "tolerance": PARITY_TOLERANCE, "texts": list(EXAMPLE_TEXTS)}
-        paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
+        write_text_atomic(paths["meta"], json.dumps(meta, indent=2) + "\n")
         if diff["mask_logits"] > PARITY_TOLERANCE:
             raise RuntimeError(f"ONNX and PyTorch mask logits differ by {diff['mask_logits']:.2e} "
                                f"(> {PARITY_TOLERANCE}); see {paths['meta']}")

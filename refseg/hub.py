@@ -21,10 +21,9 @@ def available_models() -> List[str]:
 
 def model_card(name: str) -> dict:
     """The JSON metadata of a shipped model."""
-    path = WEIGHTS_DIR / f"{name}.json"
-    if not path.exists():
+    if name not in available_models():  # never a path: "../x" cannot reach outside WEIGHTS_DIR
         raise KeyError(f"unknown model {name!r}; available: {available_models()}")
-    return json.loads(path.read_text())
+    return json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
 
 
 def sha256_of(path: Union[str, Path]) -> str:
@@ -38,10 +37,13 @@ def sha256_of(path: Union[str, Path]) -> str:
 def load(name_or_path: Union[str, Path], device: str = "cpu") -> "torch.nn.Module":  # noqa: F821
     """Load a shipped model by name, or a checkpoint / run folder by path.
 
-    The shipped weights are checked against the SHA-256 in their JSON card
+    A name is looked up only among ``available_models()`` (files directly in
+    ``WEIGHTS_DIR``), so no name reaches a file elsewhere; anything else is
+    taken as a path the caller chose (the server never passes one from a
+    request: it serves only the models it was started with). The shipped weights are checked against the SHA-256 in their JSON card
     before use. Returns the model in eval mode on ``device``.
     """
-    from refseg.engine.checkpoint import load_model
+    from refseg.engine.checkpoint import CheckpointError, load_model
 
     name = str(name_or_path)
     if name in available_models():
@@ -49,7 +51,7 @@ def load(name_or_path: Union[str, Path], device: str = "cpu") -> "torch.nn.Modul
         weights = WEIGHTS_DIR / f"{name}.safetensors"
         digest = sha256_of(weights)
         if card.get("sha256") and digest != card["sha256"]:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{weights}: SHA-256 {digest} does not match {card['sha256']} in {weights.with_suffix('.json')}; "
                 "the file is corrupt or was changed."
             )

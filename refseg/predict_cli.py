@@ -14,10 +14,15 @@ JSONL: one object per line, ``{"image": "a.png", "text": "..."}`` or
 ``--images``. OUT receives, per expression, ``<image-stem>_<k>.png`` (binary
 mask, 0/255) and ``<image-stem>_overlay.png`` per image, plus
 ``results.jsonl`` with scores, the no-target decision and COCO RLE masks.
+An image that cannot be read is skipped: its line in ``results.jsonl`` is
+``{"image": ..., "error": "..."}``, the others are segmented, and the
+command exits with status 1. Every file is written under a temporary name
+and renamed into place, so none is ever half written.
 """
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -63,9 +68,16 @@ def read_queries(path: Path) -> "OrderedDict[str, list]":
     """Read a CSV or JSONL query file into {image: [texts]} (file order kept)."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: queries file not found")
+    from refseg.expressions import check_expressions
+
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
     queries: "OrderedDict[str, list]" = OrderedDict()
     if path.suffix.lower() in (".jsonl", ".json"):
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        for lineno, line in enumerate(content.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -77,17 +89,24 @@ def read_queries(path: Path) -> "OrderedDict[str, list]":
             texts = row.get("texts", [row.get("text")])
             if not isinstance(texts, list) or not all(isinstance(t, str) and t.strip() for t in texts):
                 raise ValueError(f"{path}:{lineno}: field 'texts' must be a list of non-empty strings")
-            queries.setdefault(str(row["image"]), []).extend(texts)
+            if not isinstance(row["image"], str) or not row["image"].strip():
+                raise ValueError(f"{path}:{lineno}: field 'image' must be a non-empty string, got {row['image']!r}")
+            check_expressions(texts, f"{path}:{lineno}: expression")
+            queries.setdefault(row["image"], []).extend(texts)
     else:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
+        reader = csv.DictReader(io.StringIO(content, newline=""))
+        try:
             missing = {"image", "text"} - set(reader.fieldnames or [])
             if missing:
                 raise ValueError(f"{path}: CSV header lacks column(s) {sorted(missing)}; found {reader.fieldnames}")
-            for lineno, row in enumerate(reader, 2):
+            for row in reader:
+                lineno = reader.line_num
                 if not (row["image"] or "").strip() or not (row["text"] or "").strip():
                     raise ValueError(f"{path}:{lineno}: empty 'image' or 'text'")
+                check_expressions(row["text"], f"{path}:{lineno}: expression")
                 queries.setdefault(row["image"], []).append(row["text"])
+        except csv.Error as e:
+            raise ValueError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
     if not queries:
         raise ValueError(f"{path}: no queries found")
     return queries
@@ -95,10 +114,12 @@ def read_queries(path: Path) -> "OrderedDict[str, list]":
 
 def _single(args, predictor) -> int:
     from refseg.data.image import load_image_rgb
+    from refseg.expressions import check_expressions
     from refseg.vis import overlay, save_image_atomic
 
     if not args.text:
         return _fail("--image needs at least one --text")
+    check_expressions(args.text, "--text")  # before any work: a bad expression writes nothing
     rgb = load_image_rgb(args.image)
     predictor.set_image(rgb)
     result = predictor.predict(args.text)
@@ -117,11 +138,7 @@ def _single(args, predictor) -> int:
 
 
 def _batch(args, predictor) -> int:
-    from pycocotools import mask as mask_utils
-    from tqdm import tqdm
-
-    from refseg.data.image import load_image_rgb
-    from refseg.vis import overlay, save_image_atomic
+    from refseg.data.image import ImageReadError, load_image_rgb
 
     if not (args.queries and args.out_dir):
         return _fail("a batch job needs --images, --queries and --out-dir")
@@ -131,32 +148,63 @@ def _batch(args, predictor) -> int:
     if missing:
         return _fail(f"{len(missing)} image(s) named in {args.queries} not found under {root}, e.g. {missing[0]!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = list(queries)
     loaded = {}  # images read for prediction, kept until their overlay is drawn
+    good: list = []  # names whose image was read, in order: predict_batch's results follow them
+    failed: list = []  # (name, message) of images that could not be read
 
     def images():
-        for n in names:
-            loaded[n] = load_image_rgb(root / n)
-            yield loaded[n]
+        for name in queries:
+            try:
+                loaded[name] = load_image_rgb(root / name)
+            except (ImageReadError, OSError) as e:
+                failed.append((name, str(e)))
+                continue
+            good.append(name)
+            yield loaded[name]
+
+    def texts():  # predict_batch pulls an image, then its texts: good[k] is known when text k is asked for
+        for k in range(len(queries)):
+            yield queries[good[k]]
 
     fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".jsonl", dir=out_dir)
-    with os.fdopen(fd, "w") as log:
-        results = predictor.predict_batch(images(), (queries[n] for n in names))
-        for name, result in tqdm(zip(names, results), total=len(names), desc="predict", unit="img"):
-            stem = Path(name).with_suffix("").as_posix().replace("/", "__")
-            texts = queries[name]
-            for k, text in enumerate(texts):
-                _save_mask(result.masks[k], out_dir / f"{stem}_{k}.png")
-                rle = mask_utils.encode(np.asfortranarray(result.masks[k].astype(np.uint8)))
-                log.write(json.dumps({
-                    "image": name, "k": k, "text": text, "score": round(float(result.scores[k]), 4),
-                    "no_target": bool(result.no_target[k]),
-                    "rle": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-                }) + "\n")
-            save_image_atomic(overlay(loaded.pop(name), list(result.masks), texts), out_dir / f"{stem}_overlay.png")
-    os.replace(tmp, out_dir / "results.jsonl")
-    print(f"wrote {sum(len(t) for t in queries.values())} masks for {len(names)} images to {out_dir}")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as log:
+            results = predictor.predict_batch(images(), texts())
+            pairs = ((good[k], result) for k, result in enumerate(results))  # good[k] is set once result k exists
+            _write_results(pairs, queries, loaded, out_dir, log, len(queries))
+            for name, message in failed:
+                log.write(json.dumps({"image": name, "error": message}) + "\n")
+        os.replace(tmp, out_dir / "results.jsonl")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    print(f"wrote {sum(len(queries[n]) for n in good)} masks for {len(good)} images to {out_dir}")
+    if failed:
+        print(f"refseg predict: {len(failed)} image(s) could not be read and were skipped (listed in "
+              f"results.jsonl), e.g. {failed[0][1]}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _write_results(pairs, queries, loaded, out_dir: Path, log, total: int) -> None:
+    """Per image: one mask PNG per expression, the overlay, and one results.jsonl line per expression."""
+    from pycocotools import mask as mask_utils
+    from tqdm import tqdm
+
+    from refseg.vis import overlay, save_image_atomic
+
+    for name, result in tqdm(pairs, total=total, desc="predict", unit="img"):
+        stem = Path(name).with_suffix("").as_posix().replace("/", "__")
+        texts = queries[name]
+        for k, text in enumerate(texts):
+            _save_mask(result.masks[k], out_dir / f"{stem}_{k}.png")
+            rle = mask_utils.encode(np.asfortranarray(result.masks[k].astype(np.uint8)))
+            log.write(json.dumps({
+                "image": name, "k": k, "text": text, "score": round(float(result.scores[k]), 4),
+                "no_target": bool(result.no_target[k]),
+                "rle": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+            }) + "\n")
+        save_image_atomic(overlay(loaded.pop(name), list(result.masks), texts), out_dir / f"{stem}_overlay.png")
 
 
 def main(args: argparse.Namespace) -> int:

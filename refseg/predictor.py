@@ -19,6 +19,7 @@ import torch
 
 from refseg.data.image import load_image_rgb
 from refseg.data.transforms import Letterbox
+from refseg.expressions import check_expressions
 
 
 @dataclass
@@ -100,11 +101,7 @@ class Predictor:
         """Segment what each expression names in the image given to ``set_image``."""
         if not self.is_image_set:
             raise RuntimeError("Predictor.predict: no image is set; call set_image(image) first.")
-        texts = [text] if isinstance(text, str) else list(text)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"Predictor.predict: expected a non-empty str or list of str, got {text!r}")
-        if any(not t.strip() for t in texts):
-            raise ValueError("Predictor.predict: an expression is empty")
+        texts = check_expressions(text, "Predictor.predict: expression")
         parts = []
         for i in range(0, len(texts), self.text_batch_size):
             chunk = texts[i : i + self.text_batch_size]

@@ -16,8 +16,25 @@ REST API (all answers JSON; errors are ``{"error": {"code": ..., "message": ...}
 
     400 missing_image, missing_text, bad_form (not multipart)   404 unknown_model
     413 request_too_large (body over ``max_upload_bytes``), image_too_large (over ``max_pixels``)
-    415 not_an_image (unrecognised bytes)    422 bad_image (undecodable), empty_text, too_many_texts
+    415 not_an_image (unrecognised bytes)
+    422 bad_image (undecodable), empty_text, bad_text (a file sent as 'text'), too_many_texts
     503 model_unavailable (a registered model failed to load)
+
+Text fields are read as UTF-8; a field that is not valid UTF-8 is read as
+Latin-1 (Starlette's rule), so it gets an answer, not an error. Expressions
+of any length are accepted: the tokenizer keeps the first ``max_length``
+tokens.
+
+Load: the server listens on 127.0.0.1 unless told otherwise (``refseg demo
+--host``). An upload's header is checked as soon as it has arrived (413 /
+415 at once, whatever the queue), then at most ``max_concurrent`` REST
+requests decode an image and run a model at once; the others wait in the
+event loop with their upload spooled (to disk above 1 MiB), holding no
+thread. Memory therefore stays bounded by about ``max_concurrent`` decoded
+images of at most ``max_pixels`` each (plus one for the demo, whose
+Gradio queue runs one request at a time). A slow or stalled upload holds
+neither a thread nor a slot. The model names a request may give are only
+those the server was started with: a name is never a path.
 
 Masks are at the uploaded image's full resolution (EXIF orientation applied);
 ``rle`` is COCO RLE (column-major, pycocotools ``counts`` string). The demo at
@@ -29,13 +46,14 @@ Nothing is fetched from the network: Gradio analytics are off, the theme
 uses local/system fonts, no share link is made.
 """
 
+import asyncio
 import base64
 import io
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import BinaryIO, Dict, List, Mapping, Optional, Sequence, Union
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported anywhere
 
@@ -45,6 +63,7 @@ from PIL import Image, UnidentifiedImageError
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 40_000_000
 MAX_TEXTS = 32
+MAX_CONCURRENT = 2
 EXAMPLES_SEED = 0
 
 
@@ -61,18 +80,19 @@ class ApiError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Bytes of an image file -> (H, W, 3) uint8 RGB (EXIF orientation applied).
+def open_image(data: Union[bytes, BinaryIO], max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Parse only the header of an image file (bytes or a binary file object); no pixel is decoded.
 
-    The pixel count is checked from the header, before any pixel is decoded.
-    Raises ApiError: 400 empty, 415 not an image, 413 too many pixels, 422 undecodable.
+    Raises ApiError: 400 empty, 415 not an image, 413 too many pixels.
     """
-    from refseg.data.image import ImageReadError, load_image_rgb
-
-    if not data:
+    if isinstance(data, (bytes, bytearray)):
+        data = io.BytesIO(data)
+    data.seek(0)
+    if not data.read(1):
         raise ApiError(400, "missing_image", "the 'image' file is empty")
+    data.seek(0)
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(data)
     except Image.DecompressionBombError as e:
         raise ApiError(413, "image_too_large", f"image has too many pixels ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
@@ -81,6 +101,18 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     if w * h > max_pixels:
         raise ApiError(413, "image_too_large",
                        f"image is {w}x{h} = {w * h / 1e6:.1f} MP; the limit is {max_pixels / 1e6:g} MP")
+    return img
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Bytes of an image file -> (H, W, 3) uint8 RGB (EXIF orientation applied).
+
+    The pixel count is checked from the header, before any pixel is decoded.
+    Raises ApiError: 400 empty, 415 not an image, 413 too many pixels, 422 undecodable.
+    """
+    from refseg.data.image import ImageReadError, load_image_rgb
+
+    img = open_image(data, max_pixels)
     try:
         img.load()
         return load_image_rgb(img)
@@ -92,7 +124,9 @@ def parse_texts(values: Sequence[str]) -> List[str]:
     """Form values -> stripped expressions; raises ApiError when none, one empty, or too many."""
     if not values:
         raise ApiError(400, "missing_text", "give at least one 'text' field (one per expression)")
-    texts = [str(v).strip() for v in values]
+    if not all(isinstance(v, str) for v in values):
+        raise ApiError(422, "bad_text", "'text' must be form fields, not files")
+    texts = [v.strip() for v in values]
     empty = [i for i, t in enumerate(texts) if not t]
     if empty:
         raise ApiError(422, "empty_text", f"'text' field(s) {empty} are empty")
@@ -151,6 +185,7 @@ class ModelPool:
         return self._predictors[name]
 
     def resolve(self, name: Optional[str]) -> str:
+        """A registered model name (the default for None or ""); 404 for anything else, paths included."""
         name = (name or "").strip() or self.default
         if name not in self.sources:
             raise ApiError(404, "unknown_model", f"unknown model {name!r}; available: {self.names()}")
@@ -335,6 +370,7 @@ def create_app(
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
     max_pixels: int = MAX_PIXELS,
     mask_threshold: float = 0.5,
+    max_concurrent: int = MAX_CONCURRENT,
 ):
     """The FastAPI app: the REST API, and the Gradio demo at ``/`` when ``demo``.
 
@@ -342,6 +378,7 @@ def create_app(
       every shipped model. default: the model used when a request names none
       (default: ``lts-synthref`` if present, else the first).
     cache_dir: where the demo's example data is generated (``default_cache_dir()``).
+    max_concurrent: requests decoding + segmenting at once (see the module docstring).
     """
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
@@ -354,6 +391,8 @@ def create_app(
     if not models:
         raise ValueError("no model to serve: none is shipped in refseg/weights; pass a checkpoint path (--model PATH)")
     default = default or ("lts-synthref" if "lts-synthref" in models else next(iter(models)))
+    if max_concurrent < 1:
+        raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
     pool = ModelPool(models, default, mask_threshold)
     shipped = set(refseg.available_models())
 
@@ -361,6 +400,15 @@ def create_app(
                   openapi_url="/api/openapi.json")
     app.state.pool = pool
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes, paths=["/segment"])
+    per_loop: Dict[int, asyncio.Semaphore] = {}
+
+    def slots() -> asyncio.Semaphore:
+        """The semaphore of the running event loop (one per loop: a test client may start several)."""
+        loop = id(asyncio.get_running_loop())
+        if loop not in per_loop:
+            per_loop.clear()
+            per_loop[loop] = asyncio.Semaphore(max_concurrent)
+        return per_loop[loop]
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -388,13 +436,21 @@ def create_app(
             raise ApiError(400, "missing_image", "no 'image' file in the form (multipart field 'image')")
         texts = parse_texts(form.getlist("text"))
         name = pool.resolve(form.get("model") if isinstance(form.get("model"), str) else None)
-        start = time.perf_counter()
-        rgb = await run_in_threadpool(decode_image, await upload.read(), max_pixels)
-        decoded = time.perf_counter()
-        pred = await run_in_threadpool(pool.segment, name, rgb, texts)
-        done = time.perf_counter()
-        timing = {"decode": round((decoded - start) * 1e3, 1), "model": round((done - decoded) * 1e3, 1)}
-        return await run_in_threadpool(segment_response, name, rgb, texts, pred, timing)
+
+        await run_in_threadpool(open_image, upload.file, max_pixels)  # 400 / 413 / 415 now, not after the queue
+
+        def work():  # in a worker thread, holding a slot: the upload is read and decoded only now
+            start = time.perf_counter()
+            upload.file.seek(0)
+            rgb = decode_image(upload.file.read(), max_pixels)
+            decoded = time.perf_counter()
+            pred = pool.segment(name, rgb, texts)
+            done = time.perf_counter()
+            timing = {"decode": round((decoded - start) * 1e3, 1), "model": round((done - decoded) * 1e3, 1)}
+            return segment_response(name, rgb, texts, pred, timing)
+
+        async with slots():
+            return await run_in_threadpool(work)
 
     if demo:
         import gradio as gr

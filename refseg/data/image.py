@@ -19,6 +19,11 @@ Conventions (the choices a reader may ask about):
 - EXIF orientation is applied (PIL.ImageOps.exif_transpose) unless
   `exif=False`; ReferData uses `exif=False` as a fallback for annotations
   that were drawn on the stored, un-rotated pixels.
+- Files are checked before their pixels are decoded: an image over
+  `max_pixels` (default `MAX_PIXELS`, Pillow's own decompression-bomb
+  limit) is refused from its header alone, so a small file that claims
+  to be 50 000 x 50 000 costs nothing. Every error raised for a file
+  names the file.
 """
 
 from __future__ import annotations
@@ -34,13 +39,14 @@ ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # ~179 MP: where Pillow itself refuses an image as a decompression bomb
 
 
 class ImageReadError(ValueError):
     """An image file exists but cannot be decoded, or an array has an unusable layout."""
 
 
-def load_image_rgb(src: ImageSource, exif: bool = True) -> np.ndarray:
+def load_image_rgb(src: ImageSource, exif: bool = True, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Return `src` as an RGB image.
 
     Args:
@@ -48,16 +54,24 @@ def load_image_rgb(src: ImageSource, exif: bool = True) -> np.ndarray:
             array shaped (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) with dtype
             uint8 (0..255), uint16 (0..65535), bool, or float in [0, 1].
         exif: apply the EXIF orientation tag of files and PIL images.
+        max_pixels: refuse files with more pixels than this (checked from
+            the header, before decoding).
 
     Returns:
         (H, W, 3) uint8 C-contiguous array, values in [0, 255].
 
     Raises:
         FileNotFoundError: the path does not exist (the message names it).
-        ImageReadError: the file cannot be decoded, or the array/mode is unusable.
+        ImageReadError: the file cannot be decoded, holds more than
+            `max_pixels` pixels, or the array/mode is unusable.
     """
     if isinstance(src, (str, os.PathLike)):
-        return _from_pil(_open(Path(src)), exif=exif)
+        path = Path(src)
+        img = _open(path, max_pixels)
+        try:
+            return _from_pil(img, exif=exif)
+        except (ImageReadError, OSError, ValueError, SyntaxError) as e:  # a mode or EXIF block Pillow cannot handle
+            raise ImageReadError(f"cannot read image {path}: {e}") from None
     if isinstance(src, Image.Image):
         return _from_pil(src, exif=exif)
     if isinstance(src, np.ndarray):
@@ -65,13 +79,25 @@ def load_image_rgb(src: ImageSource, exif: bool = True) -> np.ndarray:
     raise TypeError(f"load_image_rgb expects a path, a PIL image or a numpy array, got {type(src).__name__}")
 
 
-def _open(path: Path) -> Image.Image:
-    if not path.is_file():
+def _open(path: Path, max_pixels: int) -> Image.Image:
+    if not path.exists():
         raise FileNotFoundError(f"image file not found: {path}")
+    if not path.is_file():
+        raise ImageReadError(f"cannot read image {path}: not a regular file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"cannot read image {path}: the file is empty (0 bytes)")
     try:
         img = Image.open(path)
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageReadError(f"cannot read image {path}: {w}x{h} = {w * h / 1e6:.0f} MP is over the limit "
+                                 f"of {max_pixels / 1e6:.0f} MP (max_pixels); refused before decoding")
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except Image.DecompressionBombError as e:  # over Pillow's own limit, when max_pixels is set higher
+        raise ImageReadError(f"cannot read image {path}: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        if isinstance(e, ImageReadError):
+            raise
         raise ImageReadError(f"cannot read image {path}: {e}") from e
     return img
 

@@ -26,6 +26,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from refseg.data.image import load_image_rgb
+from refseg.data.synthref.atomic import INCOMPLETE_MARKER
 
 SPLIT_ORDER = ("train", "val", "testA", "testB", "test")
 
@@ -78,6 +79,8 @@ def load_refs_file(path) -> list:
     path = Path(path)
     if not path.is_file():
         raise ReferFileNotFoundError(f"refs file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ReferFormatError(f"{path}: the refs file is empty (0 bytes)")
     last = None
     for encoding in ("utf-8", "latin1"):
         try:
@@ -150,17 +153,30 @@ def _read_instances(path: Path) -> tuple[dict, dict, dict]:
             inst = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ReferFormatError(f"{path}: not valid JSON: {e}") from e
+    except RecursionError:
+        raise ReferFormatError(f"{path}: JSON nested too deeply") from None
+    if not isinstance(inst, dict):
+        raise ReferFormatError(f"{path}: expected a JSON object with 'images' and 'annotations', "
+                               f"got a {type(inst).__name__}")
     for key in ("images", "annotations"):
         if not isinstance(inst.get(key), list):
             raise ReferFormatError(f"{path}: field '{key}' must be a list")
+    if not isinstance(inst.get("categories", []), list):
+        raise ReferFormatError(f"{path}: field 'categories' must be a list")
+    for key in ("images", "annotations", "categories"):
+        for i, entry in enumerate(inst.get(key, [])):
+            if not isinstance(entry, dict):
+                raise ReferFormatError(f"{path}: field '{key}' item #{i} is a {type(entry).__name__}, not an object")
     images = {}
     for i, im in enumerate(inst["images"]):
         where = f"{path}: image {im.get('id', f'#{i}')}"
-        if not isinstance(im.get("file_name"), str):
+        if not isinstance(im.get("file_name"), str) or not im["file_name"]:
             raise ReferFormatError(f"{where}: field 'file_name' missing or not a string")
         iid = _int(im.get("id"), where, "id")
-        images[iid] = {"id": iid, "file_name": im["file_name"], "height": _int(im.get("height"), where, "height"),
-                       "width": _int(im.get("width"), where, "width")}
+        height, width = _int(im.get("height"), where, "height"), _int(im.get("width"), where, "width")
+        if height < 1 or width < 1:
+            raise ReferFormatError(f"{where}: fields 'height' x 'width' = {height} x {width} must be positive")
+        images[iid] = {"id": iid, "file_name": im["file_name"], "height": height, "width": width}
     anns = {}
     for i, a in enumerate(inst["annotations"]):
         where = f"{path}: annotation {a.get('id', f'#{i}')}"
@@ -198,18 +214,64 @@ def decode_segmentation(seg, h: int, w: int, where: str = "segmentation") -> np.
     for part in parts:
         if not isinstance(part, dict):
             continue
-        size = [int(v) for v in part["size"]]
+        size = [_int(v, where, "segmentation.size") for v in part["size"]]
         if size != [h, w]:
             raise ReferFormatError(f"{where}: RLE size {size} differs from the image size {[h, w]}")
         counts = part["counts"]
         if isinstance(counts, list):
+            if not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c >= 0 for c in counts) \
+                    or sum(counts) != h * w:
+                raise ReferFormatError(f"{where}: field 'segmentation' RLE counts must be non-negative integers "
+                                       f"adding up to h * w = {h * w}")
             rles.append(mask_utils.frPyObjects({"size": size, "counts": counts}, h, w))
         else:
-            rles.append({"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
+            counts = counts.encode("latin-1", "replace") if isinstance(counts, str) else bytes(counts)
+            runs = compressed_rle_runs(counts)
+            if runs is None or sum(runs) != h * w:
+                raise ReferFormatError(f"{where}: field 'segmentation' RLE counts string is corrupt (its runs do "
+                                       f"not add up to h * w = {h * w})")
+            rles.append({"size": size, "counts": counts})
     if not rles:
         return np.zeros((h, w), dtype=np.uint8)
-    m = mask_utils.decode(mask_utils.merge(rles, intersect=False) if len(rles) > 1 else rles[0])
+    try:
+        m = mask_utils.decode(mask_utils.merge(rles, intersect=False) if len(rles) > 1 else rles[0])
+    except (ValueError, TypeError, UnicodeError) as e:  # counts that do not add up to h * w, bad characters
+        raise ReferFormatError(f"{where}: field 'segmentation' RLE cannot be decoded: {e}") from None
+    if m.shape[:2] != (h, w):
+        raise ReferFormatError(f"{where}: field 'segmentation' RLE decodes to {m.shape[:2]}, not {(h, w)}")
     return np.ascontiguousarray(m.astype(np.uint8))
+
+
+def compressed_rle_runs(counts: bytes) -> Optional[list]:
+    """Run lengths of a COCO compressed RLE string (pycocotools' rleFrString), or None when malformed.
+
+    Each run is a little-endian base-32 number, 5 bits per character
+    (character - 48, bit 0x20 = more characters follow, bit 0x10 of the last
+    = negative); from the third run on, the value is a difference to the run
+    two before. pycocotools decodes whatever it is given, so a corrupt
+    string would silently make a wrong mask: this lets the caller check.
+    """
+    runs: list = []
+    p, n = 0, len(counts)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            if p >= n:
+                return None
+            c = counts[p] - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x -= 1 << (5 * k)  # sign-extend
+        if len(runs) > 2:
+            x += runs[-2]
+        if x < 0:
+            return None
+        runs.append(x)
+    return runs
 
 
 def clicks_from_mask(mask: np.ndarray):
@@ -251,6 +313,14 @@ def _normalise_ref(ref, where_file: str, index: int, images: dict, anns: dict, c
             raise ReferFormatError(f"{where}: field '{key}' missing")
     ref_id, ann_id = _int(ref["ref_id"], where, "ref_id"), _int(ref["ann_id"], where, "ann_id")
     image_id = _int(ref["image_id"], where, "image_id")
+    if not isinstance(ref["split"], str) or not ref["split"]:
+        raise ReferFormatError(f"{where}: field 'split' must be a non-empty string, got {ref['split']!r}")
+    for key in ("no_target", "weak"):  # bool("false") is True: only real booleans (or 0 / 1) are read
+        value = ref.get(key)
+        if value is not None and not (isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))):
+            raise ReferFormatError(f"{where}: field '{key}' must be true or false, got {value!r}")
+    if ref.get("class_name") is not None and not isinstance(ref["class_name"], str):
+        raise ReferFormatError(f"{where}: field 'class_name' must be a string, got {ref['class_name']!r}")
     if image_id not in images:
         raise ReferFormatError(f"{where}: field 'image_id' = {image_id} has no entry in instances.json images")
     no_target = bool(ref.get("no_target", False)) or ann_id == -1
@@ -279,8 +349,17 @@ def _normalise_ref(ref, where_file: str, index: int, images: dict, anns: dict, c
         sid = _int(sid, f"{where} sentence {j}", "sent_id")
         norm.append(dict(s, sent_id=sid, text=_sentence_text(s, f"{where} sentence {sid}"), form=s.get("form")))
     for key in ("click_center", "click_corners"):
-        if ref.get(key) is not None and np.asarray(ref[key]).shape != ((2,) if key == "click_center" else (2, 2)):
-            raise ReferFormatError(f"{where}: field '{key}' has shape {np.asarray(ref[key]).shape}")
+        if ref.get(key) is None:
+            continue
+        try:
+            value = np.asarray(ref[key], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ReferFormatError(f"{where}: field '{key}' must hold numbers, got {ref[key]!r}") from None
+        if value.shape != ((2,) if key == "click_center" else (2, 2)):
+            raise ReferFormatError(f"{where}: field '{key}' has shape {value.shape}, expected "
+                                   f"{'[x, y]' if key == 'click_center' else '[[x0, y0], [x1, y1]]'}")
+        if not np.isfinite(value).all():
+            raise ReferFormatError(f"{where}: field '{key}' holds a NaN or infinite value: {ref[key]!r}")
     class_name = ref.get("class_name") or categories.get(cat, str(cat))
     return dict(ref, ref_id=ref_id, ann_id=ann_id, image_id=image_id, category_id=cat, split=str(ref["split"]),
                 sentences=norm, sent_ids=[s["sent_id"] for s in norm], class_name=class_name,
@@ -387,6 +466,9 @@ class ReferData:
 def load_refer(ann_dir, split_by: Optional[str] = None, images_dir=None) -> ReferData:
     """Load a refer-format data set from `ann_dir` (images from `images_dir`, default `ann_dir/images`)."""
     ann_dir = Path(ann_dir)
+    if (ann_dir / INCOMPLETE_MARKER).exists():
+        raise ReferFormatError(f"{ann_dir} is incomplete: the run writing it (refseg make-data / weaken) was killed "
+                               f"or is still going ({INCOMPLETE_MARKER} present); generate it again")
     refs_file, split_by = find_refs_file(ann_dir, split_by)
     images, anns, categories = _read_instances(ann_dir / "instances.json")
     refs_by_id: dict = {}

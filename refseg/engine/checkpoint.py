@@ -16,7 +16,10 @@ A checkpoint is a folder (`RUN/last/`, `RUN/best/`):
                            last, so a folder without a matching manifest is not
                            a checkpoint
 
-Nothing is pickled. A checkpoint is written into a hidden temporary folder
+Nothing is pickled, and nothing is unpickled: weights are read only from
+safetensors files (a `torch.save` pickle given instead is refused before
+any byte of it is interpreted) and every other part is JSON, so a crafted
+checkpoint cannot run code. A checkpoint is written into a hidden temporary folder
 beside its final name and then renamed into place; the previous one is first
 renamed aside (`.last.old-*`) and deleted only after the new one is in place,
 so a crash at any point leaves a complete checkpoint that `find_checkpoint`
@@ -127,6 +130,66 @@ def _contiguous(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # a protocol-2+ pickle; the zip that torch.save writes
+
+
+def read_json(path: Path, what: str = "file") -> Any:
+    """json.load with a CheckpointError naming the file (missing, not UTF-8, not JSON)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {what} not found") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: {what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: {what} is not valid JSON: {e}") from None
+
+
+def check_safetensors(path: PathLike) -> None:
+    """Raise CheckpointError unless `path` starts like a safetensors file; pickles (.pt, .pth, .bin) are
+    named as such. Reads 9 bytes; nothing is interpreted."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read weights: {e}") from None
+    # safetensors: an 8-byte little-endian header length, then that many bytes of JSON ("{...")
+    if len(head) < 9 or head[8:9] != b"{" or int.from_bytes(head[:8], "little") > size - 8:
+        if head.startswith(_PICKLE_MAGIC):
+            raise CheckpointError(f"{path}: looks like a PyTorch pickle (torch.save); refseg reads weights only "
+                                  "from safetensors and never unpickles them (convert it with "
+                                  "safetensors.torch.save_file)")
+        raise CheckpointError(f"{path}: not a safetensors file (truncated, empty or another format)")
+
+
+def read_safetensors(path: PathLike) -> Dict[str, torch.Tensor]:
+    """load_file with a CheckpointError naming the file; pickles (.pt, .pth, .bin) are refused unread."""
+    check_safetensors(path)
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001  (SafetensorError and friends: the file is not valid safetensors)
+        raise CheckpointError(f"{path}: not a valid safetensors file: {e}") from None
+
+
+def verify_manifest(ckpt: PathLike) -> None:
+    """Raise CheckpointError unless every file the manifest lists has its recorded size and SHA-256."""
+    ckpt = Path(ckpt)
+    manifest = read_json(ckpt / MANIFEST, "checkpoint manifest")
+    try:
+        files = manifest["files"]
+        for name, meta in files.items():
+            path = ckpt / name
+            if Path(name).name != name or not path.is_file():
+                raise CheckpointError(f"{ckpt}: file {name!r} listed in {MANIFEST} is missing")
+            if path.stat().st_size != meta["size"] or sha256_of(path) != meta["sha256"]:
+                raise CheckpointError(f"{path}: size or SHA-256 differs from {MANIFEST}; the file is truncated "
+                                      "or corrupt")
+    except (KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{ckpt / MANIFEST}: malformed manifest") from None
+
+
 def is_complete(ckpt: PathLike) -> bool:
     """True when the folder's manifest exists and every file it lists has its size."""
     ckpt = Path(ckpt)
@@ -146,8 +209,16 @@ def find_checkpoint(run: PathLike, name: str = "last") -> Optional[Path]:
     aside = [p for p in run.glob(f".{name}.old-*") if is_complete(p)]
     if not aside:
         return None
-    return max(aside, key=lambda p: json.loads((p / STATE_JSON).read_text()).get("step", -1)
-               if (p / STATE_JSON).exists() else -1)
+    return max(aside, key=_saved_step)
+
+
+def _saved_step(ckpt: Path) -> int:
+    """state.json's step of a checkpoint folder, -1 when unreadable."""
+    try:
+        step = json.loads((ckpt / STATE_JSON).read_text()).get("step", -1)
+        return step if isinstance(step, int) else -1
+    except (OSError, ValueError, AttributeError):
+        return -1
 
 
 def write_atomic_dir(final: Path, write_files) -> Path:
@@ -243,14 +314,17 @@ def load_training_state(ckpt: PathLike, model: nn.Module, optimizer: Optional[to
     ckpt = Path(ckpt)
     if not is_complete(ckpt):
         raise CheckpointError(f"{ckpt} is not a complete checkpoint (no valid {MANIFEST})")
-    meta = json.loads((ckpt / MODEL_JSON).read_text())
-    load_weights(model, load_file(str(ckpt / MODEL_FILE)), meta, source=str(ckpt))
-    state = json.loads((ckpt / STATE_JSON).read_text())
+    verify_manifest(ckpt)
+    meta = read_json(ckpt / MODEL_JSON, "model JSON")
+    load_weights(model, read_safetensors(ckpt / MODEL_FILE), meta, source=str(ckpt))
+    state = read_json(ckpt / STATE_JSON, "training state")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{ckpt / STATE_JSON}: field 'step' missing or not an integer")
     if optimizer is not None:
         if "optimizer" not in state:
             raise CheckpointError(f"{ckpt} holds no optimizer state")
         names = {p: n for n, p in model.named_parameters()}
-        load_optimizer_state(optimizer, names, load_file(str(ckpt / OPTIM_FILE)), state["optimizer"])
+        load_optimizer_state(optimizer, names, read_safetensors(ckpt / OPTIM_FILE), state["optimizer"])
     if restore_rng and "rng" in state:
         set_rng_state(state["rng"])
     return state
@@ -312,10 +386,12 @@ def _resolve(path: PathLike) -> Tuple[Path, Path]:
     if (path / MODEL_FILE).exists():
         if not is_complete(path):
             raise CheckpointError(f"{path} is an incomplete checkpoint (interrupted save?)")
+        verify_manifest(path)
         return path / MODEL_FILE, path / MODEL_JSON
     for name in ("best", "last"):
         found = find_checkpoint(path, name)
         if found is not None:
+            verify_manifest(found)
             return found / MODEL_FILE, found / MODEL_JSON
     raise CheckpointError(f"{path} holds no complete checkpoint (looked for {MODEL_FILE}, best/, last/)")
 
@@ -329,15 +405,20 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", strict:
     eval mode on `device`.
     """
     weights_path, json_path = _resolve(path)
+    check_safetensors(weights_path)
     if not json_path.exists():
         raise CheckpointError(f"{weights_path}: no {json_path.name} beside it (it holds the model config)")
-    meta = json.loads(json_path.read_text())
-    if "config" not in meta:
-        raise CheckpointError(f"{json_path}: no 'config' entry to rebuild the model from")
+    meta = read_json(json_path, "model JSON")
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{json_path}: no 'config' mapping to rebuild the model from")
     if meta.get("sha256") and sha256_of(weights_path) != meta["sha256"]:
         raise CheckpointError(f"{weights_path}: SHA-256 does not match {json_path.name}; the file is corrupt or changed")
-    model = build_model(meta["config"])
-    load_weights(model, load_file(str(weights_path)), meta, source=str(weights_path), strict=strict)
+    weights = read_safetensors(weights_path)  # before building: a bad file fails fast
+    try:
+        model = build_model(meta["config"])
+    except (TypeError, KeyError, ValueError) as e:  # unknown model name or factory argument, bad value
+        raise CheckpointError(f"{json_path}: field 'config' does not describe a refseg model: {e}") from None
+    load_weights(model, weights, meta, source=str(weights_path), strict=strict)
     return model.to(device).eval()
 
 

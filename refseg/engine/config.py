@@ -13,7 +13,10 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
+import os
 import re
+import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,10 @@ SUPERVISION_CHOICES = ("full", "click", "text")
 METHOD_CHOICES = ("plain", "wrel")
 SUBSET_CHOICES = ("all", "accurate")
 WREL_FINAL_CHOICES = ("teacher", "student")
+
+
+class ConfigError(ValueError):
+    """A config file or value that does not describe a TrainConfig; the message names the file or field."""
 
 
 @dataclass
@@ -82,37 +89,41 @@ class TrainConfig:
     resume: Optional[str] = None  # run folder to continue from its last/ checkpoint
 
     def validate(self) -> "TrainConfig":
-        """Raise ValueError on an inconsistent config; return self."""
+        """Raise ConfigError (a ValueError) on an inconsistent config; return self."""
         if self.amp not in AMP_CHOICES:
-            raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
+            raise ConfigError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         if self.cache_features not in CACHE_CHOICES:
-            raise ValueError(f"cache_features must be one of {CACHE_CHOICES}, got {self.cache_features!r}")
+            raise ConfigError(f"cache_features must be one of {CACHE_CHOICES}, got {self.cache_features!r}")
         if self.supervision not in SUPERVISION_CHOICES:
-            raise ValueError(f"supervision must be one of {SUPERVISION_CHOICES}, got {self.supervision!r}")
+            raise ConfigError(f"supervision must be one of {SUPERVISION_CHOICES}, got {self.supervision!r}")
         for name, choices in (("method", METHOD_CHOICES), ("train_subset", SUBSET_CHOICES),
                               ("wrel_final", WREL_FINAL_CHOICES)):
             if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.accurate_fraction is not None and not 0.0 <= self.accurate_fraction <= 1.0:
-            raise ValueError(f"accurate_fraction must be in [0, 1], got {self.accurate_fraction}")
+            raise ConfigError(f"accurate_fraction must be in [0, 1], got {self.accurate_fraction}")
         if self.method == "wrel" and self.supervision != "full":
-            raise ValueError(f"method wrel trains with full masks, got supervision {self.supervision!r}")
+            raise ConfigError(f"method wrel trains with full masks, got supervision {self.supervision!r}")
         for name in ("wrel_bank_prompts", "wrel_bank_iters"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.wrel_bank_lr <= 0 or self.wrel_ema_epochs <= 0:
-            raise ValueError("wrel_bank_lr and wrel_ema_epochs must be positive")
+            raise ConfigError("wrel_bank_lr and wrel_ema_epochs must be positive")
         for name in ("batch_size", "size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("images_per_batch", "epochs", "max_steps", "warmup_steps", "threads", "workers",
                      "val_every", "val_max_samples", "log_every", "save_every", "wrel_teacher_steps", "wrel_bank_batch"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
         if self.epochs == 0 and self.max_steps == 0:
-            raise ValueError("set epochs or max_steps")
+            raise ConfigError("set epochs or max_steps")
         if not isinstance(self.model_kwargs, dict):
-            raise ValueError(f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}")
+            raise ConfigError(f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}")
         return self
 
     # ---- serialisation -------------------------------------------------
@@ -124,43 +135,76 @@ class TrainConfig:
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
         """Build from a mapping of field names; unknown keys are an error."""
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(str(k) for k in set(d) - names)
         if unknown:
-            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
         return cls(**{k: _coerce(cls, k, v) for k, v in d.items()})
 
     def save(self, path: Union[str, Path]) -> None:
-        """Write JSON (or YAML when the name ends in .yaml / .yml)."""
+        """Write JSON (or YAML when the name ends in .yaml / .yml), atomically (temp file + rename)."""
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
             text = _yaml().safe_dump(self.to_dict(), sort_keys=False)
         else:
             text = json.dumps(self.to_dict(), indent=2) + "\n"
-        path.write_text(text)
+        write_text_atomic(path, text)
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "TrainConfig":
-        return cls.from_dict(read_config_file(path))
+        return from_file_values(cls, read_config_file(path), path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_config_file(path: Union[str, Path]) -> Dict[str, Any]:
-    """A JSON or YAML file (chosen by suffix; JSON otherwise) -> dict."""
+    """A JSON or YAML file (chosen by suffix; JSON otherwise) -> dict; ConfigError names the file."""
     path = Path(path)
-    text = path.read_text()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.suffix in (".yaml", ".yml"):
-        d = _yaml().safe_load(text) or {}
+        yaml = _yaml()
+        try:
+            d = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     else:
-        d = json.loads(text)
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(d).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of TrainConfig fields, got {type(d).__name__}")
     return d
+
+
+def from_file_values(cls, values: Dict[str, Any], path: Union[str, Path]):
+    """cls.from_dict(values), with the file named in the error."""
+    try:
+        return cls.from_dict(values)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _yaml():
     try:
         import yaml
     except ImportError:
-        raise ValueError("YAML config files need PyYAML (pip install pyyaml); JSON works without it") from None
+        raise ConfigError("YAML config files need PyYAML (pip install pyyaml); JSON works without it") from None
     return yaml
 
 
@@ -193,20 +237,20 @@ def _coerce(cls, name: str, value):
     if value is None:
         if optional:
             return None
-        raise ValueError(f"TrainConfig.{name} may not be null")
+        raise ConfigError(f"TrainConfig.{name} may not be null")
     origin = typing.get_origin(base) or base
     if origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"TrainConfig.{name} must be a mapping, got {value!r}")
+            raise ConfigError(f"TrainConfig.{name} must be a mapping, got {value!r}")
         return dict(value)
     if origin is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"TrainConfig.{name} must be true or false, got {value!r}")
+            raise ConfigError(f"TrainConfig.{name} must be true or false, got {value!r}")
         return value
     if origin is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if origin in (int, float, str) and not isinstance(value, origin):
-        raise ValueError(f"TrainConfig.{name} must be {origin.__name__}, got {value!r}")
+    if origin in (int, float, str) and (not isinstance(value, origin) or isinstance(value, bool)):
+        raise ConfigError(f"TrainConfig.{name} must be {origin.__name__}, got {value!r}")
     return value
 
 
@@ -267,7 +311,9 @@ def config_from_args(args: argparse.Namespace, base: Optional[Dict[str, Any]] = 
     """defaults <- `base` (e.g. a resumed run's config) <- --config FILE <- flags given on the command line."""
     values: Dict[str, Any] = dict(base or {})
     if getattr(args, "config", None):
-        values.update(read_config_file(args.config))
+        file_values = read_config_file(args.config)
+        from_file_values(cls, file_values, args.config)  # unknown keys and wrong types, named with the file
+        values.update(file_values)
     names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in vars(args).items() if k in names})
     return cls.from_dict(values).validate()

@@ -360,15 +360,17 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
     step, epoch, position, best = 0, 0, 0, None
     if cfg.resume:
         found = ckpt.find_checkpoint(cfg.resume, "last")
-        if found is None:
-            raise TrainError(f"--resume {cfg.resume}: no complete last/ checkpoint there")
-        state = ckpt.load_training_state(found, model, optimizer, restore_rng=True)
-        step, epoch, position, best = state["step"], state["epoch"], state["position"], state.get("best")
-        if state.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(state["scaler"])
-        hooks.load_state(found)
-        if main_rank and progress:
-            print(f"resumed from {found} at step {step} (epoch {epoch}, batch {position})", file=sys.stderr)
+        if found is None:  # stopped before its first checkpoint: the run starts over, as it first did
+            if main_rank and progress:
+                print(f"no complete checkpoint in {cfg.resume} yet: starting at step 0", file=sys.stderr)
+        else:
+            state = ckpt.load_training_state(found, model, optimizer, restore_rng=True)
+            step, epoch, position, best = state["step"], state["epoch"], state["position"], state.get("best")
+            if state.get("scaler") and scaler.is_enabled():
+                scaler.load_state_dict(state["scaler"])
+            hooks.load_state(found)
+            if main_rank and progress:
+                print(f"resumed from {found} at step {step} (epoch {epoch}, batch {position})", file=sys.stderr)
 
     step_module: nn.Module = StepModule(model)
     if info.enabled:

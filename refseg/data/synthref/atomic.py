@@ -9,20 +9,28 @@ folder, RENAME_EXCHANGE to replace an old one), so readers see either the
 old folder or the new one, never a mix. Where the C library or file
 system lacks renameat2, plain renames are used: a new folder still
 appears in one step; a replaced one is first moved aside, leaving a short
-moment with no folder. A killed run leaves a `.NAME.tmp-*` sibling that
-may be deleted.
+moment with no folder.
+
+A killed run (SIGKILL, power loss) leaves a `.NAME.tmp-<pid>-*` sibling.
+Until everything is written it holds the marker file `INCOMPLETE_MARKER`,
+which `load_refer` refuses, so a half-written folder never loads as a data
+set; the next run into the same target deletes such leftovers of dead
+processes of this machine.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+INCOMPLETE_MARKER = ".refseg-incomplete"  # present in a staged folder until all its files are written
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
@@ -66,6 +74,36 @@ def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
     shutil.rmtree(aside)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_staging(target: Path) -> list:
+    """Delete `.NAME.tmp-*` siblings of `target` left by killed runs of this machine; returns them.
+
+    Only folders whose marker names this host and a process that no longer
+    exists are removed, so a run still writing (here or on another machine
+    sharing the file system) is left alone.
+    """
+    removed = []
+    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+        try:
+            owner = json.loads((tmp / INCOMPLETE_MARKER).read_text())
+            if owner.get("host") != socket.gethostname() or _alive(int(owner["pid"])):
+                continue
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # no readable marker: not ours to judge
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
 @contextmanager
 def staged_directory(target, overwrite: bool = False):
     """Yield an empty temporary folder beside `target`; on success it becomes `target` atomically.
@@ -78,12 +116,17 @@ def staged_directory(target, overwrite: bool = False):
     if os.path.lexists(target) and not overwrite:
         raise FileExistsError(errno.EEXIST, "output exists (pass --overwrite to replace it)", str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_staging(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new folder
+    marker = tmp / INCOMPLETE_MARKER
     try:
+        marker.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                      "target": str(target)}) + "\n")
         yield tmp
+        marker.unlink()  # every file is written: from here on the folder is complete
         _commit(tmp, target, overwrite)
     except BaseException:
         if tmp.exists():

@@ -1,0 +1,290 @@
+"""Crash safety of `refseg train`: SIGKILL a run at random moments, resume it each time, check it ends
+exactly where an uninterrupted run ends.
+
+    python stress/kill_train.py                       # 12 kills, tiny LTS, SynthRef tiny (generated)
+    python stress/kill_train.py --kills 20 --seed 3 --work /tmp/kt --keep
+
+1. Data: `refseg make-data --preset tiny` (or --data DIR).
+2. Reference: the same `refseg train` command run once without a kill, with
+   every checkpoint it writes copied aside (this script wraps
+   checkpoint.save_checkpoint in that child), so the state at every saved
+   step is known.
+3. Killed run: start `refseg train`, SIGKILL its process group, then
+   `refseg train --resume RUN`, again and again until --kills kills have
+   landed; the last attempt runs to the end. A quarter of the kills fall at
+   a random moment of start-up, the others at a random moment within six
+   step-times after the attempt's first step, so they hit steps and
+   checkpoint writes alike. After every kill:
+     - each checkpoint folder under its final name (last/, best/) and each
+       one set aside by an interrupted save is complete and every file
+       matches its SHA-256 in the manifest (no truncated file);
+     - the checkpoint `--resume` will pick (find_checkpoint) is the newest
+       complete one, and its weights, optimizer moments, step, epoch,
+       data-order position and RNG state are bitwise those the reference
+       had at that step;
+     - the next attempt reports resuming from exactly that step.
+4. At the end: the final weights, optimizer state and step equal the
+   reference's bitwise.
+
+Prints the kills survived and where they landed; exits 1 on any failure.
+Runs the tiny LTS of the tests (random encoders, 64 px) with one thread.
+`--fork` forks the attempts from this process instead of starting a new
+interpreter each time (faster; what tests/test_crash_safety.py does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+import killing  # noqa: E402  (stress/killing.py; this checkout's refseg comes first too)
+
+# the tiny LTS of tests/_engine_fixtures.py: random ConvNeXt + BERT encoders, a small head
+TINY_LTS = {"visual": {"model_type": "convnext", "hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1]},
+            "text": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "intermediate_size": 64},
+            "max_length": 12, "dim": 32, "depth": 1, "heads": 2, "decoder_widths": [16, 8, 8]}
+STATE_KEYS = ("step", "epoch", "position", "total_steps", "scheduler", "rng", "optimizer", "best")
+RESUMED = re.compile(r"resumed from \S+ at step (\d+)|no complete checkpoint in \S+ yet: starting at step (0)")
+
+
+def train_args(data: Path, run: Path, cache: Path, steps: int, save_every: int, seed: int) -> list:
+    return ["train", "--data", data, "--out", run, "--model", "lts", "--model-kwargs", json.dumps(TINY_LTS),
+            "--size", "64", "--batch-size", "4", "--images-per-batch", "2", "--max-steps", steps,
+            "--save-every", save_every, "--val-every", max(2, steps // 3), "--val-max-samples", "12",
+            "--warmup-steps", "2", "--lr", "3e-3", "--threads", "1", "--log-every", "1", "--seed", seed,
+            "--cache-dir", cache]
+
+
+# ---- the reference run -----------------------------------------------------------------------------
+
+
+def record_checkpoints(folder: Path, argv: list) -> int:
+    """Run `refseg <argv>` in this process, copying every checkpoint written to folder/<name>-<step>."""
+    from refseg.engine import checkpoint
+
+    save = checkpoint.save_checkpoint
+
+    def save_and_copy(final, model, optimizer=None, state=None, **kwargs):
+        path = save(final, model, optimizer, state, **kwargs)
+        shutil.copytree(path, folder / f"{Path(final).name}-{state['step']}")
+        return path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint.save_checkpoint = save_and_copy
+    try:
+        return killing.cli_main(argv)
+    finally:
+        checkpoint.save_checkpoint = save
+
+
+# ---- checks -----------------------------------------------------------------------------------------
+
+
+def same_checkpoint(a: Path, b: Path) -> list:
+    """What differs between two checkpoint folders: tensors (bitwise) and the state that training resumes."""
+    from safetensors.torch import load_file
+
+    problems = []
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        ta, tb = load_file(str(a / name)), load_file(str(b / name))
+        if ta.keys() != tb.keys():
+            problems.append(f"{name}: different tensor names")
+            continue
+        problems += [f"{name}: {k} differs" for k in ta if not (ta[k] == tb[k]).all() or ta[k].dtype != tb[k].dtype]
+    sa, sb = (json.loads((p / "state.json").read_text()) for p in (a, b))
+    problems += [f"state.json: '{k}' differs" for k in STATE_KEYS if sa.get(k) != sb.get(k)]
+    return problems
+
+
+def inspect_run(run: Path) -> dict:
+    """After a kill: every checkpoint-named folder is whole, and find_checkpoint picks the newest.
+
+    Returns {"found": path or None, "step": int or None, "mid_save": bool, "checked": n folders verified}.
+    Raises AssertionError on a truncated or corrupt file in a folder that claims to be complete.
+    """
+    from refseg.engine.checkpoint import find_checkpoint, is_complete, verify_manifest
+
+    checked, complete_steps = 0, []
+    for name in ("last", "best"):
+        final = run / name
+        if final.exists():  # a folder under its final name was renamed there whole
+            assert is_complete(final), f"{final} exists but is not complete"
+        for folder in [final] + sorted(run.glob(f".{name}.old-*")):
+            if is_complete(folder):
+                verify_manifest(folder)  # raises CheckpointError on a truncated / corrupt file
+                checked += 1
+                if name == "last":
+                    complete_steps.append(json.loads((folder / "state.json").read_text())["step"])
+    mid_save = any(run.glob(".last.tmp-*")) or any(run.glob(".last.old-*")) or any(run.glob(".best.tmp-*")) \
+        or any(run.glob(".best.old-*"))
+    found = find_checkpoint(run, "last")
+    step = json.loads((found / "state.json").read_text())["step"] if found else None
+    if complete_steps:
+        assert step == max(complete_steps), f"resume would use step {step}, newest complete is {max(complete_steps)}"
+    return {"found": found, "step": step, "mid_save": mid_save, "checked": checked}
+
+
+def step_rows(run: Path) -> list:
+    """(time, step) of every train/loss row of log.csv, in file order."""
+    try:
+        lines = (run / "log.csv").read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        parts = line.split(",")
+        if len(parts) == 5 and parts[3] == "train/loss":
+            rows.append((float(parts[0]), int(parts[1])))
+    return rows
+
+
+def wait_for_rows(child, run: Path, n: int, timeout: float) -> bool:
+    """Wait until log.csv holds more than n step rows (this attempt has trained a step) or the child ends."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and child.running():
+        if len(step_rows(run)) > n:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# ---- the experiment ----------------------------------------------------------------------------------
+
+
+def run(kills: int = 12, steps: int = 100, save_every: int = 3, seed: int = 0, work: Path = None,
+        data: Path = None, fork: bool = False, verbose: bool = True) -> dict:
+    """Run the experiment; returns the figures. Raises AssertionError / RuntimeError on a failure.
+
+    fork: fork the attempts from this process instead of starting `refseg` anew (the in-suite test).
+    Kill times: a quarter of the kills at a random moment of start-up (before the first step), the
+    rest at a random moment within the first `window` of training after the attempt's first step,
+    where `window` is the time of 6 steps with their checkpoint writes, so the run advances a few
+    steps per attempt and the kills fall on steps and on checkpoint writes alike.
+    """
+    rng = random.Random(seed)
+    work = Path(work or tempfile.mkdtemp(prefix="kill-train-"))
+    work.mkdir(parents=True, exist_ok=True)
+    say = print if verbose else (lambda *a, **k: None)
+    t_start = time.monotonic()
+    if data is None:
+        data = work / "data"
+        if not data.exists():
+            make = ["make-data", "--preset", "tiny", "--seed", "0", "--out", data, "--workers", "1"]
+            killing.run_to_end(killing.Child(work / "make-data.log", argv=killing.refseg(make), target=killing.cli_main,
+                                             args=(make,), fork=fork))
+
+    # reference: one uninterrupted run, every checkpoint copied aside
+    ref_run, snapshots = work / "reference", work / "reference-checkpoints"
+    for folder in (ref_run, snapshots):
+        shutil.rmtree(folder, ignore_errors=True)
+    argv = [str(a) for a in train_args(data, ref_run, work / "cache-reference", steps, save_every, seed)]
+    ref = killing.Child(work / "reference.log", argv=[sys.executable, __file__, "--record", snapshots, *argv],
+                        target=record_checkpoints, args=(snapshots, argv), fork=fork)
+    t_ref = killing.run_to_end(ref)
+    rows = step_rows(ref_run)
+    t_startup = rows[0][0] - ref.started
+    window = 6 * (rows[-1][0] - rows[0][0]) / max(1, len(rows) - 1)
+    say(f"reference run: {steps} steps in {t_ref:.1f} s (start-up {t_startup:.1f} s, "
+        f"{len(list(snapshots.iterdir()))} checkpoints recorded)")
+
+    # the killed run
+    run_dir = work / "killed"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    first = train_args(data, run_dir, work / "cache-killed", steps, save_every, seed)
+    landed = {"in start-up": 0, "during a checkpoint write": 0, "between checkpoint writes": 0}
+    attempts, killed, verified, expected_resume, history = 0, 0, 0, None, []
+    while True:
+        argv = first if not (run_dir / "config.json").exists() else ["train", "--resume", run_dir]
+        argv = [str(a) for a in argv]
+        n_rows = len(step_rows(run_dir))
+        child = killing.Child(work / f"attempt-{attempts:02d}.log", argv=killing.refseg(argv),
+                              target=killing.cli_main, args=(argv,), fork=fork)
+        attempts += 1
+        was_killed = False
+        if killed < kills:
+            if rng.random() < 0.25:
+                time.sleep(rng.uniform(0.1, t_startup))
+            elif wait_for_rows(child, run_dir, n_rows, timeout=10 * t_startup + 60):
+                time.sleep(rng.uniform(0.0, window))
+            was_killed = child.kill()
+        if not was_killed:
+            rc = child.wait(killing.TIMEOUT)
+            if rc != 0:
+                raise RuntimeError(f"attempt {attempts} exited {rc}:\n{child.tail()}")
+        text = child.log.read_text(errors="replace")
+        m = RESUMED.search(text)
+        if expected_resume is not None and m is not None:
+            resumed_at = int(m.group(1) or m.group(2))
+            assert resumed_at == expected_resume, \
+                f"attempt {attempts} resumed at step {resumed_at}, the newest checkpoint is step {expected_resume}"
+        if not was_killed:
+            break
+        killed += 1
+        state = inspect_run(run_dir)
+        verified += state["checked"]
+        done = len(step_rows(run_dir)) - n_rows
+        where = ("during a checkpoint write" if state["mid_save"] else
+                 "in start-up" if done == 0 else "between checkpoint writes")
+        landed[where] += 1
+        if state["found"] is not None:
+            snapshot = snapshots / f"last-{state['step']}"
+            assert snapshot.exists(), f"the reference never saved step {state['step']}"
+            problems = same_checkpoint(state["found"], snapshot)
+            assert not problems, f"kill {killed}: checkpoint at step {state['step']} differs: {problems[:5]}"
+        expected_resume = state["step"] or 0
+        history.append(expected_resume)
+        say(f"kill {killed:2d} ({where}; {done} steps this attempt): resume point step {expected_resume}, "
+            "checkpoint identical to the reference's")
+
+    final = same_checkpoint(run_dir / "last", ref_run / "last")
+    assert not final, f"the final checkpoint differs from the uninterrupted run's: {final[:5]}"
+    step = json.loads((run_dir / "last" / "state.json").read_text())["step"]
+    assert step == steps, f"finished at step {step}, not {steps}"
+    leftovers = sorted(p.name for p in run_dir.glob(".*"))
+    assert not leftovers, f"temporary folders left after the run finished: {leftovers}"
+    assert killed == kills, f"only {killed} of {kills} kills landed before the run finished (raise --steps)"
+    figures = {"kills": killed, "attempts": attempts, "landed": landed, "checkpoints_verified": verified,
+               "resume_steps": history, "final_step": step, "seconds": round(time.monotonic() - t_start, 1)}
+    say(f"kills survived: {killed}/{kills} ({', '.join(f'{v} {k}' for k, v in landed.items())}); "
+        f"{attempts} attempts; {verified} checkpoint folders SHA-256-verified after the kills; "
+        f"final step {step}: weights, optimizer state and RNG equal the uninterrupted run's bitwise; "
+        f"{figures['seconds']} s")
+    return figures
+
+
+def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--record":
+        return record_checkpoints(Path(sys.argv[2]), sys.argv[3:])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--kills", type=int, default=12, help="SIGKILLs to land before the run may finish")
+    p.add_argument("--steps", type=int, default=100, help="optimiser steps of the run")
+    p.add_argument("--save-every", type=int, default=3, help="checkpoint every this many steps")
+    p.add_argument("--fork", action="store_true",
+                   help="fork the attempts from this process (fast) instead of starting `refseg train` anew")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kill times and of training")
+    p.add_argument("--work", type=Path, default=None, help="working folder (default: a new temporary one)")
+    p.add_argument("--data", type=Path, default=None, help="a refer-format data set (default: SynthRef tiny)")
+    p.add_argument("--keep", action="store_true", help="keep the working folder")
+    args = p.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="kill-train-"))
+    try:
+        run(args.kills, args.steps, args.save_every, args.seed, work, args.data, fork=args.fork)
+    except (AssertionError, RuntimeError) as e:
+        print(f"FAIL: {e}\n(working folder kept: {work})", file=sys.stderr)
+        return 1
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
