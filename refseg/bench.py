@@ -97,8 +97,8 @@ class Preset:
 
 
 PRESETS = {
-    "tiny": Preset("tiny", ("--size", "160", "--max-steps", "40", "--batch-size", "16", "--images-per-batch", "4", "--lr", "1e-3",
-                            "--warmup-steps", "4", "--val-split", "", "--log-every", "5"),
+    "tiny": Preset("tiny", ("--size", "160", "--max-steps", "40", "--batch-size", "16", "--images-per-batch", "4",
+                            "--lr", "1e-3", "--warmup-steps", "4", "--val-split", "", "--log-every", "5"),
                    heads=TINY_HEADS, untrained=True, examples=3),
     "small": Preset("small", ("--max-steps", "5500", "--batch-size", "32", "--images-per-batch", "4", "--lr", "3e-4",
                               "--warmup-steps", "200", "--val-every", "1000", "--val-max-samples", "600",
@@ -129,29 +129,9 @@ def missing_train_support(entry: Entry, args: List[str]) -> Optional[str]:
         lines = errors.getvalue().strip().splitlines()
         detail = lines[-1].replace("refseg train: error: ", "") if lines else "parse error"
         shown = args[len(args) - len(entry.args):] if entry.args else args
-        return f"{entry.method} training is not in this refseg: `refseg train {shlex.join(shown)}` is refused ({detail})"
+        return f"{entry.method} training is not in this refseg: `refseg train {shlex.join(shown)}` " \
+               f"is refused ({detail})"
     return None
-
-
-def judge_targets(entries, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Each target of the rows run: {"row", "metric", "target", "value", "passed", "rule"}.
-
-    An absolute target reads `metric >= threshold`; a relative one
-    `metric >= threshold x the same metric of another row` (LRB-WREL against
-    its upper bound). A target whose rows did not run is listed with passed None.
-    """
-    by_name = {r["name"]: r for r in rows if r.get("trained", True)}
-    out = []
-    for e in entries:
-        for metric, threshold, relative in e.targets:
-            value = by_name.get(e.name, {}).get("metrics", {}).get(metric)
-            base = by_name.get(relative, {}).get("metrics", {}).get(metric) if relative else 1.0
-            target = None if base is None else threshold * base
-            rule = f"{metric} >= {threshold:g}" + (f" x {relative} {metric}" if relative else "")
-            passed = None if value is None or target is None else bool(value >= target)
-            out.append({"row": e.name, "metric": metric, "target": target, "value": value, "passed": passed,
-                        "rule": rule})
-    return out
 
 
 # ---- data -----------------------------------------------------------------------------
@@ -284,62 +264,77 @@ def render_examples(model, data, records, k: int, seed: int, folder: Path, devic
     return {name: [(str(folder / f"{r['sent_id']}.png"), r["iou"]) for r in g] for name, g in chosen.items()}
 
 
-def run_entry(entry: Entry, ctx: "Context") -> List[Dict[str, Any]]:
-    """Get the row's model (shipped, reused run or trained), evaluate it; the untrained instance too when asked."""
+def obtain_model(entry: Entry, ctx: "Context", train_data: Path, targs: List[str]):
+    """(model, info) of a row: its shipped model, else its finished run in WORK, else a run trained now.
+
+    info: {"source", "train_seconds", "train_time_source", "train_command",
+    "config"}; config is the TrainConfig of the training (None when a shipped
+    card does not hold one).
+    """
     import refseg
-    from refseg.annotation import annotation_cost
     from refseg.cli import main as cli
-    from refseg.data import load_refer
     from refseg.engine.checkpoint import find_checkpoint
     from refseg.engine.config import TrainConfig, add_config_arguments, config_from_args
 
-    targs = train_args(entry, ctx.preset, ctx.seed)
-    train_data = prepare_data(ctx.data_root, entry.data, ctx.preset.data, ctx.seed)
-    test_data = ctx.data(entry.domain)
+    shipped = None if ctx.no_shipped else shipped_for(entry, ctx.preset.data)
+    if shipped:
+        training = refseg.hub.model_card(shipped).get("training", {})
+        try:
+            cfg = TrainConfig.from_dict(training["config"])
+        except (KeyError, ValueError):
+            cfg = None
+        span = training.get("logged_span_minutes")
+        return refseg.load(shipped, device=ctx.device), {
+            "source": f"shipped model {shipped}", "train_seconds": None if span is None else 60.0 * span,
+            "train_time_source": "model card (logged training span)", "config": cfg,
+            "train_command": "; ".join(training.get("commands", [])) or "(not recorded in the card)"}
+
     run = ctx.work / "runs" / f"{ctx.preset.data}-s{ctx.seed}" / entry.name
+    command = ["refseg", "train", "--data", str(train_data), "--out", str(run), *targs]
     machine = ["--threads", str(ctx.threads), "--device", str(ctx.device), "--no-progress",
                "--cache-dir", str(ctx.work / "cache")]
-    command = ["refseg", "train", "--data", str(train_data), "--out", str(run), *targs]
+    timing = run / "bench_train.json"  # written when a training this bench started has finished
+    if timing.exists() and find_checkpoint(run, "last") is not None and not ctx.retrain:
+        source = f"run reused from {run}"
+    else:
+        resume = find_checkpoint(run, "last") is not None and not ctx.retrain  # an interrupted training goes on
+        argv = ["train", "--resume", str(run), *machine] if resume else \
+            ["train", "--data", str(train_data), "--out", str(run), *targs, *machine]
+        start = time.perf_counter()
+        if cli(argv) != 0:
+            raise RuntimeError(f"training failed: refseg {shlex.join(argv)}")
+        seconds = time.perf_counter() - start
+        timing.write_text(json.dumps({"seconds": seconds, "resumed": resume, "command": shlex.join(command)}))
+        source = "resumed and finished by this bench" if resume else "trained by this bench"
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
     cfg = config_from_args(parser.parse_known_args(targs + ["--data", str(train_data)])[0])
-    row = {"name": entry.name, "method": entry.method, "domain": entry.domain, "budget": entry.budget,
-           "supervision": entry.supervision, "trained": True, "train_command": shlex.join(command),
-           "annotation": annotation_cost(load_refer(prepare_data(ctx.data_root, entry.labels or entry.data,
-                                                                 ctx.preset.data, ctx.seed)),
-                                         "train", entry.supervision)}
+    recorded = json.loads(timing.read_text())
+    return refseg.load(run, device=ctx.device), {
+        "source": source, "train_seconds": recorded["seconds"], "config": cfg, "train_command": shlex.join(command),
+        "train_time_source": "measured (bench)" + (", since the resume" if recorded.get("resumed") else "")}
 
-    shipped = None if ctx.no_shipped else shipped_for(entry, ctx.preset.data)
-    if shipped:
-        card = refseg.hub.model_card(shipped)
-        model = refseg.load(shipped, device=ctx.device)
-        span = card.get("training", {}).get("logged_span_minutes")
-        row.update(source=f"shipped model {shipped}", train_seconds=None if span is None else 60.0 * span,
-                   train_time_source="model card (logged training span)",
-                   train_command="; ".join(card.get("training", {}).get("commands", [])) or row["train_command"])
-        try:
-            cfg = TrainConfig.from_dict(card["training"]["config"])
-        except (KeyError, ValueError):
-            cfg = None
-    else:
-        timing = run / "bench_train.json"
-        if ctx.retrain or find_checkpoint(run, "last") is None or not timing.exists():
-            start = time.perf_counter()
-            if cli(["train", "--data", str(train_data), "--out", str(run), *targs, *machine]) != 0:
-                raise RuntimeError(f"training failed: {row['train_command']}")
-            timing.write_text(json.dumps({"seconds": time.perf_counter() - start, "command": row["train_command"]}))
-            row["source"] = "trained by this bench"
-        else:
-            row["source"] = f"run reused from {run}"
-        row.update(train_seconds=json.loads(timing.read_text())["seconds"], train_time_source="measured (bench)")
-        model = refseg.load(run, device=ctx.device)
+
+def run_entry(entry: Entry, ctx: "Context") -> List[Dict[str, Any]]:
+    """The row of a trained (or shipped) model, evaluated; and its untrained instance's row when asked."""
+    from refseg.annotation import annotation_cost
+    from refseg.data import load_refer
+
+    targs = train_args(entry, ctx.preset, ctx.seed)
+    train_data = prepare_data(ctx.data_root, entry.data, ctx.preset.data, ctx.seed)
+    labels = prepare_data(ctx.data_root, entry.labels or entry.data, ctx.preset.data, ctx.seed)
+    test_data = ctx.data(entry.domain)
+    model, info = obtain_model(entry, ctx, train_data, targs)
+    cfg = info.pop("config")
+    row = {"name": entry.name, "method": entry.method, "domain": entry.domain, "budget": entry.budget,
+           "supervision": entry.supervision, "trained": True, **info,
+           "annotation": annotation_cost(load_refer(labels), "train", entry.supervision)}
     row.update(evaluate_row(model, test_data, cfg, ctx, ctx.vis_tmp / entry.name))
     rows = [row]
-
-    if ctx.untrained:
+    if ctx.untrained and cfg is not None:
         from refseg.engine.train import build_model, seed_everything
 
-        seed_everything(cfg.seed)  # the instance training starts from
+        seed_everything(cfg.seed)  # the state training starts from
         fresh = build_model(cfg).to(ctx.device).eval()
         rows.append({**{k: row[k] for k in ("method", "domain", "budget", "supervision")},
                      "name": f"{entry.name} (untrained)", "trained": False, "source": "untrained (seed init)",
@@ -414,7 +409,7 @@ def main(args: argparse.Namespace) -> int:
 
     import torch
 
-    from refseg.bench_report import write_report
+    from refseg.bench_report import judge_targets, write_report
 
     preset = PRESETS[args.preset]
     names = [e.name for e in ENTRIES]

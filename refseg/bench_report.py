@@ -65,6 +65,27 @@ def markdown_table(rows: Sequence[Dict[str, Any]], columns: Sequence[Column] = B
     return "\n".join(lines)
 
 
+def judge_targets(entries, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Each target of the rows run: {"row", "metric", "target", "value", "passed", "rule"}.
+
+    An absolute target reads `metric >= threshold`; a relative one
+    `metric >= threshold x the same metric of another row` (LRB-WREL against
+    its upper bound). A target whose rows did not run is listed with passed None.
+    """
+    by_name = {r["name"]: r for r in rows if r.get("trained", True)}
+    out = []
+    for e in entries:
+        for metric, threshold, relative in e.targets:
+            value = by_name.get(e.name, {}).get("metrics", {}).get(metric)
+            base = by_name.get(relative, {}).get("metrics", {}).get(metric) if relative else 1.0
+            target = None if base is None else threshold * base
+            rule = f"{metric} >= {threshold:g}" + (f" x {relative} {metric}" if relative else "")
+            passed = None if value is None or target is None else bool(value >= target)
+            out.append({"row": e.name, "metric": metric, "target": target, "value": value, "passed": passed,
+                        "rule": rule})
+    return out
+
+
 # ---- files ------------------------------------------------------------------------------
 
 
@@ -134,31 +155,34 @@ def plot_accuracy_vs_cost(rows: Sequence[Dict[str, Any]], path: Path) -> None:
 
 
 def overlay_grid(groups: Dict[str, List[Tuple[str, float]]], title: str, tile: int = 240):
-    """One row of tiles per group ("correct", "failed"), a label column on the left; PIL image.
+    """One row of tiles per group ("correct", "failed") under a title, labels on the left; a PIL image.
 
-    groups: {label: [(overlay PNG path, IoU), ...]}; an empty group shows "none".
+    groups: {label: [(overlay PNG path, IoU), ...]}; each tile is the overlay
+    scaled to `tile` pixels wide; an empty group shows "none".
     """
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
-    cols = max([len(v) for v in groups.values()] + [1])
+    loaded = {}
+    for label, items in groups.items():
+        tiles = []
+        for path, _ in items:
+            with Image.open(path) as im:
+                tiles.append(im.convert("RGB").resize((tile, round(tile * im.height / im.width))))
+        loaded[label] = tiles
     label_w, head_h, pad = 110, 22, 4
-    tiles_h = []
-    for items in groups.values():
-        hs = [round(tile * Image.open(p).height / Image.open(p).width) for p, _ in items]
-        tiles_h.append(max(hs + [tile // 3]))
-    canvas = Image.new("RGB", (label_w + cols * (tile + pad), head_h + sum(h + pad for h in tiles_h)), (255, 255, 255))
+    cols = max([len(t) for t in loaded.values()] + [1])
+    heights = [max([t.height for t in tiles] + [tile // 3]) for tiles in loaded.values()]
+    canvas = Image.new("RGB", (label_w + cols * (tile + pad), head_h + sum(h + pad for h in heights)), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 4), title, fill=(0, 0, 0), font=font)
     y = head_h
-    for (label, items), h in zip(groups.items(), tiles_h):
-        draw.text((4, y + 4), f"{label}\n({len(items)} shown)", fill=(0, 0, 0), font=font)
-        if not items:
+    for (label, tiles), h in zip(loaded.items(), heights):
+        draw.text((4, y + 4), f"{label}\n({len(tiles)} shown)", fill=(0, 0, 0), font=font)
+        if not tiles:
             draw.text((label_w, y + 4), "none", fill=(120, 120, 120), font=font)
-        for j, (p, _) in enumerate(items):
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                canvas.paste(im.resize((tile, round(tile * im.height / im.width))), (label_w + j * (tile + pad), y))
+        for j, t in enumerate(tiles):
+            canvas.paste(t, (label_w + j * (tile + pad), y))
         y += h + pad
     return canvas
 
@@ -215,8 +239,8 @@ def render_markdown(p: Dict[str, Any]) -> str:
               "| label | seconds | source | how the figure is read |", "|---|--:|---|---|"]
     for c in p["costs"].values():
         lines.append(f"| {c['unit']} | {c['seconds']:g} | {c['source']} | {c['note']} |")
-    lines += ["", "## Accuracy against annotation cost", "", "![accuracy against annotation cost](accuracy_vs_cost.png)",
-              "", "## Examples (test split)", ""]
+    lines += ["", "## Accuracy against annotation cost", "",
+              "![accuracy against annotation cost](accuracy_vs_cost.png)", "", "## Examples (test split)", ""]
     for name, rel in p["files"]["overlays"].items():
         lines += [f"### {name}", "", f"![{name}]({rel})", ""]
     lines += ["## Data and commands", ""]

@@ -23,6 +23,7 @@ from PIL import Image
 
 from refseg import bench
 from refseg.annotation import COSTS, annotation_cost
+from refseg.bench_report import judge_targets
 from refseg.cli import main as cli
 
 # ---- pieces ------------------------------------------------------------------------------
@@ -62,7 +63,7 @@ def test_targets_absolute_and_relative():
                bench.Entry("w", "W", "aerial", "-", "lts", "full", "aerial", "w", targets=(("oIoU", 0.9, "a"),)),
                bench.Entry("z", "Z", "aerial", "-", "lts", "full", "aerial", "z", targets=(("oIoU", 0.9, "a"),))]
     rows = [{"name": "a", "metrics": {"mIoU": 0.49, "oIoU": 0.80}}, {"name": "w", "metrics": {"oIoU": 0.73}}]
-    got = {(t["row"], t["metric"]): t for t in bench.judge_targets(entries, rows)}
+    got = {(t["row"], t["metric"]): t for t in judge_targets(entries, rows)}
     assert got[("a", "mIoU")]["passed"] is False
     assert got[("w", "oIoU")]["target"] == pytest.approx(0.72) and got[("w", "oIoU")]["passed"] is True
     assert got[("z", "oIoU")]["passed"] is None  # row z did not run

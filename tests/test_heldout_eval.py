@@ -45,7 +45,8 @@ def _shape(draw: ImageDraw.ImageDraw, kind: str, box, fill) -> None:
 # per image: (kind, colour name, rgb, box); the first object of each image is described
 SCENES = [
     [("circle", "red", (220, 40, 40), (40, 60, 120, 140)), ("square", "blue", (40, 80, 220), (190, 170, 280, 260))],
-    [("square", "green", (40, 170, 60), (200, 30, 290, 120)), ("triangle", "yellow", (240, 210, 40), (30, 180, 130, 290))],
+    [("square", "green", (40, 170, 60), (200, 30, 290, 120)),
+     ("triangle", "yellow", (240, 210, 40), (30, 180, 130, 290))],
     [("triangle", "blue", (40, 80, 220), (120, 100, 230, 220)), ("circle", "white", (240, 240, 240), (20, 20, 80, 80))],
 ]
 CATEGORIES = {"circle": 1, "square": 2, "triangle": 3, "picture": 4}
