@@ -264,30 +264,41 @@ def render_examples(model, data, records, k: int, seed: int, folder: Path, devic
     return {name: [(str(folder / f"{r['sent_id']}.png"), r["iou"]) for r in g] for name, g in chosen.items()}
 
 
-def obtain_model(entry: Entry, ctx: "Context", train_data: Path, targs: List[str]):
-    """(model, info) of a row: its shipped model, else its finished run in WORK, else a run trained now.
+def train_config(targs: List[str], train_data: Path):
+    """The TrainConfig `refseg train` builds from a row's arguments (flags it does not know are left out)."""
+    from refseg.engine.config import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    return config_from_args(parser.parse_known_args(targs + ["--data", str(train_data)])[0])
+
+
+def shipped_model(name: str, device):
+    """(model, info) of a shipped model; info as `trained_model`'s, read from its card."""
+    import refseg
+    from refseg.engine.config import TrainConfig
+
+    training = refseg.hub.model_card(name).get("training", {})
+    try:
+        cfg = TrainConfig.from_dict(training["config"])
+    except (KeyError, ValueError):
+        cfg = None
+    span = training.get("logged_span_minutes")
+    return refseg.load(name, device=device), {
+        "source": f"shipped model {name}", "train_seconds": None if span is None else 60.0 * span,
+        "train_time_source": "model card (logged training span)", "config": cfg,
+        "train_command": "; ".join(training.get("commands", [])) or "(not recorded in the card)"}
+
+
+def trained_model(entry: Entry, ctx: "Context", train_data: Path, targs: List[str], like=None):
+    """(model, info) of a row's run in WORK: reused when a bench training finished it, else trained (or resumed).
 
     info: {"source", "train_seconds", "train_time_source", "train_command",
-    "config"}; config is the TrainConfig of the training (None when a shipped
-    card does not hold one).
+    "config"}. like: the row's untrained instance, copied instead of
+    rebuilding the encoders when the run is loaded.
     """
-    import refseg
     from refseg.cli import main as cli
-    from refseg.engine.checkpoint import find_checkpoint
-    from refseg.engine.config import TrainConfig, add_config_arguments, config_from_args
-
-    shipped = None if ctx.no_shipped else shipped_for(entry, ctx.preset.data)
-    if shipped:
-        training = refseg.hub.model_card(shipped).get("training", {})
-        try:
-            cfg = TrainConfig.from_dict(training["config"])
-        except (KeyError, ValueError):
-            cfg = None
-        span = training.get("logged_span_minutes")
-        return refseg.load(shipped, device=ctx.device), {
-            "source": f"shipped model {shipped}", "train_seconds": None if span is None else 60.0 * span,
-            "train_time_source": "model card (logged training span)", "config": cfg,
-            "train_command": "; ".join(training.get("commands", [])) or "(not recorded in the card)"}
+    from refseg.engine.checkpoint import find_checkpoint, load_model
 
     run = ctx.work / "runs" / f"{ctx.preset.data}-s{ctx.seed}" / entry.name
     command = ["refseg", "train", "--data", str(train_data), "--out", str(run), *targs]
@@ -306,12 +317,10 @@ def obtain_model(entry: Entry, ctx: "Context", train_data: Path, targs: List[str
         seconds = time.perf_counter() - start
         timing.write_text(json.dumps({"seconds": seconds, "resumed": resume, "command": shlex.join(command)}))
         source = "resumed and finished by this bench" if resume else "trained by this bench"
-    parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
-    cfg = config_from_args(parser.parse_known_args(targs + ["--data", str(train_data)])[0])
     recorded = json.loads(timing.read_text())
-    return refseg.load(run, device=ctx.device), {
-        "source": source, "train_seconds": recorded["seconds"], "config": cfg, "train_command": shlex.join(command),
+    return load_model(run, device=ctx.device, like=like), {
+        "source": source, "train_seconds": recorded["seconds"], "train_command": shlex.join(command),
+        "config": train_config(targs, train_data),
         "train_time_source": "measured (bench)" + (", since the resume" if recorded.get("resumed") else "")}
 
 
@@ -319,23 +328,34 @@ def run_entry(entry: Entry, ctx: "Context") -> List[Dict[str, Any]]:
     """The row of a trained (or shipped) model, evaluated; and its untrained instance's row when asked."""
     from refseg.annotation import annotation_cost
     from refseg.data import load_refer
+    from refseg.engine.train import build_model, seed_everything
 
     targs = train_args(entry, ctx.preset, ctx.seed)
     train_data = prepare_data(ctx.data_root, entry.data, ctx.preset.data, ctx.seed)
     labels = prepare_data(ctx.data_root, entry.labels or entry.data, ctx.preset.data, ctx.seed)
     test_data = ctx.data(entry.domain)
-    model, info = obtain_model(entry, ctx, train_data, targs)
-    cfg = info.pop("config")
+    shipped = None if ctx.no_shipped else shipped_for(entry, ctx.preset.data)
+    if shipped:
+        model, info = shipped_model(shipped, ctx.device)
+        cfg = info.pop("config")
+        fresh = None
+    else:
+        cfg = train_config(targs, train_data)
+        fresh = None
+        if ctx.untrained:
+            seed_everything(cfg.seed)  # the state the training starts from
+            fresh = build_model(cfg).to(ctx.device).eval()
+        model, info = trained_model(entry, ctx, train_data, targs, like=fresh)
+        info.pop("config")
     row = {"name": entry.name, "method": entry.method, "domain": entry.domain, "budget": entry.budget,
            "supervision": entry.supervision, "trained": True, **info,
            "annotation": annotation_cost(load_refer(labels), "train", entry.supervision)}
     row.update(evaluate_row(model, test_data, cfg, ctx, ctx.vis_tmp / entry.name))
     rows = [row]
     if ctx.untrained and cfg is not None:
-        from refseg.engine.train import build_model, seed_everything
-
-        seed_everything(cfg.seed)  # the state training starts from
-        fresh = build_model(cfg).to(ctx.device).eval()
+        if fresh is None:
+            seed_everything(cfg.seed)
+            fresh = build_model(cfg).to(ctx.device).eval()
         rows.append({**{k: row[k] for k in ("method", "domain", "budget", "supervision")},
                      "name": f"{entry.name} (untrained)", "trained": False, "source": "untrained (seed init)",
                      "train_seconds": 0.0, "train_time_source": "none", "train_command": "",

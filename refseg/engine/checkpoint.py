@@ -23,6 +23,7 @@ returns.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -303,13 +304,17 @@ def _resolve(path: PathLike) -> Tuple[Path, Path]:
     raise CheckpointError(f"{path} holds no complete checkpoint (looked for {MODEL_FILE}, best/, last/)")
 
 
-def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", strict: bool = True) -> nn.Module:
+def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", strict: bool = True,
+               like: Optional[nn.Module] = None) -> nn.Module:
     """Rebuild a model and load its weights.
 
     path: a checkpoint folder (RUN/best), a run folder (best/, else last/), or
     a `<stem>.safetensors` file with its `<stem>.json` beside it. When the JSON
-    holds a "sha256" the file is checked against it. Returns the model in
-    eval mode on `device`.
+    holds a "sha256" the file is checked against it. like: a model whose
+    `config` equals the checkpoint's (e.g. the run's untrained instance) is
+    copied instead of rebuilt, which skips reading the encoders' weights
+    again; with another config it is ignored. Returns the model in eval mode
+    on `device`.
     """
     weights_path, json_path = _resolve(path)
     if not json_path.exists():
@@ -319,7 +324,8 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", strict:
         raise CheckpointError(f"{json_path}: no 'config' entry to rebuild the model from")
     if meta.get("sha256") and sha256_of(weights_path) != meta["sha256"]:
         raise CheckpointError(f"{weights_path}: SHA-256 does not match {json_path.name}; the file is corrupt or changed")
-    model = build_model(meta["config"])
+    same = like is not None and getattr(like, "config", None) == meta["config"]
+    model = copy.deepcopy(like) if same else build_model(meta["config"])
     load_weights(model, load_file(str(weights_path)), meta, source=str(weights_path), strict=strict)
     return model.to(device).eval()
 
