@@ -142,6 +142,24 @@ def test_load_model_from_checkpoint_and_run_dir(tmp_path, model):
         assert torch.equal(out["mask_logits"], ref["mask_logits"])
 
 
+def test_load_model_copies_a_like_model_of_the_same_config(tmp_path, model, monkeypatch):
+    """like= skips rebuilding: the result is a copy of `like` carrying the checkpoint's weights."""
+    ckpt.save_checkpoint(tmp_path / "run" / "last", model, None, {"step": 1}, include_frozen=True)
+    other = tiny_model(seed=3)  # same config, other weights
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "build_model", lambda config: pytest.fail("rebuilt although `like` fits"))
+        loaded = ckpt.load_model(tmp_path / "run", like=other)
+    assert loaded is not other
+    assert torch.equal(_outputs(loaded)["mask_logits"], _outputs(model)["mask_logits"])
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())  # `like` left as it was
+    different = copy.deepcopy(other)
+    different.config = {**other.config, "dim": 999}
+    rebuilt = ckpt.load_model(tmp_path / "run", like=different)
+    assert rebuilt.config == model.config and torch.equal(_outputs(rebuilt)["mask_logits"],
+                                                          _outputs(model)["mask_logits"])
+
+
 def test_load_weights_reports_problems(model):
     bad = {k: v for k, v in ckpt.stored_state(model).items() if k.startswith("head.")}
     name, gone = sorted(bad)[0], sorted(bad)[-1]

@@ -28,6 +28,7 @@ returns.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -396,13 +397,17 @@ def _resolve(path: PathLike) -> Tuple[Path, Path]:
     raise CheckpointError(f"{path} holds no complete checkpoint (looked for {MODEL_FILE}, best/, last/)")
 
 
-def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", strict: bool = True) -> nn.Module:
+def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", strict: bool = True,
+               like: Optional[nn.Module] = None) -> nn.Module:
     """Rebuild a model and load its weights.
 
     path: a checkpoint folder (RUN/best), a run folder (best/, else last/), or
     a `<stem>.safetensors` file with its `<stem>.json` beside it. When the JSON
-    holds a "sha256" the file is checked against it. Returns the model in
-    eval mode on `device`.
+    holds a "sha256" the file is checked against it. like: a model whose
+    `config` equals the checkpoint's (e.g. the run's untrained instance) is
+    copied instead of rebuilt, which skips reading the encoders' weights
+    again; with another config it is ignored. Returns the model in eval mode
+    on `device`.
     """
     weights_path, json_path = _resolve(path)
     check_safetensors(weights_path)
@@ -414,8 +419,9 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", strict:
     if meta.get("sha256") and sha256_of(weights_path) != meta["sha256"]:
         raise CheckpointError(f"{weights_path}: SHA-256 does not match {json_path.name}; the file is corrupt or changed")
     weights = read_safetensors(weights_path)  # before building: a bad file fails fast
+    same = like is not None and getattr(like, "config", None) == meta["config"]
     try:
-        model = build_model(meta["config"])
+        model = copy.deepcopy(like) if same else build_model(meta["config"])
     except (TypeError, KeyError, ValueError) as e:  # unknown model name or factory argument, bad value
         raise CheckpointError(f"{json_path}: field 'config' does not describe a refseg model: {e}") from None
     load_weights(model, weights, meta, source=str(weights_path), strict=strict)

@@ -28,6 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument("--per-sample", action="store_true",
+                   help="also put one record per sentence in the JSON (sent_id, IoU, pixel counts, point hit)")
+    p.add_argument("--markdown", default=None, metavar="FILE",
+                   help="also write the metric table as Markdown (the columns of `refseg bench`'s table)")
     p.add_argument("--save-vis", type=int, default=0, metavar="N", help="write overlays of the first N sentences")
     p.add_argument("--vis-dir", default=None, help="folder for --save-vis (default: next to --out, or ./eval-vis)")
 
@@ -67,20 +71,33 @@ def main(args: argparse.Namespace) -> int:
         print(f"refseg eval: error: {e}", file=sys.stderr)
         return 2
     start = time.perf_counter()
+    records = [] if args.per_sample else None
     results = evaluate_model(model, data, split=args.split, batch_size=args.batch_size, device=device,
-                             max_samples=args.max_samples, progress=True)
+                             max_samples=args.max_samples, progress=True, per_sample=records)
     seconds = time.perf_counter() - start
-    print(format_table(table_rows(results, f"{Path(str(args.checkpoint)).name} / {args.split}")))
+    name = f"{Path(str(args.checkpoint)).name} / {args.split}"
+    print(format_table(table_rows(results, name)))
     print(f"{results['n']} sentences in {seconds:.1f} s")
     if args.save_vis:
         vis_dir = Path(args.vis_dir or (Path(args.out).with_suffix("").as_posix() + "-vis" if args.out else "eval-vis"))
         evaluate_model(model, data, split=args.split, batch_size=args.batch_size, device=device,
                        max_samples=args.save_vis, progress=False, save_vis=vis_dir)
         print(f"overlays of the first {args.save_vis} sentences: {vis_dir}")
+    if args.markdown:
+        from refseg.bench_report import METRIC_COLUMNS, markdown_table, write_text_atomic
+
+        rows = [{"name": name, "metrics": results}]
+        rows += [{"name": f"{name} / {form}", "metrics": r} for form, r in sorted(results["by_form"].items())]
+        write_text_atomic(Path(args.markdown), markdown_table(rows, [("model / split", lambda r: r["name"])]
+                                                              + METRIC_COLUMNS) + "\n")
+        print(f"wrote {args.markdown}")
     if args.out:
-        write_json_atomic({
-            "checkpoint": str(args.checkpoint), "data": str(Path(args.data).resolve()), "split": args.split,
-            "split_by": data.split_by, "seconds": round(seconds, 2), "metrics": results,
-        }, Path(args.out))
+        from refseg.bench_report import jsonable
+
+        out = {"checkpoint": str(args.checkpoint), "data": str(Path(args.data).resolve()), "split": args.split,
+               "split_by": data.split_by, "seconds": round(seconds, 2), "metrics": results}
+        if records is not None:
+            out["samples"] = records
+        write_json_atomic(jsonable(out), Path(args.out))
         print(f"wrote {args.out}")
     return 0

@@ -77,6 +77,7 @@ def _device_of(model: nn.Module) -> torch.device:
 def evaluate_model(model: nn.Module, dataset_or_data, split: str = "val", batch_size: int = 32,
                    device: Optional[Union[str, torch.device]] = None, max_samples: Optional[int] = None,
                    progress: bool = True, save_vis: Optional[Union[str, Path]] = None, *, cache=None,
+                   per_sample: Optional[List[Dict[str, Any]]] = None,
                    dist: Optional[DistInfo] = None, amp_dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
     """RIS metrics of `model` on a split.
 
@@ -89,6 +90,10 @@ def evaluate_model(model: nn.Module, dataset_or_data, split: str = "val", batch_
     cache: a FeatureCache of exactly these samples (used by training).
     dist: rank / world size; each rank evaluates its share and the metrics
       are merged, so every rank returns the totals.
+    per_sample: a list to append one record per sentence evaluated (this
+      rank's share): {"sent_id", "ref_id", "image_id", "iou", "pred_pixels",
+      "gt_pixels", "point_in_mask"} (point_in_mask: the response-map argmax
+      lies in the ground truth; None for no-target sentences).
 
     Returns RISMetrics.compute() (oIoU, mIoU, P@0.5..0.9, PointM, n, and
     N-acc / T-acc when no-target sentences exist) plus "by_form": {form:
@@ -142,7 +147,9 @@ def evaluate_model(model: nn.Module, dataset_or_data, split: str = "val", batch_
             orig_hw = batch["orig_hw"]
         for r, gt, (pred, point, logits) in zip(rows, gts, predict_masks(out, orig_hw, letterbox)):
             s = samples[r]
-            overall.update(pred, gt, point=point, no_target=s.no_target)
+            iou = overall.update(pred, gt, point=point, no_target=s.no_target)
+            if per_sample is not None:
+                per_sample.append(_record(s, iou, pred, gt, point))
             if s.form is not None:
                 by_form.setdefault(s.form, RISMetrics()).update(pred, gt, point=point, no_target=s.no_target)
             if vis_dir is not None:
@@ -161,6 +168,14 @@ def evaluate_model(model: nn.Module, dataset_or_data, split: str = "val", batch_
     result = overall.compute()
     result["by_form"] = {k: by_form[k].compute() for k in sorted(by_form)}
     return result
+
+
+def _record(sample, iou: float, pred: np.ndarray, gt: np.ndarray, point) -> Dict[str, Any]:
+    """One sentence's figures for `per_sample`."""
+    x, y = point
+    hit = None if sample.no_target else bool(gt[y, x])
+    return {"sent_id": sample.sent_id, "ref_id": sample.ref_id, "image_id": sample.image_id, "iou": float(iou),
+            "pred_pixels": int(np.count_nonzero(pred)), "gt_pixels": int(np.count_nonzero(gt)), "point_in_mask": hit}
 
 
 def unique_images(batch: Dict[str, Any]):
