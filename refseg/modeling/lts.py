@@ -4,6 +4,8 @@
     vis = model.encode_image(images)          # (B_img, 3, S, S) uint8 -> list of maps
     txt = model.encode_text(texts)            # list[str] -> TextFeatures
     out = model.decode(vis, txt, image_index) # sentence b reads vis[...][image_index[b]]
+    ctx = model.image_context(vis)            # the head's language-free part, once per image
+    out = model.decode_context(ctx, txt, image_index)   # the rest: == decode(vis, txt, image_index)
 
 Design (choices beyond the paper, made to reach the SynthRef targets with
 frozen cached encoders on a CPU budget; contracts in docs/DESIGN.md):
