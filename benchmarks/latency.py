@@ -7,7 +7,10 @@
 Measures, on one 320 x 320 image and one expression, with torch.set_num_threads(2)
 and onnxruntime intra-op threads 2 (--threads):
   - set_image + predict: a new image each time (visual encoder + text + head + post-processing);
-  - predict on the cached image: what every further expression about the same image costs;
+  - predict on the cached image: what every further expression about the same image costs,
+    and the same work split into stages, timed apart (tokenize; text encoder; head: the per-sentence
+    decoder; post-process: un-letterbox to full resolution, threshold, scores, numpy), each a median
+    over --runs with its share of the stages' sum;
   - predict_batch throughput: --batch-images images (1 expression each), --images-per-batch at a time,
     images/s over --batch-rounds rounds;
   - peak RSS (resource.getrusage ru_maxrss) of the process that ran the backend.
@@ -88,6 +91,45 @@ def make_predictor(backend: str, args):
     return OnnxPredictor(args.onnx, threads=args.threads)
 
 
+STAGES = ("tokenize", "text_encoder", "head", "postprocess")
+
+
+def stage_runner(backend: str, predictor):
+    """A function that runs one cached predict of TEXT split into STAGES and returns their durations (s).
+
+    Reads the predictor's cached image features and calls its post-processing directly: the
+    pieces ``predict`` chains, without its argument checks.
+    """
+    import torch
+
+    from refseg.modeling.text import TextFeatures
+
+    model, index = predictor.model, torch.zeros(1, dtype=torch.long)
+
+    @torch.inference_mode()
+    def run():
+        t0 = time.perf_counter()
+        if backend == "torch":
+            tok = model.text.tokenize([TEXT], trim=True)
+            t1 = time.perf_counter()
+            tokens, sentence = model.text(tok["input_ids"], tok["attention_mask"])
+            txt = TextFeatures(tokens, tok["attention_mask"].bool(), sentence)
+            t2 = time.perf_counter()
+            out = model.decode_context(predictor._features, txt, index)
+        else:
+            tok = model.tokenize([TEXT])
+            t1 = time.perf_counter()
+            txt = model.encode_tokens(**tok)
+            t2 = time.perf_counter()
+            out = model.decode(predictor._features, txt, index)
+        t3 = time.perf_counter()
+        predictor._postprocess(out, predictor._orig_hw)
+        t4 = time.perf_counter()
+        return [t1 - t0, t2 - t1, t3 - t2, t4 - t3]
+
+    return run
+
+
 def measure(args) -> dict:
     """In a child: load every backend, then time them interleaved (run i of each backend back to
     back), so that load from other processes on shared cores falls on all of them alike."""
@@ -112,26 +154,30 @@ def measure(args) -> dict:
     def batch_round(p, i):
         return sum(1 for _ in p.predict_batch(batch, texts, args.images_per_batch))
 
+    runners = {b: stage_runner(b, predictors[b]) for b in backends}
     steps = [("set_image_predict_ms", set_and_predict, args.warmup, args.runs),
              ("predict_cached_ms", lambda p, i: p.predict(TEXT), args.warmup, args.runs),
+             ("stages", None, args.warmup, args.runs),
              ("batch_s", batch_round, 1, args.batch_rounds)]
     times = {b: {name: [] for name, *_ in steps} for b in backends}
     for name, fn, warmup, n in steps:
         for i in range(warmup + n):
             for b in backends:
                 t0 = time.perf_counter()
-                fn(predictors[b], i)
+                result = runners[b]() if name == "stages" else fn(predictors[b], i)
                 if i >= warmup:
-                    times[b][name].append(time.perf_counter() - t0)
+                    times[b][name].append(result if name == "stages" else time.perf_counter() - t0)
     results = []
     for b in backends:
         t = times[b]
+        stage_ms = {s: statistics.median(run[k] for run in t["stages"]) * 1e3 for k, s in enumerate(STAGES)}
         results.append({
             "backend": b, "image_size": size, "load_s": load_s[b],
             **{k: {"median": statistics.median(t[k]) * 1e3, "p90": percentile(t[k], 0.9) * 1e3, "runs": len(t[k])}
                for k in ("set_image_predict_ms", "predict_cached_ms")},
             "batch_images_per_s": {"median": args.batch_images / statistics.median(t["batch_s"]),
                                    "rounds": len(t["batch_s"])},
+            "predict_cached_stages_ms": stage_ms,
         })
     return {"results": results}
 
@@ -179,6 +225,13 @@ def table(args, results: list, export_note: str) -> str:
 
     row("set_image + predict (ms)", ms("set_image_predict_ms"))
     row("predict, cached image (ms)", ms("predict_cached_ms"))
+    names = {"tokenize": "tokenize", "text_encoder": "text encoder", "head": "head (per sentence)",
+             "postprocess": "post-process (full resolution)"}
+    for stage in STAGES:
+        def cell(r, stage=stage):
+            st = r["predict_cached_stages_ms"]
+            return f"{st[stage]:.2f} ({100 * st[stage] / sum(st.values()):.0f}%)"
+        row(f"  {names[stage]} (ms, share)", cell)
     row(f"predict_batch ({args.batch_images} img, {args.images_per_batch}/batch), img/s",
         lambda r: f"{r['batch_images_per_s']['median']:.2f}")
     row("peak RSS (MiB)", lambda r: f"{r['peak_rss_mib']:.0f}")

@@ -1,23 +1,29 @@
-"""`refseg export`: a model as two ONNX graphs, and a Predictor that runs them on onnxruntime.
+"""`refseg export`: a model as three ONNX graphs, and a Predictor that runs them on onnxruntime.
 
     refseg export --model lts-synthref --out model.onnx
 
 writes, beside each other (``--out`` names the stem; a trailing ``.onnx`` is dropped):
 
-    model.image.onnx     image (B, 3, S, S) uint8 RGB in [0, 255]  ->  maps f0..f3 (B, C_i, S/s_i, S/s_i),
-                         finest first (f4 too when the encoder has a stride-2 map): the visual encoder
-                         with the model's normalisation folded in
-    model.decoder.onnx   maps (B_img, ...) + input_ids, attention_mask (B, L) int64 + image_index (B,) int64
+    model.image.onnx     image (B, 3, S, S) uint8 RGB in [0, 255]  ->  per-image tensors f0, f1 ...
+                         (B, ...): the visual encoder with the model's normalisation folded in, followed
+                         by the language-free part of the head (``model.image_context``) when the model
+                         has one, else the encoder maps, finest first
+    model.text.onnx      input_ids, attention_mask (B, L) int64 -> tokens (B, L, D), sentence (B, D):
+                         the text encoder
+    model.decoder.onnx   f0, f1 ... (B_img, ...) + tokens, sentence, attention_mask + image_index (B,) int64
                          -> mask_logits (B, 1, S, S), no_target_logits (B,), prior_logits (B, 1, S/16, S/16):
-                         the text encoder and the head
+                         the per-sentence head
     model.tokenizer/     the text encoder's tokenizer (``save_pretrained``); tokenising stays in Python
     model.json           image size, max_length, input/output names, the model config, the exporter
                          used and the parity measured against PyTorch at export time
 
-Two graphs rather than one, so that ``OnnxPredictor.set_image`` runs the visual
-encoder once and every ``predict`` afterwards pays only for the text encoder and
-the head, exactly as ``Predictor`` does with PyTorch. Both graphs have dynamic
-batch axes (images, texts); the image size S and token length L are fixed.
+Separate graphs, so that ``OnnxPredictor.set_image`` runs the visual encoder (and
+the head's per-image part) once and every ``predict`` afterwards pays only for the
+text encoder and the per-sentence head, exactly as ``Predictor`` does with PyTorch;
+the text encoder is a graph of its own so that its time can be measured apart.
+Every graph has dynamic batch axes (images, texts), the text and decoder graphs a
+dynamic token length L (<= max_length: ``OnnxModel.tokenize`` pads to the longest
+expression only); the image size S is fixed.
 
     from refseg.export import OnnxPredictor
     predictor = OnnxPredictor("model.onnx")      # same API as refseg.Predictor
@@ -40,59 +46,78 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from refseg.engine.config import write_text_atomic
+from refseg.modeling.text import TextFeatures
 from refseg.predictor import Predictor
 
 FORMAT = "refseg-onnx"
-VERSION = 1
+VERSION = 2  # 2: image graph holds image_context; token length is dynamic
 OPSET = 18
 PARITY_TOLERANCE = 1e-3  # max |mask logit| difference accepted at export time (float32 on CPU)
 EXAMPLE_TEXTS = ("the red star left of the blue circle", "the largest square")
 
 
 def export_paths(out: Union[str, Path]) -> Dict[str, Path]:
-    """Files written for ``--out out``: ``image``, ``decoder``, ``tokenizer`` (a folder) and ``meta``."""
+    """Files written for ``--out out``: ``image``, ``text``, ``decoder``, ``tokenizer`` (a folder) and ``meta``."""
     out = Path(out)
     if out.suffix == ".json":
         out = out.with_suffix("")
     stem = out.with_suffix("") if out.suffix == ".onnx" else out
     return {
         "image": stem.with_name(stem.name + ".image.onnx"),
+        "text": stem.with_name(stem.name + ".text.onnx"),
         "decoder": stem.with_name(stem.name + ".decoder.onnx"),
         "tokenizer": stem.with_name(stem.name + ".tokenizer"),
         "meta": stem.with_name(stem.name + ".json"),
     }
 
 
+def _image_features(model: nn.Module, image: torch.Tensor) -> List[torch.Tensor]:
+    """What the decoder graph reads: ``model.image_context(maps)`` when the model has it, else the maps."""
+    maps = model.encode_image(image)
+    return list(model.image_context(maps)) if hasattr(model, "image_context") else list(maps)
+
+
 class ImageGraph(nn.Module):
-    """image (B, 3, S, S) uint8 -> tuple of maps, finest first (``model.encode_image``)."""
+    """image (B, 3, S, S) uint8 -> tuple of per-image tensors (``_image_features``)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, image: torch.Tensor):
-        return tuple(self.model.encode_image(image))
+        return tuple(_image_features(self.model, image))
 
 
-class DecoderGraph(nn.Module):
-    """maps + tokens -> (mask_logits, no_target_logits, prior_logits): text encoder + ``model.decode``."""
+class TextGraph(nn.Module):
+    """input_ids, attention_mask (B, L) int64 -> tokens (B, L, D), sentence (B, D): ``model.text``."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, maps: List[torch.Tensor], input_ids, attention_mask, image_index):
-        from refseg.modeling.text import TextFeatures
+    def forward(self, input_ids, attention_mask):
+        return self.model.text(input_ids, attention_mask)
 
-        tokens, sentence = self.model.text(input_ids, attention_mask)  # (B, L, D), (B, D)
-        out = self.model.decode(maps, TextFeatures(tokens, attention_mask.bool(), sentence), image_index)
+
+class DecoderGraph(nn.Module):
+    """per-image tensors + encoded text -> (mask_logits, no_target_logits, prior_logits):
+    ``model.decode_context`` (``model.decode`` for a model without it)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: List[torch.Tensor], tokens, sentence, attention_mask, image_index):
+        txt = TextFeatures(tokens, attention_mask.bool(), sentence)
+        decode = getattr(self.model, "decode_context", self.model.decode)
+        out = decode(features, txt, image_index)
         return out["mask_logits"], out["no_target_logits"], out["prior_logits"]
 
 
@@ -113,11 +138,12 @@ def _quiet(sink: io.StringIO):
             lg.setLevel(level)
 
 
-def _export(module, args, path, input_names, output_names, batch_axes, exporter, opset, failures: list) -> str:
+def _export(module, args, path, input_names, output_names, dynamic_axes, exporter, opset, failures: list) -> str:
     """Export one graph. ``args`` may hold a list of tensors (flattened into
-    consecutive ONNX inputs); ``batch_axes`` maps each flat input name to the
-    name of its dynamic batch axis (axis 0). Returns the exporter that
-    succeeded ("dynamo" or "legacy"); the failures before it are appended to ``failures``.
+    consecutive ONNX inputs); ``dynamic_axes`` maps each flat input name to
+    ``{axis: name}`` of its dynamic axes (axes sharing a name have one size).
+    Returns the exporter that succeeded ("dynamo" or "legacy"); the failures
+    before it are appended to ``failures``.
     """
     errors = []
     for kind in (["dynamo", "legacy"] if exporter == "auto" else [exporter]):
@@ -127,8 +153,9 @@ def _export(module, args, path, input_names, output_names, batch_axes, exporter,
                 if kind == "dynamo":
                     from torch.export import Dim
 
-                    dims = {name: Dim(name) for name in sorted(set(batch_axes.values()))}
-                    flat = iter({0: dims[batch_axes[n]]} for n in input_names)
+                    names = sorted({name for axes in dynamic_axes.values() for name in axes.values()})
+                    dims = {name: Dim(name) for name in names}
+                    flat = iter({axis: dims[name] for axis, name in dynamic_axes[n].items()} for n in input_names)
                     shapes = tuple([next(flat) for _ in a] if isinstance(a, (list, tuple)) else next(flat)
                                    for a in args)
                     torch.onnx.export(
@@ -136,10 +163,9 @@ def _export(module, args, path, input_names, output_names, batch_axes, exporter,
                         dynamo=True, dynamic_shapes=shapes, opset_version=opset, external_data=False,
                     )
                 else:
-                    axes = {n: {0: batch_axes[n]} for n in input_names}
                     torch.onnx.export(
                         module, args, str(path), input_names=input_names, output_names=output_names,
-                        dynamo=False, dynamic_axes=axes, opset_version=opset,
+                        dynamo=False, dynamic_axes=dynamic_axes, opset_version=opset,
                     )
             failures.extend(f"{path.name}: {err}" for err in errors)
             return kind
@@ -154,10 +180,10 @@ def export_onnx(
     model: nn.Module, out: Union[str, Path], exporter: str = "auto", opset: int = OPSET, check: bool = True,
     extra_meta: Optional[dict] = None,
 ) -> Dict[str, Path]:
-    """Write the two graphs, the tokenizer and the JSON for ``model`` (see the module docstring).
+    """Write the three graphs, the tokenizer and the JSON for ``model`` (see the module docstring).
 
     exporter: "auto" (new exporter, legacy on failure), "dynamo" or "legacy".
-    check: run both graphs on onnxruntime against PyTorch on an example and
+    check: run the graphs on onnxruntime against PyTorch on an example and
       raise if mask logits differ by more than ``PARITY_TOLERANCE``.
     The model is put in eval mode on the CPU. Returns ``export_paths(out)``.
     """
@@ -173,20 +199,27 @@ def export_onnx(
 
     gen = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (2, 3, S, S), dtype=torch.uint8, generator=gen)  # (2, 3, S, S)
-    tokens = text.tokenize(list(EXAMPLE_TEXTS))
+    tokens = text.tokenize(list(EXAMPLE_TEXTS), trim=True)  # (2, L), L < max_length: a dynamic length
     index = torch.tensor([0, 1])
-    maps = model.encode_image(image)
-    map_names = [f"f{i}" for i in range(len(maps))]
-    decoder_inputs = map_names + ["input_ids", "attention_mask", "image_index"]
+    features = _image_features(model, image)
+    encoded = text(tokens["input_ids"], tokens["attention_mask"])  # (2, L, D), (2, D)
+    names = [f"f{i}" for i in range(len(features))]
+    text_inputs, text_outputs = ["input_ids", "attention_mask"], ["tokens", "sentence"]
+    decoder_inputs = names + ["tokens", "sentence", "attention_mask", "image_index"]
     outputs = ["mask_logits", "no_target_logits", "prior_logits"]
+    per_token = {0: "texts", 1: "length"}
 
     start, failures = time.perf_counter(), []
-    used_image = _export(ImageGraph(model), (image,), paths["image"], ["image"], map_names,
-                         {"image": "images"}, exporter, opset, failures)
+    used_image = _export(ImageGraph(model), (image,), paths["image"], ["image"], names,
+                         {"image": {0: "images"}}, exporter, opset, failures)
+    used_text = _export(TextGraph(model), (tokens["input_ids"], tokens["attention_mask"]), paths["text"],
+                        text_inputs, text_outputs, {"input_ids": per_token, "attention_mask": per_token},
+                        exporter, opset, failures)
     used_decoder = _export(
-        DecoderGraph(model), (list(maps), tokens["input_ids"], tokens["attention_mask"], index),
+        DecoderGraph(model), (features, *encoded, tokens["attention_mask"], index),
         paths["decoder"], decoder_inputs, outputs,
-        {**{n: "images" for n in map_names}, "input_ids": "texts", "attention_mask": "texts", "image_index": "texts"},
+        {**{n: {0: "images"} for n in names}, "tokens": per_token, "sentence": {0: "texts"},
+         "attention_mask": per_token, "image_index": {0: "texts"}},
         exporter, opset, failures,
     )
     if paths["tokenizer"].exists():
@@ -194,11 +227,11 @@ def export_onnx(
     text.tokenizer.save_pretrained(str(paths["tokenizer"]))
     meta = {
         "format": FORMAT, "version": VERSION, "image_size": S, "max_length": int(text.max_length),
-        "image_graph": paths["image"].name, "decoder_graph": paths["decoder"].name,
-        "tokenizer": paths["tokenizer"].name,
-        "image_inputs": ["image"], "image_outputs": map_names,
+        "image_graph": paths["image"].name, "text_graph": paths["text"].name,
+        "decoder_graph": paths["decoder"].name, "tokenizer": paths["tokenizer"].name,
+        "image_inputs": ["image"], "image_outputs": names, "text_inputs": text_inputs, "text_outputs": text_outputs,
         "decoder_inputs": decoder_inputs, "decoder_outputs": outputs,
-        "exporter": {"image": used_image, "decoder": used_decoder}, "opset": opset,
+        "exporter": {"image": used_image, "text": used_text, "decoder": used_decoder}, "opset": opset,
         "exporter_failures": failures, "torch": torch.__version__,
         "export_seconds": round(time.perf_counter() - start, 1),
         "config": getattr(model, "config", {}),
@@ -207,7 +240,7 @@ def export_onnx(
     write_text_atomic(paths["meta"], json.dumps(meta, indent=2) + "\n")
     if check:
         onnx_model = OnnxModel(paths["meta"])
-        ref = model.decode(maps, model.encode_text(list(EXAMPLE_TEXTS)), index)
+        ref = model.decode(model.encode_image(image), model.encode_text(list(EXAMPLE_TEXTS)), index)
         got = onnx_model.decode(onnx_model.encode_image(image), onnx_model.encode_text(list(EXAMPLE_TEXTS)), index)
         diff = {k: float((ref[k] - got[k]).abs().max()) for k in ("mask_logits", "no_target_logits")}
         meta["parity"] = {"max_abs_diff": diff, "tolerance": PARITY_TOLERANCE, "texts": list(EXAMPLE_TEXTS)}
@@ -218,22 +251,18 @@ def export_onnx(
     return paths
 
 
-class OnnxText(NamedTuple):
-    """Tokenised expressions, what ``OnnxModel.encode_text`` hands to ``decode``: (B, L) int64 each."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-
-
 class OnnxModel(nn.Module):
     """The ``encode_image`` / ``encode_text`` / ``decode`` interface of a refseg model, on onnxruntime.
 
     Holds no parameters; tensors in and out are CPU torch tensors so that
-    ``Predictor`` drives it unchanged. ``decode`` runs the text encoder too
-    (it lives in the decoder graph); ``encode_text`` only tokenises.
+    ``Predictor`` drives it unchanged. ``encode_image`` returns what the
+    decoder graph reads (the model's ``image_context``, computed once per
+    image); ``encode_text`` = ``encode_tokens(**tokenize(texts))`` returns
+    ``TextFeatures`` as the PyTorch model does.
 
     path: the ``--out`` given to export (``model.onnx``) or its ``model.json``.
-    threads: onnxruntime intra-op threads (0: its default).
+    threads: onnxruntime intra-op threads (0: its default); inter-op threads are 1
+      (the graphs are sequential) and every graph optimisation is on.
     """
 
     def __init__(self, path: Union[str, Path], threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)):
@@ -247,40 +276,56 @@ class OnnxModel(nn.Module):
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"{meta_path} is not a refseg ONNX export (format {self.meta.get('format')!r})")
+        if self.meta.get("version") != VERSION:
+            raise ValueError(f"{meta_path}: export version {self.meta.get('version')!r}, this refseg reads "
+                             f"version {VERSION}; export the model again with `refseg export`")
         folder = meta_path.parent
         self.image_size = int(self.meta["image_size"])
         self.max_length = int(self.meta["max_length"])
         options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.inter_op_num_threads = 1
         if threads:
             options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
         providers = list(providers)
-        self.image_session = ort.InferenceSession(str(folder / self.meta["image_graph"]), options, providers=providers)
-        self.decoder_session = ort.InferenceSession(str(folder / self.meta["decoder_graph"]), options,
-                                                    providers=providers)
+        self.image_session, self.text_session, self.decoder_session = (
+            ort.InferenceSession(str(folder / self.meta[key]), options, providers=providers)
+            for key in ("image_graph", "text_graph", "decoder_graph"))
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder / self.meta["tokenizer"]), local_files_only=True)
 
     def encode_image(self, images: torch.Tensor) -> List[torch.Tensor]:
-        """(B, 3, S, S) uint8 RGB in [0, 255] -> list of maps (B, C_i, S/s_i, S/s_i), finest first."""
+        """(B, 3, S, S) uint8 RGB in [0, 255] -> list of per-image tensors (B, ...), ``meta["image_outputs"]``."""
         if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (3, self.image_size, self.image_size):
             raise ValueError(f"encode_image expects (B, 3, {self.image_size}, {self.image_size}) uint8, "
                              f"got {tuple(images.shape)} {images.dtype}")
         maps = self.image_session.run(None, {"image": images.cpu().numpy()})
         return [torch.from_numpy(m) for m in maps]
 
-    def encode_text(self, texts: Sequence[str]) -> OnnxText:
-        """list[str] (B) -> OnnxText(input_ids, attention_mask), (B, L) int64, L = max_length."""
-        enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
+    def tokenize(self, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """list[str] (B) -> dict(input_ids, attention_mask), (B, L) int64, L = the longest
+        expression's token count (at most max_length)."""
+        enc = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_length,
                              return_tensors="np")
-        return OnnxText(torch.from_numpy(enc["input_ids"].astype(np.int64)),
-                        torch.from_numpy(enc["attention_mask"].astype(np.int64)))
+        return {k: torch.from_numpy(enc[k].astype(np.int64)) for k in ("input_ids", "attention_mask")}
 
-    def decode(self, vis: List[torch.Tensor], txt: OnnxText, image_index: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Same contract as the PyTorch model's ``decode``: mask_logits (B, 1, S, S),
-        no_target_logits (B,), prior_logits (B, 1, S/16, S/16)."""
+    def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
+        """(B, L) int64 each -> TextFeatures(tokens (B, L, D), mask (B, L) bool, sentence (B, D)): the text graph."""
+        feeds = {"input_ids": input_ids.cpu().numpy(), "attention_mask": attention_mask.cpu().numpy()}
+        tokens, sentence = self.text_session.run(self.meta["text_outputs"], feeds)
+        return TextFeatures(torch.from_numpy(tokens), attention_mask.bool(), torch.from_numpy(sentence))
+
+    def encode_text(self, texts: Sequence[str]) -> TextFeatures:
+        """list[str] (B) -> TextFeatures, as the PyTorch model's ``encode_text(texts, trim=True)``."""
+        return self.encode_tokens(**self.tokenize(texts))
+
+    def decode(self, vis: List[torch.Tensor], txt: TextFeatures, image_index: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Same contract as the PyTorch model's ``decode`` (``vis`` from ``encode_image``): mask_logits
+        (B, 1, S, S), no_target_logits (B,), prior_logits (B, 1, S/16, S/16)."""
         feeds = {name: m.cpu().numpy() for name, m in zip(self.meta["image_outputs"], vis)}
-        feeds["input_ids"] = txt.input_ids.cpu().numpy()
-        feeds["attention_mask"] = txt.attention_mask.cpu().numpy()
+        feeds["tokens"] = txt.tokens.float().cpu().numpy()
+        feeds["sentence"] = txt.sentence.float().cpu().numpy()
+        feeds["attention_mask"] = txt.mask.to(torch.int64).cpu().numpy()
         feeds["image_index"] = image_index.to(torch.int64).cpu().numpy()
         outs = self.decoder_session.run(self.meta["decoder_outputs"], feeds)
         return {name: torch.from_numpy(v) for name, v in zip(self.meta["decoder_outputs"], outs)}
@@ -301,7 +346,8 @@ class OnnxPredictor(Predictor):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="lts-synthref", help="a shipped model name or a checkpoint/run path")
     p.add_argument("--out", required=True,
-                   help="output stem: model.onnx -> model.image.onnx, model.decoder.onnx, model.json, model.tokenizer/")
+                   help="output stem: model.onnx -> model.image.onnx, model.text.onnx, model.decoder.onnx, model.json, "
+                        "model.tokenizer/")
     p.add_argument("--exporter", choices=("auto", "dynamo", "legacy"), default="auto",
                    help="torch.onnx exporter: auto tries the new (dynamo) one, then the legacy one")
     p.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version")
@@ -325,9 +371,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"refseg export: error: {e}", file=sys.stderr)
         return 1
     meta = json.loads(paths["meta"].read_text())
-    for key in ("image", "decoder", "tokenizer", "meta"):
+    for key in ("image", "text", "decoder", "tokenizer", "meta"):
         print(f"wrote {paths[key]}")
-    print(f"exporter: image {meta['exporter']['image']}, decoder {meta['exporter']['decoder']}; "
+    print(f"exporter: image {meta['exporter']['image']}, text {meta['exporter']['text']}, "
+          f"decoder {meta['exporter']['decoder']}; "
           f"opset {meta['opset']}; {meta['export_seconds']} s")
     for failure in meta["exporter_failures"]:
         print(f"note: fell back to the legacy exporter after: {failure}", file=sys.stderr)

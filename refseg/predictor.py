@@ -1,9 +1,16 @@
 """Run a trained model on images of any size, mode and orientation.
 
 Modelled on Segment Anything's ``SamPredictor``: ``set_image`` runs the
-visual encoder once and caches its maps; every ``predict`` call afterwards
-pays only for the text encoder and the head, so many expressions on one
-image are cheap.
+visual encoder once and caches its maps (and, for a model with
+``image_context``, the language-free part of the head); every ``predict``
+call afterwards pays only for the text encoder and the per-sentence head,
+so many expressions on one image are cheap.
+
+Inference shortcuts, each with the same outputs up to float rounding: the
+model's ``for_inference()`` form when it has one (a faster visual encoder),
+``encode_text(..., trim=True)`` when the model accepts it (expressions padded
+to the longest one, not to the encoder's max length), and post-processing
+that upsamples each logit map once and thresholds it in logit space.
 
     predictor = Predictor(refseg.load("lts-synthref"))
     predictor.set_image("photo.jpg")
@@ -11,6 +18,8 @@ image are cheap.
     result.masks        # (N, H, W) bool, full resolution of the input image
 """
 
+import inspect
+import math
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
 
@@ -58,17 +67,25 @@ class Predictor:
 
     Arguments:
       model: a refseg model exposing ``encode_image``, ``encode_text`` and
-        ``decode`` (see docs/DESIGN.md); it is put in eval mode.
-      mask_threshold: probability above which a pixel is foreground.
+        ``decode`` (see docs/DESIGN.md); it is put in eval mode. Optional
+        hooks, used when present: ``for_inference()``, ``image_context`` +
+        ``decode_context``, ``encode_text(texts, trim=True)``.
+      mask_threshold: probability above which a pixel is foreground, in (0, 1).
       text_batch_size: expressions decoded per forward pass.
     """
 
     def __init__(self, model: torch.nn.Module, mask_threshold: float = 0.5, text_batch_size: int = 32):
-        self.model = model.eval()
-        self.device = _device_of(model)
+        if not 0.0 < float(mask_threshold) < 1.0:
+            raise ValueError(f"Predictor: mask_threshold must be in (0, 1), got {mask_threshold!r}")
+        model = model.eval()
+        self.model = model.for_inference() if hasattr(model, "for_inference") else model
+        self.device = _device_of(self.model)
         self.mask_threshold = float(mask_threshold)
+        # sigmoid(x) > t  <=>  x > log(t / (1 - t)): threshold the logits, no full-resolution sigmoid
+        self._logit_threshold = math.log(self.mask_threshold / (1.0 - self.mask_threshold))
         self.text_batch_size = int(text_batch_size)
         self.letterbox = Letterbox(int(getattr(model, "image_size", 320)))
+        self._trim = "trim" in inspect.signature(self.model.encode_text).parameters
         self.reset_image()
 
     def reset_image(self) -> None:
@@ -85,6 +102,17 @@ class Predictor:
         tensor = torch.from_numpy(np.ascontiguousarray(boxed)).permute(2, 0, 1)  # (3, S, S)
         return tensor, rgb.shape[:2]
 
+    def _encode_image(self, images: torch.Tensor) -> list:
+        """(B, 3, S, S) uint8 -> what ``_decode`` reads: ``image_context(maps)`` if the model has it, else the maps."""
+        maps = self.model.encode_image(images.to(self.device))
+        return self.model.image_context(maps) if hasattr(self.model, "image_context") else maps
+
+    def _decode(self, features: list, texts: Sequence[str], index: torch.Tensor) -> dict:
+        txt = self.model.encode_text(texts, trim=True) if self._trim else self.model.encode_text(texts)
+        if hasattr(self.model, "decode_context"):
+            return self.model.decode_context(features, txt, index)
+        return self.model.decode(features, txt, index)
+
     @torch.inference_mode()
     def set_image(self, image: ImageLike) -> None:
         """Encode an image and cache its features.
@@ -93,7 +121,7 @@ class Predictor:
         float in [0, 1]); any PIL mode; EXIF orientation is honoured.
         """
         tensor, hw = self._prepare(image)
-        self._features = self.model.encode_image(tensor[None].to(self.device))
+        self._features = self._encode_image(tensor[None])
         self._orig_hw = tuple(int(v) for v in hw)
 
     @torch.inference_mode()
@@ -106,8 +134,7 @@ class Predictor:
         for i in range(0, len(texts), self.text_batch_size):
             chunk = texts[i : i + self.text_batch_size]
             index = torch.zeros(len(chunk), dtype=torch.long, device=self.device)
-            out = self.model.decode(self._features, self.model.encode_text(chunk), index)
-            parts.append(self._postprocess(out, [self._orig_hw] * len(chunk)))
+            parts.append(self._postprocess(self._decode(self._features, chunk, index), self._orig_hw))
         return _concat(parts)
 
     @torch.inference_mode()
@@ -132,13 +159,13 @@ class Predictor:
 
     def _run_batch(self, pending: list) -> list:
         tensors, sizes = zip(*(self._prepare(img) for img, _ in pending))
-        features = self.model.encode_image(torch.stack(tensors).to(self.device))
+        features = self._encode_image(torch.stack(tensors))
         all_texts = [t for _, exprs in pending for t in exprs]
         index = torch.tensor([i for i, (_, exprs) in enumerate(pending) for _ in exprs], device=self.device)
         logits, nt_logits = [], []
         for s in range(0, len(all_texts), self.text_batch_size):
             sl = slice(s, s + self.text_batch_size)
-            out = self.model.decode(features, self.model.encode_text(all_texts[sl]), index[sl])
+            out = self._decode(features, all_texts[sl], index[sl])
             logits.append(out["mask_logits"])
             nt_logits.append(out["no_target_logits"])
         logits = torch.cat(logits) if logits else None
@@ -148,38 +175,38 @@ class Predictor:
             stop = start + len(exprs)
             hw = tuple(int(v) for v in sizes[i])
             out = {"mask_logits": logits[start:stop], "no_target_logits": nt_logits[start:stop]}
-            results.append(self._postprocess(out, [hw] * len(exprs)))
+            results.append(self._postprocess(out, hw))
             start = stop
         return results
 
-    def _postprocess(self, out: dict, hws: list) -> Prediction:
-        if not hws:
+    def _postprocess(self, out: dict, hw: tuple) -> Prediction:
+        """Decoder outputs for B sentences about one image of size ``hw`` -> Prediction at full resolution.
+
+        The (B, 1, S, S) logits are un-letterboxed (cropped, resized once,
+        bilinear) to (B, H, W); the mask is ``logit > logit(threshold)``
+        (= probability > threshold), the score the mean probability over
+        the mask's pixels only, the point the logits' argmax.
+        """
+        if out["mask_logits"] is None or out["mask_logits"].shape[0] == 0:  # an image with no expressions
             return Prediction(
                 np.zeros((0, 0, 0), bool), np.zeros(0, np.float32), np.zeros(0, bool),
                 np.zeros(0, np.float32), np.zeros((0, 0, 0), np.float32), np.zeros((0, 2), np.int64),
             )
-        logits = out["mask_logits"].float()  # (B, 1, S, S)
-        nt_prob = torch.sigmoid(out["no_target_logits"].float())  # (B,)
-        masks, scores, full_logits, points = [], [], [], []
-        for i, hw in enumerate(hws):
-            lg = self.letterbox.invert(logits[i, 0], hw)  # (H, W)
-            prob = torch.sigmoid(lg)
-            m = prob > self.mask_threshold
-            if nt_prob[i] > 0.5:
-                m = torch.zeros_like(m)
-            flat = int(torch.argmax(lg).item())
-            points.append((flat % hw[1], flat // hw[1]))
-            scores.append(float(prob[m].mean()) if m.any() else 0.0)
-            masks.append(m.cpu().numpy())
-            full_logits.append(lg.cpu().numpy())
-        no_target = (nt_prob > 0.5).cpu().numpy()
+        nt_prob = torch.sigmoid(out["no_target_logits"].float()).cpu()  # (B,)
+        no_target = nt_prob > 0.5  # (B,)
+        logits = self.letterbox.invert(out["mask_logits"][:, 0].float(), hw).cpu()  # (B, H, W)
+        masks = logits > self._logit_threshold  # (B, H, W) bool
+        masks[no_target] = False
+        flat = logits.flatten(1).argmax(1)  # (B,)
+        points = torch.stack([flat % hw[1], flat // hw[1]], 1)  # (B, 2) x, y
+        scores = [float(torch.sigmoid(lg[m]).mean()) if m.any() else 0.0 for lg, m in zip(logits, masks)]
         return Prediction(
-            masks=np.stack(masks),
+            masks=masks.numpy(),
             scores=np.asarray(scores, dtype=np.float32),
-            no_target=no_target,
-            no_target_prob=nt_prob.cpu().numpy().astype(np.float32),
-            logits=np.stack(full_logits).astype(np.float32),
-            points=np.asarray(points, dtype=np.int64),
+            no_target=no_target.numpy(),
+            no_target_prob=nt_prob.numpy().astype(np.float32),
+            logits=logits.numpy(),
+            points=points.numpy().astype(np.int64),
         )
 
 

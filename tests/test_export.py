@@ -33,7 +33,7 @@ def exported(tmp_path_factory):
 def test_files_and_metadata(exported):
     model, out = exported
     paths = export_paths(out)
-    for key in ("image", "decoder", "meta"):
+    for key in ("image", "text", "decoder", "meta"):
         assert paths[key].is_file()
     assert (paths["tokenizer"] / "tokenizer_config.json").is_file()
     meta = json.loads(paths["meta"].read_text())
@@ -77,6 +77,32 @@ def test_onnx_predictor_matches_predictor(exported):
         assert np.abs(x.logits - y.logits).max() < TOL
 
 
+@torch.no_grad()
+def test_text_graph_matches_pytorch_at_any_token_length(exported):
+    """The text graph alone, on batches padded to 3 different lengths (the export example had one)."""
+    model, out = exported
+    onnx_model = OnnxModel(out)
+    for texts in (["red"], TEXTS, ["the " * 30 + "square"]):  # 3 tokens, the longest of TEXTS, truncated
+        tokens = onnx_model.tokenize(texts)
+        assert tokens["input_ids"].shape[1] == min(max(len(model.text.tokenizer(t)["input_ids"]) for t in texts),
+                                                   model.text.max_length)
+        ref_tokens, ref_sentence = model.text(tokens["input_ids"], tokens["attention_mask"])
+        got = onnx_model.encode_tokens(**tokens)
+        real = tokens["attention_mask"].bool()
+        assert float((got.tokens - ref_tokens)[real].abs().max()) < TOL
+        assert float((got.sentence - ref_sentence).abs().max()) < TOL
+
+
+def test_old_export_versions_are_refused(exported, tmp_path):
+    _, out = exported
+    paths = export_paths(out)
+    meta = json.loads(paths["meta"].read_text())
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({**meta, "version": 1}))
+    with pytest.raises(ValueError, match="version 1"):
+        OnnxModel(old)
+
+
 def test_predict_needs_an_image(exported):
     with pytest.raises(RuntimeError, match="set_image"):
         OnnxPredictor(exported[1]).predict("the red square")
@@ -92,8 +118,8 @@ def test_auto_falls_back_to_the_legacy_exporter(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.onnx, "export", export)
     meta = json.loads(export_onnx(tiny_lts(), tmp_path / "m.onnx")["meta"].read_text())
-    assert meta["exporter"] == {"image": "legacy", "decoder": "legacy"}
-    assert len(meta["exporter_failures"]) == 2
+    assert meta["exporter"] == {"image": "legacy", "text": "legacy", "decoder": "legacy"}
+    assert len(meta["exporter_failures"]) == 3
     assert all("the new exporter cannot do this" in f for f in meta["exporter_failures"])
     assert meta["parity"]["max_abs_diff"]["mask_logits"] < TOL
 
@@ -107,7 +133,7 @@ def test_cli_exports_a_checkpoint_by_path(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "parity vs PyTorch" in printed
     meta = json.loads(export_paths(out)["meta"].read_text())
-    assert meta["exporter"] == {"image": "legacy", "decoder": "legacy"}
+    assert meta["exporter"] == {"image": "legacy", "text": "legacy", "decoder": "legacy"}
     assert meta["parity"]["max_abs_diff"]["mask_logits"] < TOL
 
 

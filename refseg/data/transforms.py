@@ -105,5 +105,7 @@ class Letterbox:
         dtype = crop.dtype
         if not crop.is_floating_point():
             raise TypeError(f"invert expects a floating tensor, got {dtype}")
+        if (p.new_h, p.new_w) == (h, w):  # no resize (an S-pixel side): a bilinear resize to the same size is a copy
+            return crop.reshape(*lead, h, w).clone()
         out = F.interpolate(crop.float(), size=(h, w), mode="bilinear", align_corners=False)  # (N, 1, H, W)
         return out.to(dtype).reshape(*lead, h, w)

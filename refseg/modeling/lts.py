@@ -4,6 +4,8 @@
     vis = model.encode_image(images)          # (B_img, 3, S, S) uint8 -> list of maps
     txt = model.encode_text(texts)            # list[str] -> TextFeatures
     out = model.decode(vis, txt, image_index) # sentence b reads vis[...][image_index[b]]
+    ctx = model.image_context(vis)            # the head's language-free part, once per image
+    out = model.decode_context(ctx, txt, image_index)   # the rest: == decode(vis, txt, image_index)
 
 Design (choices beyond the paper, made to reach the SynthRef targets with
 frozen cached encoders on a CPU budget; contracts in docs/DESIGN.md):
@@ -55,7 +57,7 @@ frozen cached encoders on a CPU budget; contracts in docs/DESIGN.md):
 """
 
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +96,34 @@ class FuseLocate(nn.Module):
         self.locate = nn.ModuleList([LocateLayer(dim, heads, mlp_ratio) for _ in range(depth)])
         self.out_norm = nn.LayerNorm(dim)
 
+    def fuse_grid(self, maps: Dict[int, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The language-free part of step 1, once per *image*.
+
+        maps: {stride: (B_img, C, H/stride, W/stride)}. Returns the grid
+        tokens g (B_img, N, D) on the h x w stride-32 grid (N = h*w) and
+        their visual term ``fuse_vis(g)`` (B_img, N, D).
+        """
+        g = torch.cat([maps[s] if s == 32 else F.pixel_unshuffle(maps[s], 32 // s) for s in self.grid_strides], 1)
+        # g: (B_img, sum_s C_s (32/s)^2, h, w)
+        g = self.grid_norm(self.grid_in(g.flatten(2).transpose(1, 2)))  # (B_img, N, D), N = h*w
+        return g, self.fuse_vis(g)
+
+    def locate_grid(self, g: torch.Tensor, g_vis: torch.Tensor, hw: Tuple[int, int], txt: TextFeatures,
+                    idx: torch.Tensor) -> tuple:
+        """Steps 1-2 per *sentence*, from ``fuse_grid``'s (g, g_vis) of shape (B_img, N, D) on the h x w
+        grid; idx: (B,) image row of each sentence. Returns as ``fuse_locate``."""
+        h, w = hw
+        t = self.text_in(txt.tokens)  # (B, L, D)
+        for layer in self.text_layers:
+            t = layer(t, txt.mask)
+        s = self.sent_norm(self.sent_in(txt.sentence) + masked_mean(t, txt.mask))  # (B, D)
+        pos = sine_position_encoding(h, w, self.dim, g.device, g.dtype)  # (N, D)
+        coords = self.fuse_coord(coord_grid(h, w, g.device, g.dtype))  # (N, D)
+        x = g_vis[idx] + self.fuse_mul(g[idx] * s[:, None, :]) + coords + pos  # (B, N, D)
+        for layer in self.locate:
+            x = layer(x, pos, t, txt.mask)
+        return self.out_norm(x), t, s, (h, w)
+
     def fuse_locate(self, maps: Dict[int, torch.Tensor], txt: TextFeatures, idx: torch.Tensor) -> tuple:
         """Located tokens of each sentence.
 
@@ -103,20 +133,7 @@ class FuseLocate(nn.Module):
         sentence vector s (B, D), and (h, w).
         """
         h, w = maps[32].shape[-2:]
-        # Language-free grid, once per image.
-        g = torch.cat([maps[s] if s == 32 else F.pixel_unshuffle(maps[s], 32 // s) for s in self.grid_strides], 1)
-        # g: (B_img, sum_s C_s (32/s)^2, h, w)
-        g = self.grid_norm(self.grid_in(g.flatten(2).transpose(1, 2)))  # (B_img, N, D), N = h*w
-        t = self.text_in(txt.tokens)  # (B, L, D)
-        for layer in self.text_layers:
-            t = layer(t, txt.mask)
-        s = self.sent_norm(self.sent_in(txt.sentence) + masked_mean(t, txt.mask))  # (B, D)
-        pos = sine_position_encoding(h, w, self.dim, g.device, g.dtype)  # (N, D)
-        coords = self.fuse_coord(coord_grid(h, w, g.device, g.dtype))  # (N, D)
-        x = self.fuse_vis(g)[idx] + self.fuse_mul(g[idx] * s[:, None, :]) + coords + pos  # (B, N, D)
-        for layer in self.locate:
-            x = layer(x, pos, t, txt.mask)
-        return self.out_norm(x), t, s, (h, w)
+        return self.locate_grid(*self.fuse_grid(maps), (h, w), txt, idx)
 
 
 class LTSHead(FuseLocate):
@@ -182,13 +199,31 @@ class LTSHead(FuseLocate):
         nn.init.zeros_(self.mask_out.bias)
         nn.init.constant_(self.mask_out.bias[:1], bias)
 
-    def forward(self, vis: List[torch.Tensor], txt: TextFeatures, image_index: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def image_context(self, vis: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Everything the head computes from the image alone, once per image.
+
+        vis: the encoder maps, finest first. Returns [g (B_img, N, D) grid
+        tokens, fuse_vis(g) (B_img, N, D), lat16 (B_img, c16, 2h, 2w), lat8
+        (B_img, c8, 4h, 4w), lat4 (B_img, c4, 8h, 8w)] + [lat2 (B_img, K,
+        16h, 16w)] with a stride-2 map; h x w is the stride-32 grid. A
+        ``Predictor`` caches it so that each further sentence pays only for
+        ``decode_context``.
+        """
         maps = dict(zip(self.strides, vis))
+        ctx = [*self.fuse_grid(maps), self.lat16(maps[16]), self.lat8(maps[8]), self.lat4(maps[4])]
+        return ctx + [self.lat2(maps[2])] if self.fine else ctx
+
+    def decode_context(self, ctx: List[torch.Tensor], txt: TextFeatures, image_index: torch.Tensor
+                       ) -> Dict[str, torch.Tensor]:
+        """Per-sentence steps from ``image_context``'s list; image_index: (B,) row of ``ctx`` of each
+        sentence. Returns the model's output dict (see ``forward``)."""
+        g, g_vis, lat16, lat8, lat4 = ctx[:5]
         idx = image_index
-        S = vis[0].shape[-1] * self.strides[0]
+        h, w = lat16.shape[-2] // 2, lat16.shape[-1] // 2
+        S = 32 * w
 
         # 1-2. fuse, locate
-        x, t, s, (h, w) = self.fuse_locate(maps, txt, idx)  # x: (B, N, D)
+        x, t, s, _ = self.locate_grid(g, g_vis, (h, w), txt, idx)  # x: (B, N, D)
         B = x.shape[0]
         prior = self.prior(x).transpose(1, 2).reshape(B, 4, h, w)  # (B, 4, h, w)
         prior = F.pixel_shuffle(prior, 2)  # (B, 1, 2h, 2w)
@@ -203,19 +238,24 @@ class LTSHead(FuseLocate):
         # 4. segment
         y = self.up16(x).transpose(1, 2).reshape(B, -1, h, w)  # (B, 4 c16, h, w)
         y = F.pixel_shuffle(y, 2)  # (B, c16, 2h, 2w)
-        y = y + self.lat16(maps[16])[idx] * torch.sigmoid(self.gate16(s))[:, :, None, None]
+        y = y + lat16[idx] * torch.sigmoid(self.gate16(s))[:, :, None, None]
         y = self.dec16(torch.cat([y, prior.sigmoid()], 1))  # (B, c16, 2h, 2w)
         gate = torch.sigmoid(self.gate8(s))[:, :, None, None]  # (B, c8, 1, 1)
-        y = self.dec8(_up(self.red8(y)) + self.lat8(maps[8])[idx] * gate)  # (B, c8, 4h, 4w)
-        y = self.dec4(_up(self.red4(y)) + self.lat4(maps[4])[idx])  # (B, c4, 8h, 8w)
+        y = self.dec8(_up(self.red8(y)) + lat8[idx] * gate)  # (B, c8, 4h, 4w)
+        y = self.dec4(_up(self.red4(y)) + lat4[idx])  # (B, c4, 8h, 8w)
         y = self.mask_out(y)  # (B, 1 + K, 8h, 8w)
         if self.fine:
             # stride 2: bilinear coarse logit + per-sentence mix of K per-image fine channels
             y = _up(y)  # (B, 1 + K, 16h, 16w)
-            fine = self.lat2(maps[2])[idx]  # (B, K, 16h, 16w)
+            fine = ctx[5][idx]  # (B, K, 16h, 16w)
             y = y[:, :1] + (y[:, 1:] * fine).sum(1, keepdim=True)  # (B, 1, 16h, 16w)
         mask = F.interpolate(y, size=(S, S), mode="bilinear", align_corners=False)  # (B, 1, S, S)
         return {"mask_logits": mask, "prior_logits": prior, "no_target_logits": no_target}
+
+    def forward(self, vis: List[torch.Tensor], txt: TextFeatures, image_index: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """vis: encoder maps of B_img images; txt: B sentences; image_index: (B,) int64.
+        Returns mask_logits (B, 1, S, S), prior_logits (B, 1, S/16, S/16), no_target_logits (B,)."""
+        return self.decode_context(self.image_context(vis), txt, image_index)
 
 
 def _up(x: torch.Tensor) -> torch.Tensor:
@@ -246,9 +286,15 @@ class LTS(nn.Module):
         x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
         return self.visual(x)
 
-    def encode_text(self, texts: Sequence[str]) -> TextFeatures:
-        """list[str] (B) -> TextFeatures(tokens (B, L, D), mask (B, L) bool, sentence (B, D))."""
-        batch = {k: v.to(self.pixel_mean.device) for k, v in self.text.tokenize(texts).items()}
+    def encode_text(self, texts: Sequence[str], trim: bool = False) -> TextFeatures:
+        """list[str] (B) -> TextFeatures(tokens (B, L, D), mask (B, L) bool, sentence (B, D)).
+
+        L is ``text.max_length``; with ``trim`` it is the longest expression's
+        length instead (inference: the features of real tokens are the same,
+        and the encoder runs on fewer positions; feature caches keep L fixed).
+        """
+        tokens = self.text.tokenize(texts, trim=trim)
+        batch = {k: v.to(self.pixel_mean.device) for k, v in tokens.items()}
         tokens, sentence = self.text(batch["input_ids"], batch["attention_mask"])
         return TextFeatures(tokens, batch["attention_mask"].bool(), sentence)
 
@@ -263,6 +309,36 @@ class LTS(nn.Module):
         vis = [m.to(dtype) for m in vis]
         txt = TextFeatures(txt.tokens.to(dtype), txt.mask.bool(), txt.sentence.to(dtype))
         return self.head(vis, txt, image_index.to(vis[0].device))
+
+    def image_context(self, vis: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Maps of B_img images -> the list of per-image tensors that ``decode_context`` reads.
+
+        ``decode(vis, ...) == decode_context(image_context(vis), ...)``; the
+        split lets a ``Predictor`` run the language-free part of the head
+        (``head.image_context``) once per image. A head without that split
+        gets the maps themselves.
+        """
+        dtype = next(self.head.parameters()).dtype
+        vis = [m.to(dtype) for m in vis]
+        return self.head.image_context(vis) if hasattr(self.head, "image_context") else vis
+
+    def decode_context(self, ctx: List[torch.Tensor], txt: TextFeatures, image_index: torch.Tensor
+                       ) -> Dict[str, torch.Tensor]:
+        """``decode`` from ``image_context(vis)`` instead of the maps; same outputs."""
+        if not hasattr(self.head, "decode_context"):
+            return self.decode(ctx, txt, image_index)
+        dtype = next(self.head.parameters()).dtype
+        txt = TextFeatures(txt.tokens.to(dtype), txt.mask.bool(), txt.sentence.to(dtype))
+        return self.head.decode_context(ctx, txt, image_index.to(ctx[0].device))
+
+    def for_inference(self) -> "LTS":
+        """This model with the visual encoder's inference form (``visual.fused()``: BatchNorm folded
+        into the convolutions, channels-last), sharing the text encoder and head; the model itself
+        when the encoder has none. Same outputs up to float rounding; for ``Predictor``, not training."""
+        if not hasattr(self.visual, "fused"):
+            return self
+        model = type(self)(self.visual.fused(), self.text, self.head, self.image_size, self.config)
+        return model.to(self.pixel_mean.device).eval()
 
     def forward(self, images: torch.Tensor, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
         """images (B, 3, S, S) uint8 + B expressions (sentence b is about image b)."""

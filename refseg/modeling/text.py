@@ -90,12 +90,14 @@ class HFTextEncoder(FrozenMixin, nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def tokenize(self, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
-        """list[str] -> dict(input_ids (B, L) int64, attention_mask (B, L) int64), L = max_length."""
+    def tokenize(self, texts: Sequence[str], trim: bool = False) -> Dict[str, torch.Tensor]:
+        """list[str] -> dict(input_ids (B, L) int64, attention_mask (B, L) int64), L = max_length,
+        or with ``trim`` the longest (truncated) expression's length."""
         if isinstance(texts, str):
             texts = [texts]
         enc = self.tokenizer(
-            list(texts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+            list(texts), padding="longest" if trim else "max_length", truncation=True, max_length=self.max_length,
+            return_tensors="pt",
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 

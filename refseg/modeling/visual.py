@@ -79,6 +79,94 @@ class EfficientNetLite0Encoder(FrozenMixin, nn.Module):
                 maps.append(x)
         return maps
 
+    def fused(self) -> "FusedEfficientNetLite0":
+        """An inference-only copy with the same outputs (up to float rounding), ~30% faster on a
+        CPU: see ``FusedEfficientNetLite0``."""
+        return FusedEfficientNetLite0(self)
+
+
+class FusedConv(nn.Module):
+    """conv (TensorFlow "same" padding) -> eval-mode BatchNorm [-> ReLU6] as one conv with a bias.
+
+    The BatchNorm's affine map is folded into the weights; symmetric "same"
+    padding becomes the conv's own padding (no padded copy of the input),
+    asymmetric padding (stride 2: one pixel more on the right / bottom)
+    stays an explicit ``F.pad``.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu6: bool):
+        super().__init__()
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
+        bias = bn.bias - bn.running_mean * scale
+        if conv.bias is not None:
+            bias = bias + conv.bias * scale
+        pad = getattr(conv, "static_padding", None)
+        pad = tuple(pad.padding) if isinstance(pad, nn.ZeroPad2d) else (0, 0, 0, 0)  # left, right, top, bottom
+        symmetric = pad[0] == pad[1] and pad[2] == pad[3]
+        self.pad = None if symmetric else pad
+        self.conv = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                              (pad[2], pad[0]) if symmetric else 0, conv.dilation, conv.groups)
+        with torch.no_grad():
+            self.conv.weight.copy_(conv.weight * scale[:, None, None, None])
+            self.conv.bias.copy_(bias)
+        self.relu6 = relu6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad is not None:
+            x = F.pad(x, self.pad)
+        x = self.conv(x)
+        return F.relu6(x) if self.relu6 else x
+
+
+class FusedMBConv(nn.Module):
+    """An MBConv block of EfficientNet-Lite (expand 1x1 -> depthwise -> project 1x1, no SE) from FusedConvs."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        args = block._block_args
+        if block.has_se or not isinstance(block._swish, nn.ReLU6):
+            raise ValueError("FusedMBConv handles EfficientNet-Lite blocks only (ReLU6, no squeeze-excitation)")
+        self.expand = FusedConv(block._expand_conv, block._bn0, True) if args.expand_ratio != 1 else nn.Identity()
+        self.depthwise = FusedConv(block._depthwise_conv, block._bn1, True)
+        self.project = FusedConv(block._project_conv, block._bn2, False)
+        stride = args.stride if isinstance(args.stride, int) else args.stride[0]
+        self.residual = bool(args.id_skip) and stride == 1 and args.input_filters == args.output_filters
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(self.depthwise(self.expand(x)))
+        return y + x if self.residual else y
+
+
+class FusedEfficientNetLite0(FrozenMixin, nn.Module):
+    """``EfficientNetLite0Encoder`` for inference: same contract and outputs, faster on a CPU.
+
+    BatchNorm folded into the convolutions (exact in eval mode, which a
+    frozen encoder always is) and the convolutions run channels-last
+    (oneDNN's fast layout for depthwise convs); the maps come back in the
+    ordinary contiguous layout. Measured on 2 CPU cores at 320 px: ~0.65x
+    the time of the original (channels-last alone ~0.7x). Built from a
+    loaded encoder (its weights copied), so it never trains.
+    """
+
+    def __init__(self, encoder: EfficientNetLite0Encoder):
+        super().__init__()
+        self.pixel_mean, self.pixel_std = encoder.pixel_mean, encoder.pixel_std
+        self.strides, self.channels = encoder.strides, encoder.channels
+        self.stem = FusedConv(encoder.stem[0], encoder.stem[1], True)
+        self.blocks = nn.ModuleList(FusedMBConv(b) for b in encoder.blocks)
+        self.endpoints = {i: s for i, s in encoder.ENDPOINTS.items() if s in self.strides}
+        self.to(device=encoder.stem[0].weight.device, memory_format=torch.channels_last)
+        self.freeze()
+
+    def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
+        x = self.stem(images.contiguous(memory_format=torch.channels_last))  # (B, 32, H/2, W/2)
+        maps = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.endpoints:
+                maps.append(x.contiguous())
+        return maps
+
 
 class HFBackboneEncoder(FrozenMixin, nn.Module):
     """Any ``transformers`` AutoBackbone (Swin, ConvNeXt, ResNet, DINOv2 ...).
