@@ -225,13 +225,17 @@ def table(args, results: list, export_note: str) -> str:
 
     row("set_image + predict (ms)", ms("set_image_predict_ms"))
     row("predict, cached image (ms)", ms("predict_cached_ms"))
-    names = {"tokenize": "tokenize", "text_encoder": "text encoder", "head": "head (per sentence)",
-             "postprocess": "post-process (full resolution)"}
-    for stage in STAGES:
-        def cell(r, stage=stage):
+    stage_names = {"tokenize": "tokenize", "text_encoder": "text encoder", "head": "head",
+                   "postprocess": "post-process"}
+
+    def share(stage):
+        def cell(r):
             st = r["predict_cached_stages_ms"]
             return f"{st[stage]:.2f} ({100 * st[stage] / sum(st.values()):.0f}%)"
-        row(f"  {names[stage]} (ms, share)", cell)
+        return cell
+
+    for stage in STAGES:
+        row(f"  {stage_names[stage]} (ms, share)", share(stage))
     row(f"predict_batch ({args.batch_images} img, {args.images_per_batch}/batch), img/s",
         lambda r: f"{r['batch_images_per_s']['median']:.2f}")
     row("peak RSS (MiB)", lambda r: f"{r['peak_rss_mib']:.0f}")

@@ -107,21 +107,29 @@ def _reference(model, image: np.ndarray, texts, threshold: float) -> dict:
 @pytest.mark.parametrize("hw", [(57, 93), (64, 64), (120, 64)])
 def test_predictor_matches_the_definition(hw):
     model = tiny_lts()
+    with torch.no_grad():
+        model.head.nt_mlp.fc2.bias.fill_(-30.0)  # every expression names a target: masks are not forced empty
     rng = np.random.default_rng(4)
     image = rng.integers(0, 256, (*hw, 3)).astype(np.uint8)
-    texts = TEXTS + ["nothing here"]
-    ref = _reference(model, image, texts, threshold=0.45)
-    predictor = Predictor(model, mask_threshold=0.45)
+    # a threshold that 30% of the pixels pass, so that the masks are neither empty nor full
+    threshold = float(torch.sigmoid(torch.tensor(np.quantile(_reference(model, image, TEXTS, 0.5)["logits"], 0.7))))
+    ref = _reference(model, image, TEXTS, threshold)
+    predictor = Predictor(model, mask_threshold=threshold)
     predictor.set_image(image)
-    got = predictor.predict(texts)
-    assert got.logits.shape == got.masks.shape == (len(texts), *hw)
+    got = predictor.predict(TEXTS)
+    assert got.logits.shape == got.masks.shape == (len(TEXTS), *hw)
     assert np.abs(got.logits - ref["logits"]).max() < TOL
-    undecided = np.abs(torch.sigmoid(torch.from_numpy(ref["logits"])).numpy() - 0.45) < TOL
+    undecided = np.abs(torch.sigmoid(torch.from_numpy(ref["logits"])).numpy() - threshold) < TOL
     assert ((got.masks == ref["masks"]) | undecided).all()
     assert 0 < got.masks.sum() < got.masks.size, "an all-on or all-off mask would make the comparison vacuous"
     assert np.abs(got.scores - ref["scores"]).max() < TOL
-    assert (got.no_target == ref["no_target"]).all()
+    assert not got.no_target.any()
     assert (got.points == ref["points"]).all()
+
+    with torch.no_grad():
+        model.head.nt_mlp.fc2.bias.fill_(30.0)  # now every expression names nothing: empty masks, scores 0
+    got = predictor.predict(TEXTS)
+    assert got.no_target.all() and not got.masks.any() and (got.scores == 0).all()
 
 
 def test_predictor_runs_the_fused_encoder_with_the_same_outputs():
