@@ -285,7 +285,7 @@ def train_bank(cfg: TrainConfig, teacher: nn.Module, train_ds, cache, out: Path,
         extra = {"rows": {"ref_id": ref_ids}}
         if extra_tensors is not None:
             extra["enriched"] = extra_tensors
-        state = {"position": position, "n_batches": len(batches), "n_refs": len(refs),
+        state = {"step": position, "position": position, "n_batches": len(batches), "n_refs": len(refs),
                  "config": cfg.to_dict()}
         return ckpt.save_checkpoint(out / "last", bank, None, state, extra=extra)
 
