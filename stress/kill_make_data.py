@@ -126,15 +126,8 @@ def main() -> int:
     p.add_argument("--fork", action="store_true", help="fork the runs from this process instead of starting refseg")
     p.add_argument("--keep", action="store_true", help="keep the working folder")
     args = p.parse_args()
-    work = Path(args.work or tempfile.mkdtemp(prefix="kill-make-data-"))
-    try:
-        run(args.kills, args.seed, work, fork=args.fork)
-    except (AssertionError, RuntimeError) as e:
-        print(f"FAIL: {e}\n(working folder kept: {work})", file=sys.stderr)
-        return 1
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return killing.run_in_workdir(args.work, "kill-make-data-", args.keep,
+                                  lambda work: run(args.kills, args.seed, work, fork=args.fork))
 
 
 if __name__ == "__main__":

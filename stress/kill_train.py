@@ -275,15 +275,8 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=None, help="a refer-format data set (default: SynthRef tiny)")
     p.add_argument("--keep", action="store_true", help="keep the working folder")
     args = p.parse_args()
-    work = Path(args.work or tempfile.mkdtemp(prefix="kill-train-"))
-    try:
-        run(args.kills, args.steps, args.save_every, args.seed, work, args.data, fork=args.fork)
-    except (AssertionError, RuntimeError) as e:
-        print(f"FAIL: {e}\n(working folder kept: {work})", file=sys.stderr)
-        return 1
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return killing.run_in_workdir(args.work, "kill-train-", args.keep, lambda work: run(
+        args.kills, args.steps, args.save_every, args.seed, work, args.data, fork=args.fork))
 
 
 if __name__ == "__main__":

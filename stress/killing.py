@@ -126,3 +126,20 @@ def run_to_end(child: Child, timeout: float = TIMEOUT) -> float:
 def refseg(args: Sequence) -> list:
     """argv of `refseg <args>` run with this interpreter."""
     return [sys.executable, "-m", "refseg.cli", *map(str, args)]
+
+
+def run_in_workdir(work: Optional[Path], prefix: str, keep: bool, body: Callable[[Path], None]) -> int:
+    """A stress script's main: run ``body(work)`` in ``work`` (default: a new temporary folder);
+    a failed check prints FAIL and keeps the folder (exit 1), success removes it unless ``keep``."""
+    import shutil
+    import tempfile
+
+    work = Path(work or tempfile.mkdtemp(prefix=prefix))
+    try:
+        body(work)
+    except (AssertionError, RuntimeError) as e:
+        print(f"FAIL: {e}\n(working folder kept: {work})", file=sys.stderr)
+        return 1
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
