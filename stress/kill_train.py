@@ -211,7 +211,7 @@ def run(kills: int = 12, steps: int = 100, save_every: int = 3, seed: int = 0, w
         was_killed = False
         if killed < kills:
             if rng.random() < 0.25:
-                time.sleep(rng.uniform(0.1, t_startup))
+                time.sleep(rng.uniform(0.1, t_startup))  # the shortest start-up seen so far
             elif wait_for_rows(child, run_dir, n_rows + rng.randint(0, 5), timeout=killing.TIMEOUT):
                 times = [t for t, _ in step_rows(run_dir)[n_rows:]]
                 step_time = times[-1] - times[-2] if len(times) >= 2 else 0.5
@@ -229,6 +229,9 @@ def run(kills: int = 12, steps: int = 100, save_every: int = 3, seed: int = 0, w
                 f"attempt {attempts} resumed at step {resumed_at}, the newest checkpoint is step {expected_resume}"
         if not was_killed:
             break
+        rows_now = step_rows(run_dir)[n_rows:]
+        if rows_now:
+            t_startup = min(t_startup, rows_now[0][0] - child.started)
         killed += 1
         state = inspect_run(run_dir)
         verified += state["checked"]
