@@ -5,8 +5,10 @@
 
 A reference data set is generated once without a kill. Then, --kills
 times: `refseg make-data` into a new folder (--workers 1 and 2 in turn; a
-kill reaches the pool workers too), SIGKILLed after a random delay within
-the reference's wall time. After each kill:
+kill reaches the pool workers too), SIGKILLed at a random moment: in
+start-up, after a random share of the images is drawn (read from its
+progress lines), or after the last image, while the annotation files are
+assembled, written and renamed into place. After each kill:
   - the output folder either does not exist or is complete: it loads and
     its files are byte-identical to the reference's;
   - every staging sibling it left (`.OUT.tmp-<pid>-*`) is refused by
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -41,6 +44,15 @@ def digest(folder: Path) -> dict:
 def make_data(out: Path, workers: int, log: Path, fork: bool, preset: str = "tiny") -> killing.Child:
     args = ["make-data", "--preset", preset, "--seed", "0", "--out", str(out), "--workers", str(workers)]
     return killing.Child(log, argv=killing.refseg(args), target=killing.cli_main, args=(args,), fork=fork)
+
+
+def wait_for_progress(child: killing.Child, images: int) -> None:
+    """Wait until make-data reports at least `images` images drawn ("  k/n images"), or ends."""
+    while child.running():
+        done = [int(m) for m in re.findall(r"(\d+)/\d+ images", child.log.read_text(errors="replace"))]
+        if done and max(done) >= images:
+            return
+        time.sleep(0.02)
 
 
 def check_after_kill(out: Path, reference: dict) -> str:
@@ -82,7 +94,8 @@ def run(kills: int = 12, seed: int = 0, work: Path = None, fork: bool = False, r
     shutil.rmtree(work / "reference", ignore_errors=True)
     t_ref = killing.run_to_end(make_data(work / "reference", 1, work / "reference.log", fork, preset))
     reference = digest(work / "reference")
-    say(f"reference: {len(reference)} files in {t_ref:.1f} s")
+    n_images = len(list((work / "reference" / "images").iterdir()))
+    say(f"reference: {len(reference)} files ({n_images} images) in {t_ref:.1f} s")
     outcomes = {"nothing loadable": 0, "a complete data set": 0}
     reruns, finished, k, trial = 0, 0, 0, 0
     while k < kills:
@@ -91,8 +104,13 @@ def run(kills: int = 12, seed: int = 0, work: Path = None, fork: bool = False, r
         workers = 1 + trial % 2
         child = make_data(out, workers, work / f"trial-{trial:02d}.log", fork, preset)
         trial += 1
-        delay = rng.uniform(0.05, t_ref)
-        time.sleep(delay)
+        stage = rng.choice(["start-up", "drawing", "drawing", "writing"])
+        if stage == "start-up":
+            time.sleep(rng.uniform(0.05, 1.0))
+        else:
+            target = n_images if stage == "writing" else rng.randint(1, 9) * n_images // 10
+            wait_for_progress(child, target)
+            time.sleep(rng.uniform(0.0, 0.3))
         if not child.kill():  # it finished first: the result must be complete, and it is no kill
             assert child.wait() == 0, child.tail()
             assert digest(out) == reference, f"{out} differs from the reference"
@@ -101,7 +119,7 @@ def run(kills: int = 12, seed: int = 0, work: Path = None, fork: bool = False, r
         left = check_after_kill(out, reference)
         outcomes[left] += 1
         staged = len(list(work.glob(f".{out.name}.tmp-*")))
-        say(f"kill {k + 1:2d} at {delay:4.2f} s (--workers {workers}): left {left}, {staged} staging folder(s)")
+        say(f"kill {k + 1:2d} ({stage}, --workers {workers}): left {left}, {staged} staging folder(s)")
         if left == "nothing loadable" and ((k + 1) % rerun_every == 0 or k == kills - 1):
             killing.run_to_end(make_data(out, workers, work / f"rerun-{k:02d}.log", fork, preset))
             assert digest(out) == reference, f"the re-run into {out} differs from the reference"

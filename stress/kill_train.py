@@ -11,10 +11,10 @@ exactly where an uninterrupted run ends.
    step is known.
 3. Killed run: start `refseg train`, SIGKILL its process group, then
    `refseg train --resume RUN`, again and again until --kills kills have
-   landed; the last attempt runs to the end. A quarter of the kills fall at
-   a random moment of start-up, the others at a random moment within six
-   step-times after the attempt's first step, so they hit steps and
-   checkpoint writes alike. After every kill:
+   landed; the last attempt runs to the end. Every fourth kill falls at a
+   random moment of start-up, the others after the attempt has trained a
+   random number (1-6) of steps plus a random fraction of a step, so they
+   hit steps and checkpoint writes alike. After every kill:
      - each checkpoint folder under its final name (last/, best/) and each
        one set aside by an interrupted save is complete and every file
        matches its SHA-256 in the manifest (no truncated file);
@@ -165,10 +165,10 @@ def run(kills: int = 12, steps: int = 100, save_every: int = 3, seed: int = 0, w
     """Run the experiment; returns the figures. Raises AssertionError / RuntimeError on a failure.
 
     fork: fork the attempts from this process instead of starting `refseg` anew (the in-suite test).
-    Kill times: a quarter of the kills at a random moment of start-up (before the first step), the
-    rest at a random moment within the first `window` of training after the attempt's first step,
-    where `window` is the time of 6 steps with their checkpoint writes, so the run advances a few
-    steps per attempt and the kills fall on steps and on checkpoint writes alike.
+    Kill times: every fourth kill at a random moment of start-up (before the first step); the
+    others once the attempt has logged a random number (1-6) of steps, a random fraction of a step
+    later (the step time measured on this attempt's last two steps), so they fall on steps and on
+    checkpoint writes alike, and the run advances a few steps per attempt, whatever the CPU speed.
     """
     rng = random.Random(seed)
     work = Path(work or tempfile.mkdtemp(prefix="kill-train-"))
@@ -192,7 +192,6 @@ def run(kills: int = 12, steps: int = 100, save_every: int = 3, seed: int = 0, w
     t_ref = killing.run_to_end(ref)
     rows = step_rows(ref_run)
     t_startup = rows[0][0] - ref.started
-    window = 6 * (rows[-1][0] - rows[0][0]) / max(1, len(rows) - 1)
     say(f"reference run: {steps} steps in {t_ref:.1f} s (start-up {t_startup:.1f} s, "
         f"{len(list(snapshots.iterdir()))} checkpoints recorded)")
 
@@ -211,10 +210,12 @@ def run(kills: int = 12, steps: int = 100, save_every: int = 3, seed: int = 0, w
         attempts += 1
         was_killed = False
         if killed < kills:
-            if rng.random() < 0.25:
+            if killed % 4 == 3:  # every fourth kill: in start-up (the shortest start-up seen so far)
                 time.sleep(rng.uniform(0.1, t_startup))
-            elif wait_for_rows(child, run_dir, n_rows, timeout=10 * t_startup + 60):
-                time.sleep(rng.uniform(0.0, window))
+            elif wait_for_rows(child, run_dir, n_rows + rng.randint(0, 5), timeout=killing.TIMEOUT):
+                times = [t for t, _ in step_rows(run_dir)[n_rows:]]
+                step_time = times[-1] - times[-2] if len(times) >= 2 else 0.5
+                time.sleep(rng.uniform(0.0, max(step_time, 0.01)))
             was_killed = child.kill()
         if not was_killed:
             rc = child.wait(killing.TIMEOUT)
@@ -228,6 +229,9 @@ def run(kills: int = 12, steps: int = 100, save_every: int = 3, seed: int = 0, w
                 f"attempt {attempts} resumed at step {resumed_at}, the newest checkpoint is step {expected_resume}"
         if not was_killed:
             break
+        rows_now = step_rows(run_dir)[n_rows:]
+        if rows_now:
+            t_startup = min(t_startup, rows_now[0][0] - child.started)
         killed += 1
         state = inspect_run(run_dir)
         verified += state["checked"]

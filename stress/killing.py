@@ -67,6 +67,7 @@ class Child:
         self.log = Path(log)
         self.started = time.time()
         if fork:
+            self.log.write_text("")  # exists from the start, as with a new process
             self.proc = multiprocessing.get_context("fork").Process(target=_forked, args=(target, args, str(log)))
             self.proc.start()
             self.pid = self.proc.pid
