@@ -359,9 +359,14 @@ def run_entry(entry: Entry, ctx: "Context") -> List[Dict[str, Any]]:
         model, info = shipped_model(shipped, ctx.device)
         cfg = info.pop("config")
         fresh = None
-        if cfg is not None and Path(cfg.data).name != train_data.name:
-            info["note"] = (f"the shipped model was trained on {Path(cfg.data).name}, not {train_data.name}; "
-                            "its annotation cost is that of this preset's training split")
+        trained_on = Path(cfg.data) if cfg is not None else train_data
+        if trained_on.name != train_data.name:  # e.g. lts-synthref: trained on SynthRef natural `full`
+            if (trained_on / "instances.json").exists() and getattr(cfg, "accurate_fraction", None) is None:
+                labels = trained_on
+                info["note"] = f"trained on {trained_on.name}: the annotation cost is that of its training split"
+            else:
+                info["note"] = (f"trained on {trained_on.name}, not found here: the annotation cost is that of "
+                                f"{train_data.name}'s training split")
     else:
         cfg = train_config(targs, train_data)
         fresh = None
