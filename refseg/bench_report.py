@@ -221,10 +221,9 @@ def render_markdown(p: Dict[str, Any]) -> str:
              "or the logged span in a shipped model's card. Annotation cost: the training split's labels under "
              "the costs below.", "",
              markdown_table(p["rows"]), ""]
-    for s in p["skipped"]:
-        lines.append(f"- `{s['name']}`: {s['status']}: {s['reason']}")
-    if p["skipped"]:
-        lines.append("")
+    notes = [f"- `{r['name']}`: note: {r['note']}" for r in p["rows"] if r.get("note")]
+    notes += [f"- `{s['name']}`: {s['status']}: {s['reason']}" for s in p["skipped"]]
+    lines += notes + ([""] if notes else [])
     if p["targets"]:
         lines += ["## Targets", "", "| row | rule | target | value | result |", "|---|---|--:|--:|---|"]
         for t in p["targets"]:

@@ -5,13 +5,14 @@ natural and aerial; every available row trained for 40 steps with a small
 head at 160 px) and checks the report folder. Its accuracy check is only
 "trained beats untrained", on the figure that 40 steps really move:
 - the row's own training objective on the test split ("test loss"), for
-  every row: an untrained head starts far above it (LTS 1.47 -> 1.04, PKS
-  6.2 -> 2.4, PKS clicks 11 -> 3.2, SaG 4.02 -> 3.72, aerial LTS 1.37 -> 1.04
-  in the run that chose these settings);
+  every row: an untrained head starts above it (LTS 1.48 -> 1.08, PKS
+  6.0 -> 2.0, PKS clicks 10.5 -> 2.7, SaG 3.86 -> 3.76, aerial LTS, naive and
+  LRB-WREL 1.38 -> 1.04 in a run of these settings);
 - mIoU for the natural rows that learn from masks or clicks: an untrained
   LTS / PKS predicts empty masks (mIoU 0; its mask bias starts at p = 0.02),
-  trained ones reach 0.11-0.16. Not for SaG (text only: 40 steps do not
-  localise) nor aerial rows (small objects: masks stay empty after 40 steps).
+  trained ones reached 0.055 (LTS), 0.11 (PKS), 0.094 (PKS clicks) with 2
+  threads. Not for SaG (text only: 40 steps do not localise) nor aerial rows
+  (small objects: their masks stay empty after 40 steps).
 """
 
 import json
@@ -167,7 +168,7 @@ def test_trained_beats_untrained(report):
         assert r["heldout_loss"] < base["heldout_loss"], (name, r["heldout_loss"], base["heldout_loss"])
         assert r["train_seconds"] > 0 and base["train_seconds"] == 0
     for name in ("lts", "pks", "pks-click"):
-        assert rows[name]["metrics"]["mIoU"] > rows[f"{name} (untrained)"]["metrics"]["mIoU"] + 0.02, name
+        assert rows[name]["metrics"]["mIoU"] > rows[f"{name} (untrained)"]["metrics"]["mIoU"] + 0.01, name
 
 
 @pytest.mark.slow
@@ -187,3 +188,6 @@ def test_annotation_cost_of_the_rows(report):
     n_weak = sum(1 for r in weak if r.get("weak"))
     assert rows["lts-aerial-naive-p0.1"]["annotation"]["seconds"] == pytest.approx(
         79.2 * len(weak) + 10 * accurate + 1.0 * n_weak)
+    for p in ("0.1", "0.5"):  # LRB-WREL pays for the labels its naive baseline reads
+        if f"wrel-aerial-p{p}" in rows:
+            assert rows[f"wrel-aerial-p{p}"]["annotation"] == rows[f"lts-aerial-naive-p{p}"]["annotation"]
