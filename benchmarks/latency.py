@@ -3,6 +3,7 @@
     python benchmarks/latency.py --model lts-synthref        # a shipped model, a checkpoint or run path
     python benchmarks/latency.py --model untrained:lts       # the default architecture, untrained head
     python benchmarks/latency.py --model lts-synthref --runs 100 --skip-onnx
+    python benchmarks/latency.py --model lts-synthref --int8-text   # + a column for the int8 text graph
 
 Measures, on one 320 x 320 image and one expression, with torch.set_num_threads(2)
 and onnxruntime intra-op threads 2 (--threads):
@@ -77,7 +78,7 @@ def export(args) -> dict:
     from refseg.export import export_onnx
 
     torch.set_num_threads(args.threads)
-    paths = export_onnx(load_model(args.model, json.loads(args.model_kwargs)), args.onnx)
+    paths = export_onnx(load_model(args.model, json.loads(args.model_kwargs)), args.onnx, int8_text=args.int8_text)
     return json.loads(paths["meta"].read_text())
 
 
@@ -88,7 +89,7 @@ def make_predictor(backend: str, args):
         return Predictor(load_model(args.model, json.loads(args.model_kwargs)))
     from refseg.export import OnnxPredictor
 
-    return OnnxPredictor(args.onnx, threads=args.threads)
+    return OnnxPredictor(args.onnx, threads=args.threads, int8_text=backend == "onnx-int8")
 
 
 STAGES = ("tokenize", "text_encoder", "head", "postprocess")
@@ -136,7 +137,7 @@ def measure(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    backends = ["torch"] + ([] if args.skip_onnx else ["onnx"])
+    backends = ["torch"] + ([] if args.skip_onnx else ["onnx"]) + (["onnx-int8"] if args.int8_text else [])
     predictors, load_s = {}, {}
     for b in backends:
         t0 = time.perf_counter()
@@ -202,8 +203,9 @@ def child(args, mode: str, backend: str = "torch") -> dict:
     for key in ("model", "model_kwargs", "runs", "warmup", "threads", "batch_images", "images_per_batch",
                 "batch_rounds"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    if args.skip_onnx:
-        cmd.append("--skip-onnx")
+    for flag in ("skip_onnx", "int8_text"):
+        if getattr(args, flag):
+            cmd.append(f"--{flag.replace('_', '-')}")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{mode} {backend} run failed:\n{proc.stderr[-4000:]}")
@@ -212,7 +214,7 @@ def child(args, mode: str, backend: str = "torch") -> dict:
 
 def table(args, results: list, export_note: str) -> str:
     cols = [r["backend"] for r in results]
-    names = {"torch": "PyTorch", "onnx": "ONNX Runtime"}
+    names = {"torch": "PyTorch", "onnx": "ONNX Runtime", "onnx-int8": "ORT, int8 text"}
     lines = [f"model: {args.model}   image {results[0]['image_size']} px, 1 expression, "
              f"threads {args.threads}, {args.runs} runs (median / p90){export_note}",
              f"{'':36}" + "".join(f"{names[c]:>22}" for c in cols)]
@@ -255,13 +257,17 @@ def main() -> int:
     ap.add_argument("--images-per-batch", type=int, default=8)
     ap.add_argument("--batch-rounds", type=int, default=3)
     ap.add_argument("--skip-onnx", action="store_true")
+    ap.add_argument("--int8-text", action="store_true",
+                    help="also time onnxruntime with the int8 text graph (refseg export --int8-text; not exact)")
     ap.add_argument("--json", help="write the raw figures here")
     ap.add_argument("--child", choices=("export", "measure", "rss"), help=argparse.SUPPRESS)
-    ap.add_argument("--backend", choices=("torch", "onnx"), default="torch", help=argparse.SUPPRESS)
+    ap.add_argument("--backend", choices=("torch", "onnx", "onnx-int8"), default="torch", help=argparse.SUPPRESS)
     ap.add_argument("--onnx", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.runs < 50:
         ap.error("--runs must be at least 50")
+    if args.int8_text and args.skip_onnx:
+        ap.error("--int8-text needs the ONNX export; drop --skip-onnx")
     if args.child:
         run = {"export": export, "measure": measure, "rss": peak_rss}[args.child]
         print(json.dumps(run(args)))
@@ -276,6 +282,8 @@ def main() -> int:
             meta = child(args, "export")
             diff = meta["parity"]["max_abs_diff"]["mask_logits"]
             note = f"; ONNX ({meta['exporter']['decoder']} exporter) max |mask logit diff| {diff:.1e}"
+            if args.int8_text:
+                note += f" (int8 text: {meta['parity']['int8_text_max_abs_diff']['mask_logits']:.1e})"
         results = child(args, "measure")["results"]
         for r in results:
             r.update(child(args, "rss", r["backend"]))

@@ -23,10 +23,10 @@ TEXTS = ["the red square", "the blue circle on the left", "the third star from t
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """(model, --out path) for the tiny LTS exported with the default exporter."""
+    """(model, --out path) for the tiny LTS exported with the default exporter (and the int8 text graph)."""
     model = tiny_lts()
     out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    export_onnx(model, out)
+    export_onnx(model, out, int8_text=True)
     return model, out
 
 
@@ -101,6 +101,31 @@ def test_old_export_versions_are_refused(exported, tmp_path):
     old.write_text(json.dumps({**meta, "version": 1}))
     with pytest.raises(ValueError, match="version 1"):
         OnnxModel(old)
+
+
+@torch.no_grad()
+def test_int8_text_graph_is_quantised_close_and_opt_in(exported, tmp_path):
+    import onnx
+
+    model, out = exported
+    paths = export_paths(out)
+    meta = json.loads(paths["meta"].read_text())
+    assert meta["text_graph_int8"] == paths["text_int8"].name
+    graph = onnx.load(str(paths["text_int8"])).graph
+    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    assert len(int8_weights) >= 4, "the text graph's MatMul weights should be stored as int8"
+    assert "int8_text_max_abs_diff" in meta["parity"]
+
+    tokens = OnnxModel(out).tokenize(TEXTS)
+    ref = OnnxModel(out).encode_tokens(**tokens).sentence
+    got = OnnxModel(out, int8_text=True).encode_tokens(**tokens).sentence
+    assert float((got - ref).abs().max()) > 0, "the int8 graph ran the float weights"
+    assert torch.nn.functional.cosine_similarity(got, ref).min() > 0.95
+
+    plain = tmp_path / "plain.json"  # an export without --int8-text
+    plain.write_text(json.dumps({k: v for k, v in meta.items() if k != "text_graph_int8"}))
+    with pytest.raises(ValueError, match="--int8-text"):
+        OnnxModel(plain, int8_text=True)
 
 
 def test_predict_needs_an_image(exported):
