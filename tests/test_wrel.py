@@ -24,8 +24,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 CPU = torch.device("cpu")
 PROMPTS = 4
 WREL = dict(method="wrel", accurate_fraction=0.5, max_steps=6, wrel_teacher_steps=4, wrel_bank_prompts=PROMPTS,
-            wrel_bank_site="features",
-            wrel_bank_iters=3, wrel_bank_batch=2, save_every=1, val_split="val", wrel_ema_epochs=10.0)
+            wrel_bank_site="features", wrel_bank_iters=3, wrel_bank_batch=2, save_every=1, val_split="val",
+            wrel_ema_epochs=10.0)
 
 
 @pytest.fixture(scope="module")
