@@ -55,8 +55,9 @@ def train_argv(condition: str, args, seed: int, out: Path) -> list:
     if condition != "upper":
         argv += ["--accurate-fraction", str(args.accurate_fraction), "--weak-seed", str(args.weak_seed)]
     if condition == "wrel":
-        argv += ["--method", "wrel", "--wrel-teacher-steps", str(args.teacher_steps or args.steps),
-                 "--wrel-bank-iters", str(args.bank_iters)]
+        argv += ["--method", "wrel", "--wrel-teacher-steps", str(args.teacher_steps or args.steps)]
+        if args.bank_iters:
+            argv += ["--wrel-bank-iters", str(args.bank_iters)]
     return argv + list(args.train_arg)
 
 
@@ -121,7 +122,7 @@ def main() -> int:
     ap.add_argument("--runs", default="runs/wrel-aerial", help="folder of the runs (reused when finished)")
     ap.add_argument("--steps", type=int, default=3000, help="optimiser steps of upper, naive and the WREL student")
     ap.add_argument("--teacher-steps", type=int, default=0, help="WREL stage-1 steps (0 = --steps)")
-    ap.add_argument("--bank-iters", type=int, default=10, help="WREL stage-2 Adam steps per weak ref")
+    ap.add_argument("--bank-iters", type=int, default=0, help="WREL stage-2 Adam steps per weak ref (0 = the default)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", default=None, help="shared feature cache folder (recommended)")

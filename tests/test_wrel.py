@@ -15,14 +15,17 @@ import refseg
 from refseg.cli import main as cli
 from refseg.engine import train as engine
 from refseg.engine.wrel import StudentHooks, ema_copy, ema_momentum
-from refseg.modeling.bank import class_name_tokens, encode_with_prompts, insert_prompts, prompt_slots
+from refseg.modeling.bank import (append_prompt_features, class_name_tokens, encode_with_prompts, insert_prompts,
+                                  prompt_slots)
+from refseg.modeling.text import TextFeatures
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools on numpy 2
 
 CPU = torch.device("cpu")
 PROMPTS = 4
 WREL = dict(method="wrel", accurate_fraction=0.5, max_steps=6, wrel_teacher_steps=4, wrel_bank_prompts=PROMPTS,
-            wrel_bank_iters=3, wrel_bank_batch=2, save_every=1, val_split="val", wrel_ema_epochs=10.0)
+            wrel_bank_site="features", wrel_bank_iters=3, wrel_bank_batch=2, save_every=1, val_split="val",
+            wrel_ema_epochs=10.0)
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +147,52 @@ def test_bank_prompts_reach_the_teacher_output_and_leave_the_class_name_alone():
     assert prompt_slots(mask, 10).tolist() == [9, 9] and prompt_slots(mask, PROMPTS).tolist() == [PROMPTS] * 2
 
 
+def test_feature_site_prompts_are_extra_output_tokens():
+    model = tiny_model().eval()
+    with torch.no_grad():
+        model.head.mask_out.weight.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
+        txt = model.encode_text(["square", "square"])  # [CLS] square [SEP]: n = 3 of L = 12
+    n, L, D = 3, 12, model.text.dim
+    before = [t.clone() for t in txt]
+    prompts = torch.randn(2, PROMPTS, D, requires_grad=True)
+    out = append_prompt_features(txt, prompts)
+    assert out.tokens.shape == (2, L, D) and out.mask.shape == (2, L) and out.sentence.shape == (2, D)
+    assert out.mask.dtype == torch.bool and out.mask[0].tolist() == [True] * (n + PROMPTS) + [False] * (L - n - PROMPTS)
+    assert torch.equal(out.tokens[:, :n], txt.tokens[:, :n])  # the class name's features unchanged
+    assert torch.equal(out.tokens[:, n:n + PROMPTS], prompts.detach())
+    # the sentence vector: the mean over the n class-name tokens and the P prompts
+    words = torch.cat([txt.tokens[:, :n], prompts.detach()], 1)  # (2, n + P, D)
+    assert torch.allclose(out.sentence, words.mean(1), atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(txt, before))  # the inputs are not written to
+
+    images = torch.randint(0, 256, (1, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    vis = model.encode_image(images)
+    model.decode(vis, out, torch.zeros(2, dtype=torch.long))["mask_logits"].sum().backward()
+    assert (prompts.grad.norm(dim=-1) > 0).all(), prompts.grad.norm(dim=-1)
+    assert all(p.grad is None for p in model.text.parameters())
+
+    # the head reads a prompt as it reads a word token: the encoder's output for "the red square",
+    # cut into its first 2 tokens ([CLS] the) + the others given as prompts, gives the same prediction
+    with torch.no_grad():
+        full = model.encode_text(["the red square"])  # [CLS] the red square [SEP]: 5 tokens
+        m = int(full.mask.sum())
+        head_mask = torch.zeros_like(full.mask)
+        head_mask[:, :2] = True
+        part = TextFeatures(full.tokens, head_mask, full.tokens[:, :2].mean(1))
+        rebuilt = append_prompt_features(part, full.tokens[:, 2:m])
+        assert torch.equal(rebuilt.mask, full.mask) and torch.equal(rebuilt.tokens[:, :m], full.tokens[:, :m])
+        assert torch.allclose(rebuilt.sentence, full.sentence, atol=1e-5)
+        index = torch.zeros(1, dtype=torch.long)
+        a, b = model.decode(vis, full, index)["mask_logits"], model.decode(vis, rebuilt, index)["mask_logits"]
+        assert torch.allclose(a, b, atol=1e-5) and a.std() > 0
+
+    # more prompts than free slots: the first L - n are used, in the tokens and in the sentence vector
+    many = torch.randn(2, 10, D)
+    out = append_prompt_features(txt, many)
+    assert out.mask.all() and torch.equal(out.tokens[:, n:], many[:, :L - n])
+    assert torch.allclose(out.sentence, torch.cat([txt.tokens[:, :n], many[:, :L - n]], 1).mean(1), atol=1e-5)
+
+
 # ---- the three stages -------------------------------------------------------------------------
 
 
@@ -174,16 +223,22 @@ def test_stage_handover_on_tiny_data(wrel_run):
     assert teacher1.keys() == wrel_run.start.keys()
     assert all(torch.equal(teacher1[k], wrel_run.start[k]) for k in teacher1)
 
-    # the enriched features are the stage-1 teacher's text encoder on class name + the bank's prompts
+    # the enriched features (site features): the stage-1 teacher's text encoder on the class name, then
+    # the bank's rows as extra tokens, offsets from the class name's sentence vector
     bank = load_file(str(run / "stage2-bank" / "last" / "model.safetensors"))["prompts"]
     enriched = load_file(str(run / "stage2-bank" / "last" / "enriched.safetensors"))
     assert bank.shape == (6, PROMPTS, 32) and set(enriched["ref_id"].tolist()) == weak
     assert enriched["mask"].sum(1).tolist() == [3 + PROMPTS] * 6
     model = refseg.load(run / "stage1-teacher")
-    ids, mask = class_name_tokens(model.text, ["square"] * 6, CPU)
     with torch.no_grad():
-        again = encode_with_prompts(model.text, ids, mask, bank)
-    assert torch.allclose(again.tokens.half().float(), enriched["tokens"].float(), atol=1e-3)
+        name = model.encode_text(["square"])  # what the feature cache holds (in fp16) for a weak ref
+    tokens, sentence = enriched["tokens"].float(), enriched["sentence"].float()
+    assert torch.allclose(tokens[:, :3], name.tokens[:, :3].expand(6, 3, 32), atol=5e-3)
+    assert torch.allclose(tokens[:, 3:3 + PROMPTS], name.sentence[:, None] + bank, atol=5e-3)
+    assert torch.allclose(sentence, (3 * name.sentence + (name.sentence[:, None] + bank).sum(1)) / (3 + PROMPTS),
+                          atol=5e-3)
+    start = torch.randn(6, PROMPTS, 32, generator=torch.Generator().manual_seed(0)) * 0.02  # seed 0
+    assert (bank - start).abs().max() > 0.01  # the rows moved (3 Adam steps of lr 0.01 each)
 
     # the bank fitted its refs' masks a little (3 Adam steps per batch)
     with open(run / "stage2-bank" / "log.csv") as f:
@@ -204,6 +259,36 @@ def test_stage_handover_on_tiny_data(wrel_run):
     assert cli(["eval", "--checkpoint", str(run), "--data", str(run / "data"), "--split", "val",
                 "--out", str(run / "eval.json")]) == 0
     assert json.loads((run / "eval.json").read_text())["metrics"]["n"] == 12
+
+
+def test_encoder_site_bank_and_a_site_change_on_resume(wrel_run, shapes, tmp_path):
+    from refseg.data import load_refer
+    from refseg.data.dataset import RefSegDataset
+    from refseg.engine.cache import get_cache
+    from refseg.engine.wrel import train_bank
+
+    run = wrel_run.run
+    teacher = refseg.load(run / "stage1-teacher")
+    train_ds = RefSegDataset(load_refer(run / "data"), "train", SIZE, "full")
+    cache = get_cache(teacher, train_ds, CPU, str(run / "cache"), progress=False)
+    out = tmp_path / "bank"
+    cfg = tiny_config(shapes, tmp_path, **{**WREL, "wrel_bank_site": "encoder"})
+    train_bank(cfg, teacher, train_ds, cache, out, False, CPU)
+    # site encoder: the enriched features are the text encoder on class name + the bank's prompts
+    bank = load_file(str(out / "last" / "model.safetensors"))["prompts"]
+    enriched = load_file(str(out / "last" / "enriched.safetensors"))
+    ids, mask = class_name_tokens(teacher.text, ["square"] * 6, CPU)
+    with torch.no_grad():
+        again = encode_with_prompts(teacher.text, ids, mask, bank)
+    assert torch.allclose(again.tokens.half().float(), enriched["tokens"].float(), atol=1e-3)
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    first = [float(r["value"]) for r in rows if r["tag"] == "bank/loss_first"]
+    last = [float(r["value"]) for r in rows if r["tag"] == "bank/loss_last"]
+    assert len(first) == 3 and all(b < a for a, b in zip(first, last))
+    # its rows mean other things than a features bank's: resuming it at the other site is refused
+    with pytest.raises(engine.TrainError, match="site 'encoder'"):
+        train_bank(tiny_config(shapes, tmp_path, **WREL), teacher, train_ds, cache, out, True, CPU)
 
 
 def _crash_in_stage(stage, after):

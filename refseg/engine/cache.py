@@ -128,13 +128,11 @@ class FeatureCache:
         the other supervision tensors (B, ...), and the ids (B,) long}.
         Floats are cast to `dtype` on `device`.
         """
-        from refseg.modeling.text import TextFeatures
-
         rows = np.asarray(rows, dtype=np.int64)
         images, image_index = np.unique(self.image_row[rows], return_inverse=True)
         out: Dict[str, Any] = {
             "vis": [_tensor(self.arrays[f"vis.{k}"][images], device, dtype) for k in range(self.n_vis)],
-            "txt": TextFeatures(**{f: _tensor(self.arrays[f"txt.{f}"][rows], device, dtype) for f in self.txt_fields}),
+            "txt": self.text(rows, device, dtype),
             "image_index": torch.from_numpy(image_index.reshape(-1)).to(device),
         }
         if "masks" in self.arrays:
@@ -146,6 +144,13 @@ class FeatureCache:
         for key in ID_KEYS:
             out[key] = torch.from_numpy(np.asarray(self.arrays[f"id.{key}"][rows]))
         return out
+
+    def text(self, rows: Sequence[int], device: torch.device, dtype: torch.dtype = torch.float32):
+        """TextFeatures of these sentence rows (float fields cast to `dtype`), without the visual maps."""
+        from refseg.modeling.text import TextFeatures
+
+        rows = np.asarray(rows, dtype=np.int64)
+        return TextFeatures(**{f: _tensor(self.arrays[f"txt.{f}"][rows], device, dtype) for f in self.txt_fields})
 
     def nbytes(self) -> int:
         return int(sum(a.nbytes for a in self.arrays.values()))

@@ -28,6 +28,7 @@ SUPERVISION_CHOICES = ("full", "click", "text")
 METHOD_CHOICES = ("plain", "wrel")
 SUBSET_CHOICES = ("all", "accurate")
 WREL_FINAL_CHOICES = ("teacher", "student")
+WREL_BANK_SITE_CHOICES = ("encoder", "features")  # modeling/bank.py SITES
 
 
 class ConfigError(ValueError):
@@ -59,6 +60,7 @@ class TrainConfig:
     method: str = "plain"  # plain (one model, the loop below) or wrel (LRB-WREL: teacher, reference bank, EMA student; engine/wrel.py)
     wrel_teacher_steps: int = 0  # wrel stage 1 (teacher on the accurate refs) optimiser steps (0 = as max_steps / epochs)
     wrel_bank_prompts: int = 20  # wrel stage 2: learnable prompt vectors per weak ref, placed after the class-name tokens
+    wrel_bank_site: str = "features"  # wrel stage 2: where the prompts enter: features (extra tokens of the frozen text encoder's output; a step costs the head only) or encoder (word embeddings read by the text encoder)
     wrel_bank_iters: int = 10  # wrel stage 2: Adam steps spent on each weak ref's prompts
     wrel_bank_lr: float = 0.01  # wrel stage 2: Adam learning rate of the prompts
     wrel_bank_batch: int = 0  # wrel stage 2: weak refs optimised together (0 = batch_size)
@@ -97,7 +99,7 @@ class TrainConfig:
         if self.supervision not in SUPERVISION_CHOICES:
             raise ConfigError(f"supervision must be one of {SUPERVISION_CHOICES}, got {self.supervision!r}")
         for name, choices in (("method", METHOD_CHOICES), ("train_subset", SUBSET_CHOICES),
-                              ("wrel_final", WREL_FINAL_CHOICES)):
+                              ("wrel_final", WREL_FINAL_CHOICES), ("wrel_bank_site", WREL_BANK_SITE_CHOICES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.accurate_fraction is not None and not 0.0 <= self.accurate_fraction <= 1.0:
@@ -275,7 +277,8 @@ def _optional(base):
 
 
 CHOICES = {"amp": AMP_CHOICES, "cache_features": CACHE_CHOICES, "supervision": SUPERVISION_CHOICES,
-           "method": METHOD_CHOICES, "train_subset": SUBSET_CHOICES, "wrel_final": WREL_FINAL_CHOICES}
+           "method": METHOD_CHOICES, "train_subset": SUBSET_CHOICES, "wrel_final": WREL_FINAL_CHOICES,
+           "wrel_bank_site": WREL_BANK_SITE_CHOICES}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:

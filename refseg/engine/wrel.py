@@ -241,6 +241,29 @@ def stage_done(folder: Path) -> bool:
     return state["step"] >= state["total_steps"]
 
 
+def bank_text(site: str, text: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              class_txt: TextFeatures, prompts: torch.Tensor) -> TextFeatures:
+    """The text features the teacher reads for class names completed by bank rows `prompts` (b, P, D).
+
+    site encoder: the rows are word embeddings, read by `text` with the
+    tokenised class names input_ids / attention_mask (b, L).
+    site features: the rows are offsets from the class name's sentence
+    vector in the encoder's output space: prompt j of ref b is
+    class_txt.sentence[b] + prompts[b, j], appended to class_txt (the
+    encoder's output for the class names, e.g. the feature cache's) as
+    extra tokens (modeling/bank.py). Offsets, so that a bank starting near
+    zero starts near "the class name said again" rather than at tokens of
+    an unseen scale (choice; benchmarks/wrel_bank_fit.py compares).
+    """
+    from refseg.modeling.bank import append_prompt_features, encode_with_prompts
+
+    if site == "encoder":
+        return encode_with_prompts(text, input_ids, attention_mask, prompts)
+    if site == "features":
+        return append_prompt_features(class_txt, class_txt.sentence[:, None, :].to(prompts.dtype) + prompts)
+    raise ValueError(f"unknown reference-bank site {site!r}")
+
+
 def train_bank(cfg: TrainConfig, teacher: nn.Module, train_ds, cache, out: Path, resume: bool,
                device: torch.device) -> Path:
     """Stage 2 (module docstring): optimise the bank through the frozen teacher; returns out/last.
@@ -251,7 +274,7 @@ def train_bank(cfg: TrainConfig, teacher: nn.Module, train_ds, cache, out: Path,
 
     from refseg.engine.optim import resolve_amp
     from refseg.engine.runlog import RunLog
-    from refseg.modeling.bank import ReferenceBank, class_name_tokens, encode_with_prompts, prompt_slots
+    from refseg.modeling.bank import ReferenceBank, class_name_tokens, prompt_slots
 
     refs = weak_refs(train_ds.samples)
     if not refs:
@@ -279,6 +302,10 @@ def train_bank(cfg: TrainConfig, teacher: nn.Module, train_ds, cache, out: Path,
         state = ckpt.load_training_state(found, bank, None, restore_rng=False)
         if not torch.equal(ckpt.load_extra(found, "rows")["ref_id"], ref_ids):
             raise engine.TrainError(f"{found} holds a bank for other weak refs than the data's")
+        was = state.get("config", {}).get("wrel_bank_site", "encoder")  # banks made before the option: encoder
+        if was != cfg.wrel_bank_site:
+            raise engine.TrainError(f"{found} holds a bank of site {was!r}, the config asks for "
+                                    f"wrel_bank_site {cfg.wrel_bank_site!r}: resume with the site it was made with")
         position = state["position"]
 
     def save(extra_tensors: Optional[Dict[str, torch.Tensor]] = None) -> Path:
@@ -298,17 +325,18 @@ def train_bank(cfg: TrainConfig, teacher: nn.Module, train_ds, cache, out: Path,
                disable=not cfg.progress, dynamic_ncols=True)
     while position < len(batches):
         idx = torch.tensor(batches[position], device=device)
-        batch = cache.batch([refs[i][1] for i in batches[position]], device)
+        batch = cache.batch([refs[i][1] for i in batches[position]], device)  # txt: the cached class names
         prompts = bank.prompts[idx].detach().clone().requires_grad_(True)  # (b, P, D)
         optimizer = torch.optim.Adam([prompts], lr=cfg.wrel_bank_lr)
         losses = []
         for _ in range(cfg.wrel_bank_iters):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                txt = encode_with_prompts(teacher.text, input_ids[idx], attention_mask[idx], prompts)
+                txt = bank_text(cfg.wrel_bank_site, teacher.text, input_ids[idx], attention_mask[idx],
+                                batch["txt"], prompts)
                 result = teacher.decode(batch["vis"], txt, batch["image_index"])
                 loss = loss_fn(result, batch)["loss"]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * len(idx)).backward()  # the sum of the refs' own losses: each ref's gradient is its own
             optimizer.step()
             losses.append(float(loss.detach()))
         with torch.no_grad():
@@ -330,7 +358,9 @@ def train_bank(cfg: TrainConfig, teacher: nn.Module, train_ds, cache, out: Path,
     with torch.no_grad():
         for rows in batches:
             idx = torch.tensor(rows, device=device)
-            txt = encode_with_prompts(teacher.text, input_ids[idx], attention_mask[idx], bank.prompts[idx])
+            txt = bank_text(cfg.wrel_bank_site, teacher.text, input_ids[idx], attention_mask[idx],
+                            cache.text([refs[i][1] for i in rows], device) if cfg.wrel_bank_site == "features"
+                            else None, bank.prompts[idx])
             parts["tokens"].append(txt.tokens.half().cpu())
             parts["mask"].append(txt.mask.cpu())
             parts["sentence"].append(txt.sentence.half().cpu())

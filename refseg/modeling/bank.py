@@ -1,19 +1,31 @@
 """LRB-WREL's Learnable Reference Bank: learnable prompt vectors that complete a class-name expression.
 
 A weak ref's expression is only its class name ("vehicle"). The bank keeps,
-for each weak training ref, P learnable vectors in the text encoder's
-word-embedding space. They are written into the P padding slots right after
-the tokenised class name, and the attention mask is switched on there:
+for each weak training ref, P learnable vectors, placed right after the
+class name's tokens in the padding slots, with the attention mask switched
+on there, so that they can say what the class name leaves out ("the one
+left of the tank"). Optimising them through a frozen teacher (engine/wrel.py,
+stage 2) makes the bank store "what was not said". Two sites (SITES):
 
-    tokens:  [CLS] vehicle [SEP] p_1 ... p_P [PAD] ...
-    mask:      1      1      1    1  ...  1    0   ...
+    encoder   the prompts are word embeddings, read by the frozen text
+              encoder with the class name (its position and type embeddings
+              are added to them as to any word; `encode_with_prompts`):
+                  tokens:  [CLS] vehicle [SEP] p_1 ... p_P [PAD] ...
+                  mask:      1      1      1    1  ...  1    0   ...
+              Every optimisation step runs the text encoder forward and
+              backward.
+    features  the prompts are extra tokens of the text encoder's *output*
+              (`append_prompt_features`): the class name is encoded once (the
+              feature cache holds it), the prompts are written into the same
+              slots of TextFeatures.tokens with the mask on, and the sentence
+              vector becomes what the encoder's masked mean would give over
+              class-name tokens + prompts. The head has no notion of token
+              order (its text layers carry no position encoding), so it
+              reads a prompt exactly as it reads a word token, and a step
+              costs the head only.
 
-The frozen text encoder then reads the whole sequence (its position and
-type embeddings are added to the prompts as to any word), so the prompts can
-say what the class name leaves out ("the one left of the tank"). The
-class-name tokens stay exactly as the tokenizer made them. Optimising the
-prompts through a frozen teacher (engine/wrel.py, stage 2) makes the bank
-store "what was not said".
+The class-name tokens stay exactly as the tokenizer (and, at site features,
+the encoder) made them.
 """
 
 from typing import Sequence
@@ -23,9 +35,12 @@ from torch import nn
 
 from refseg.modeling.text import TextFeatures
 
+SITES = ("encoder", "features")  # where the prompts enter (module docstring)
+
 
 class ReferenceBank(nn.Module):
-    """prompts: (R, P, D) float, P learnable vectors of width D (the text encoder's) for each of R weak refs.
+    """prompts: (R, P, D) float, P learnable vectors of width D (the text encoder's) for each of R weak refs
+    (what a row means depends on the site: engine/wrel.py).
 
     init_std: the prompts start as N(0, init_std^2) draws from `generator`
     (seeded by the caller, so that a run starts from the same bank).
@@ -45,7 +60,8 @@ class ReferenceBank(nn.Module):
 def insert_prompts(embeds: torch.Tensor, attention_mask: torch.Tensor, prompts: torch.Tensor) -> tuple:
     """Write prompts into the padding slots right after each expression's tokens.
 
-    embeds: (B, L, D) word embeddings of the tokenised class names;
+    embeds: (B, L, D) word embeddings of the tokenised class names (site
+    encoder) or the encoder's output tokens (site features);
     attention_mask: (B, L) int, 1 on real tokens ([CLS] ... [SEP]), which
     must come first; prompts: (B, P, D). Returns (embeds (B, L, D), mask
     (B, L) int64) as new tensors: the real tokens' rows unchanged, rows
@@ -80,6 +96,29 @@ def encode_with_prompts(text: nn.Module, input_ids: torch.Tensor, attention_mask
     """
     embeds, mask = insert_prompts(text.embed_tokens(input_ids), attention_mask, prompts)
     tokens, sentence = text.forward_embeds(embeds, mask)
+    return TextFeatures(tokens, mask.bool(), sentence)
+
+
+def append_prompt_features(txt: TextFeatures, prompts: torch.Tensor) -> TextFeatures:
+    """Site features: the text encoder's output for class names, completed by prompts as extra tokens.
+
+    txt: TextFeatures of B class names (tokens (B, L, D), mask (B, L), sentence
+    (B, D)), e.g. the feature cache's; prompts: (B, P, D) in the encoder's
+    output space. The prompts that fit (`prompt_slots`: k_b of them) are
+    written after the n_b real tokens with the mask set (`insert_prompts`);
+    the sentence vector is the masked mean over class-name tokens and
+    prompts, (n_b * sentence_b + sum of the k_b prompts) / (n_b + k_b): the
+    encoder's own sentence vector extended as its masked mean would extend.
+    Returns new TextFeatures (tokens (B, L, D), mask (B, L) bool, sentence
+    (B, D)); gradients flow to `prompts`, the inputs are not changed.
+    """
+    mask = txt.mask.long()  # (B, L)
+    n = mask.sum(1, keepdim=True).to(prompts.dtype)  # (B, 1) real tokens
+    k = prompt_slots(mask, prompts.shape[1])  # (B,)
+    fits = torch.arange(prompts.shape[1], device=prompts.device)[None, :] < k[:, None]  # (B, P)
+    added = (prompts * fits[:, :, None].to(prompts.dtype)).sum(1)  # (B, D) the prompts that fit
+    sentence = (n * txt.sentence.to(prompts.dtype) + added) / (n + k[:, None].to(prompts.dtype))  # (B, D)
+    tokens, mask = insert_prompts(txt.tokens.to(prompts.dtype), mask, prompts)
     return TextFeatures(tokens, mask.bool(), sentence)
 
 
