@@ -236,8 +236,9 @@ def run(kills: int = 12, steps: int = 100, save_every: int = 3, seed: int = 0, w
         state = inspect_run(run_dir)
         verified += state["checked"]
         done = len(step_rows(run_dir)) - n_rows
-        where = ("during a checkpoint write" if state["mid_save"] else
-                 "in start-up" if done == 0 else "between checkpoint writes")
+        # no step logged: start-up (a staging folder seen then is the previous kill's, not yet cleaned up)
+        where = ("in start-up" if done == 0 else
+                 "during a checkpoint write" if state["mid_save"] else "between checkpoint writes")
         landed[where] += 1
         if state["found"] is not None:
             snapshot = snapshots / f"last-{state['step']}"
