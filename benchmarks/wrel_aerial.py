@@ -2,6 +2,7 @@
 
     python benchmarks/wrel_aerial.py --accurate-fraction 0.1 --seed 0 1 --steps 3000 --cache-dir cache
     python benchmarks/wrel_aerial.py --accurate-fraction 0.5 --seed 0 1 --steps 3000 --cache-dir cache
+    python benchmarks/wrel_aerial.py --accurate-fraction 0.1 --seed 0 1 --upper-seed 0 ...   # one upper-bound run
 
 For each seed s (the training seed; the weak split's seed is --weak-seed,
 the same split for every training seed) it trains, or resumes, or reuses
@@ -117,6 +118,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--accurate-fraction", type=float, required=True, help="p, the share of accurate train refs")
     ap.add_argument("--seed", type=int, nargs="+", default=[0], help="training seed(s); two for the spread")
+    ap.add_argument("--upper-seed", type=int, nargs="+", default=None,
+                    help="training seed(s) of the upper bound (default: --seed); ratios use their mean")
     ap.add_argument("--weak-seed", type=int, default=0, help="seed of the weak split (refseg weaken)")
     ap.add_argument("--data", default="data/aerial-small-s0", help="SynthRef aerial small folder (made if missing)")
     ap.add_argument("--runs", default="runs/wrel-aerial", help="folder of the runs (reused when finished)")
@@ -151,7 +154,9 @@ def main() -> int:
     if not (data_dir / "synthref.json").exists() and not args.dry_run:
         if cli(["make-data", "--domain", "aerial", "--preset", "small", "--seed", "0", "--out", str(data_dir)]) != 0:
             return 1
-    runs = {(c, s): ensure_run(c, args, s) for s in args.seed for c in conditions}
+    upper_seeds = args.upper_seed if args.upper_seed is not None else args.seed
+    seeds_of = {c: (upper_seeds if c == "upper" else args.seed) for c in conditions}
+    runs = {(c, s): ensure_run(c, args, s) for c in conditions for s in seeds_of[c]}
     if args.dry_run:
         return 0
 
@@ -170,15 +175,17 @@ def main() -> int:
             print(f"[{label} s{s}] evaluated {results[(label, s)]['n']} {args.split} sentences in "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
 
+    upper_mean = ({k: statistics.mean(results[("upper", s)][k] for s in upper_seeds) for k in ("oIoU", "mIoU")}
+                  if "upper" in conditions else None)
     rows = {}
     for (label, s), m in results.items():
         row = {k: m[k] for k in ("oIoU", "mIoU", "PointM")}
-        upper = results.get(("upper", s))
+        upper = results.get(("upper", s), upper_mean)  # the same seed's upper bound, else the mean of those run
         for k in ("oIoU", "mIoU"):
             row[f"{k}/upper"] = m[k] / upper[k] if upper is not None and upper[k] else float("nan")
         rows[names[(label, s)]] = row
-    mean = {c: statistics.mean(results[(c, s)]["oIoU"] for s in args.seed) for c in conditions}
-    spread = {c: max(results[(c, s)]["oIoU"] for s in args.seed) - min(results[(c, s)]["oIoU"] for s in args.seed)
+    mean = {c: statistics.mean(results[(c, s)]["oIoU"] for s in seeds_of[c]) for c in conditions}
+    spread = {c: max(results[(c, s)]["oIoU"] for s in seeds_of[c]) - min(results[(c, s)]["oIoU"] for s in seeds_of[c])
               for c in conditions}
     print(f"\n{data_dir.name}, {args.split}, p = {args.accurate_fraction:g}, seeds {args.seed}")
     print(table(rows))
@@ -197,7 +204,8 @@ def main() -> int:
     if args.json:
         write_json_atomic({
             "data": str(data_dir.resolve()), "split": args.split, "accurate_fraction": args.accurate_fraction,
-            "seeds": args.seed, "weak_seed": args.weak_seed, "steps": args.steps,
+            "seeds": args.seed, "upper_seeds": upper_seeds if "upper" in conditions else [],
+            "weak_seed": args.weak_seed, "steps": args.steps,
             "runs": {names[(label, s)]: {"network": label, "seed": s, "metrics": m} for (label, s), m in results.items()},
             "folders": {run_name(c, args.accurate_fraction, s): str(run) for (c, s), run in runs.items()},
             "mean_oIoU": mean, "spread_oIoU": spread, "verdicts": verdicts,
