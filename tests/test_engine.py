@@ -124,6 +124,35 @@ def test_cache_gives_the_uncached_forward(synthref_tiny, tmp_path):
         feature_cache.get_cache(other, ds, CPU, str(tmp_path), build=False)
 
 
+def test_cache_key_follows_annotation_content_not_folder(synthref_tiny, tmp_path):
+    """Two copies of the same annotations (as each weak-split run writes in RUN/data) share a cache key;
+    an annotation file changed in place, same size and mtime, does not."""
+    import os
+    import shutil
+
+    model = tiny_model()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "images").symlink_to(synthref_tiny / "images")
+    for name in ("instances.json", "refs(unc).p", "synthref.json"):
+        shutil.copy2(synthref_tiny / name, copy / name)
+
+    def key(folder):
+        ds = RefSegDataset(load_refer(folder), "train", size=SIZE)
+        return feature_cache.cache_key(ds, model, torch.float16)
+
+    original = key(synthref_tiny)
+    assert key(copy) == original
+    path = copy / "instances.json"
+    text, st = path.read_bytes(), path.stat()
+    i = text.index(b'"bbox"')
+    i += next(j for j, c in enumerate(text[i:]) if chr(c).isdigit())  # the first digit of a box: same length
+    path.write_bytes(text[:i] + (b"7" if text[i:i + 1] != b"7" else b"3") + text[i + 1:])
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    assert key(copy) != original
+
+
 def test_frozen_encoders_are_detected():
     model = tiny_model()
     assert feature_cache.encoders_frozen(model)

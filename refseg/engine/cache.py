@@ -58,14 +58,24 @@ def encoders_frozen(model: nn.Module) -> bool:
 
 
 def data_fingerprint(data) -> Dict[str, Any]:
-    """Identity of a refer data set on disk: folder, and size + mtime of its annotation files."""
+    """Identity of a refer data set: the SHA-256 of its annotation files and where its images are.
+
+    By content, not by folder: two copies of the same annotations (e.g. the
+    weak split that every `refseg train --accurate-fraction p --weak-seed s`
+    run writes into its own RUN/data, images linked to one folder) share one
+    cache, and an annotation file edited in place is noticed even when its
+    size and mtime are unchanged. Images are identified by their resolved
+    folder (hashing thousands of images would cost more than caching them).
+    """
     files = {}
     for path in (Path(data.refs_file), Path(data.ann_dir) / "instances.json", Path(data.ann_dir) / "synthref.json"):
         if path.exists():
-            st = path.stat()
-            files[path.name] = [st.st_size, st.st_mtime_ns]
-    return {"ann_dir": str(Path(data.ann_dir).resolve()), "images_dir": str(Path(data.images_dir).resolve()),
-            "split_by": data.split_by, "files": files}
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            files[path.name] = h.hexdigest()
+    return {"images_dir": str(Path(data.images_dir).resolve()), "split_by": data.split_by, "files": files}
 
 
 def encoder_fingerprint(model: nn.Module) -> str:
