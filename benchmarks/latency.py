@@ -89,7 +89,8 @@ def make_predictor(backend: str, args):
         return Predictor(load_model(args.model, json.loads(args.model_kwargs)))
     from refseg.export import OnnxPredictor
 
-    return OnnxPredictor(args.onnx, threads=args.threads, int8_text=backend == "onnx-int8")
+    return OnnxPredictor(args.onnx, threads=args.threads, int8_text=backend == "onnx-int8",
+                         sentence_threads=args.sentence_threads)
 
 
 STAGES = ("tokenize", "text_encoder", "head", "postprocess")
@@ -201,7 +202,7 @@ def peak_rss(args) -> dict:
 def child(args, mode: str, backend: str = "torch") -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--backend", backend, "--onnx", args.onnx]
     for key in ("model", "model_kwargs", "runs", "warmup", "threads", "batch_images", "images_per_batch",
-                "batch_rounds"):
+                "batch_rounds", "sentence_threads"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     for flag in ("skip_onnx", "int8_text"):
         if getattr(args, flag):
@@ -216,7 +217,7 @@ def table(args, results: list, export_note: str) -> str:
     cols = [r["backend"] for r in results]
     names = {"torch": "PyTorch", "onnx": "ONNX Runtime", "onnx-int8": "ORT, int8 text"}
     lines = [f"model: {args.model}   image {results[0]['image_size']} px, 1 expression, "
-             f"threads {args.threads}, {args.runs} runs (median / p90){export_note}",
+             f"threads {args.threads} (onnxruntime per-expression graphs {args.sentence_threads}), {args.runs} runs (median / p90){export_note}",
              f"{'':36}" + "".join(f"{names[c]:>22}" for c in cols)]
 
     def row(label, fmt):
@@ -257,6 +258,8 @@ def main() -> int:
     ap.add_argument("--images-per-batch", type=int, default=8)
     ap.add_argument("--batch-rounds", type=int, default=3)
     ap.add_argument("--skip-onnx", action="store_true")
+    ap.add_argument("--sentence-threads", type=int, default=1,
+                    help="onnxruntime threads of the per-expression graphs (text, decoder); OnnxPredictor's default 1")
     ap.add_argument("--int8-text", action="store_true",
                     help="also time onnxruntime with the int8 text graph (refseg export --int8-text; not exact)")
     ap.add_argument("--json", help="write the raw figures here")

@@ -301,13 +301,18 @@ class OnnxModel(nn.Module):
     ``TextFeatures`` as the PyTorch model does.
 
     path: the ``--out`` given to export (``model.onnx``) or its ``model.json``.
-    threads: onnxruntime intra-op threads (0: its default); inter-op threads are 1
-      (the graphs are sequential) and every graph optimisation is on.
+    threads: onnxruntime intra-op threads of the image graph (0: its default); inter-op
+      threads are 1 (the graphs are sequential) and every graph optimisation is on.
+    sentence_threads: intra-op threads of the text and decoder graphs, which run once
+      per expression (default 1: their ops are small, and a second thread costs more
+      in synchronisation than it gains: on 2 cores an extra expression on a cached
+      image took 11.7 ms with 1 thread against 30.4 ms with 2, `benchmarks/latency.py`;
+      0: onnxruntime's default).
     int8_text: run the int8 text graph (exported with ``--int8-text``; not exact, see the module docstring).
     """
 
     def __init__(self, path: Union[str, Path], threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 int8_text: bool = False):
+                 int8_text: bool = False, sentence_threads: int = 1):
         super().__init__()
         import onnxruntime as ort
         from transformers import AutoTokenizer
@@ -326,16 +331,22 @@ class OnnxModel(nn.Module):
         folder = meta_path.parent
         self.image_size = int(self.meta["image_size"])
         self.max_length = int(self.meta["max_length"])
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.inter_op_num_threads = 1
-        if threads:
-            options.intra_op_num_threads = int(threads)
+
+        def options(intra: int):
+            o = ort.SessionOptions()
+            o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            o.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            o.inter_op_num_threads = 1
+            if intra:
+                o.intra_op_num_threads = int(intra)
+            return o
+
         providers = list(providers)
         self.image_session, self.text_session, self.decoder_session = (
-            ort.InferenceSession(str(folder / self.meta[key]), options, providers=providers)
-            for key in ("image_graph", "text_graph_int8" if int8_text else "text_graph", "decoder_graph"))
+            ort.InferenceSession(str(folder / self.meta[key]), options(intra), providers=providers)
+            for key, intra in (("image_graph", threads),
+                               ("text_graph_int8" if int8_text else "text_graph", sentence_threads),
+                               ("decoder_graph", sentence_threads)))
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder / self.meta["tokenizer"]), local_files_only=True)
 
     def encode_image(self, images: torch.Tensor) -> List[torch.Tensor]:
@@ -379,13 +390,16 @@ class OnnxPredictor(Predictor):
     """``Predictor`` (set_image / predict / predict_batch, same ``Prediction``) on onnxruntime.
 
     path: the ``--out`` of ``refseg export`` (``model.onnx``) or its ``model.json``.
-    threads: onnxruntime intra-op threads (0: its default, all cores).
+    threads: onnxruntime intra-op threads of the image graph (0: its default, all cores).
     int8_text: the int8 text graph (``refseg export --int8-text``), faster and not exact.
+    sentence_threads: intra-op threads of the per-expression graphs (text, decoder); see OnnxModel.
     """
 
     def __init__(self, path: Union[str, Path], mask_threshold: float = 0.5, text_batch_size: int = 32,
-                 threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",), int8_text: bool = False):
-        model = OnnxModel(path, threads=threads, providers=providers, int8_text=int8_text)
+                 threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",), int8_text: bool = False,
+                 sentence_threads: int = 1):
+        model = OnnxModel(path, threads=threads, providers=providers, int8_text=int8_text,
+                          sentence_threads=sentence_threads)
         super().__init__(model, mask_threshold, text_batch_size)
 
 

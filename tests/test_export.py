@@ -57,6 +57,16 @@ def test_graphs_match_pytorch_with_dynamic_batches(exported):
         assert diff < TOL, f"{key}: max |onnx - torch| = {diff:.2e}"
 
 
+def test_per_expression_graphs_get_their_own_thread_count(exported):
+    _, out = exported
+    m = OnnxModel(out, threads=2)  # sentence_threads defaults to 1
+    threads = [sess.get_session_options().intra_op_num_threads
+               for sess in (m.image_session, m.text_session, m.decoder_session)]
+    assert threads == [2, 1, 1]
+    m = OnnxModel(out, threads=2, sentence_threads=2)
+    assert m.decoder_session.get_session_options().intra_op_num_threads == 2
+
+
 def test_onnx_predictor_matches_predictor(exported):
     model, out = exported
     image = red_square_image(57, 93)  # not square: letterbox + inverse are exercised
