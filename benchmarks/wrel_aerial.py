@@ -3,6 +3,7 @@
     python benchmarks/wrel_aerial.py --accurate-fraction 0.1 --seed 0 1 --steps 3000 --cache-dir cache
     python benchmarks/wrel_aerial.py --accurate-fraction 0.5 --seed 0 1 --steps 3000 --cache-dir cache
     python benchmarks/wrel_aerial.py --accurate-fraction 0.1 --seed 0 1 --upper-seed 0 ...   # one upper-bound run
+    python benchmarks/wrel_aerial.py ... --results-json a.json b.json   # reuse figures of finished runs evaluated before
 
 For each seed s (the training seed; the weak split's seed is --weak-seed,
 the same split for every training seed) it trains, or resumes, or reuses
@@ -98,6 +99,23 @@ def other_network(run: Path) -> tuple:
     return "teacher", model
 
 
+def earlier_results(paths, data_dir: Path, split: str) -> dict:
+    """{(run name, network, seed, folder): metrics} from earlier --json files of this benchmark on the same
+    data and split (a finished run does not change, so its figures need not be computed twice)."""
+    found = {}
+    for path in paths:
+        blob = json.loads(Path(path).read_text())
+        if blob.get("data") != str(data_dir.resolve()) or blob.get("split") != split:
+            print(f"{path}: another data set or split, not used", flush=True)
+            continue
+        for row, r in blob["runs"].items():
+            name = row.split(" (")[0]
+            folder = blob["folders"].get(name)
+            if folder is not None:
+                found[(name, r["network"], r["seed"], folder)] = r["metrics"]
+    return found
+
+
 def table(rows: dict) -> str:
     """Aligned text: one row per run; oIoU, mIoU, PointM in %, the ratios to the upper bound as fractions."""
     cols = ["oIoU", "mIoU", "PointM", "oIoU/upper", "mIoU/upper"]
@@ -137,6 +155,8 @@ def main() -> int:
     ap.add_argument("--eval-max-samples", type=int, default=None)
     ap.add_argument("--dry-run", action="store_true", help="print the training commands only")
     ap.add_argument("--json", default=None, help="write the figures here")
+    ap.add_argument("--results-json", nargs="+", default=[],
+                    help="earlier --json files: runs evaluated there (same folder, data and split) are not evaluated again")
     args = ap.parse_args()
 
     import refseg
@@ -161,8 +181,18 @@ def main() -> int:
         return 0
 
     data = load_refer(data_dir)
+    earlier = earlier_results(args.results_json, data_dir, args.split)
     results, names = {}, {}  # (label, seed) -> metrics, row name
     for (c, s), run in runs.items():
+        name = run_name(c, args.accurate_fraction, s)
+        labels = [c] + (["wrel-student", "wrel-teacher"] if c == "wrel" else [])
+        found = {lb: earlier[(name, lb, s, str(run))] for lb in labels if (name, lb, s, str(run)) in earlier}
+        if c in found and (c != "wrel" or len(found) == 2):  # every network of this run was evaluated already
+            for label, m in found.items():
+                results[(label, s)] = m
+                names[(label, s)] = name + (f" ({label[5:]})" if label != c else "")
+                print(f"[{label} s{s}] {m['n']} {args.split} sentences: figures from --results-json", flush=True)
+            continue
         networks = [(c, refseg.load(run))]
         if c == "wrel":  # also the network the run does not ship, for the teacher-or-student choice
             other, model = other_network(run)
