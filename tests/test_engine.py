@@ -124,6 +124,24 @@ def test_cache_gives_the_uncached_forward(synthref_tiny, tmp_path):
         feature_cache.get_cache(other, ds, CPU, str(tmp_path), build=False)
 
 
+def test_cache_encodes_each_distinct_text_once(synthref_tiny):
+    model = tiny_model()
+    ds = RefSegDataset(load_refer(synthref_tiny), "train", SIZE, "full")
+    texts = [s.text for s in ds.samples]
+    assert len(set(texts)) < len(texts), "the fixture should repeat some expressions"
+    encoded = []
+    encode = model.encode_text
+    model.encode_text = lambda batch, **kw: (encoded.extend(batch), encode(batch, **kw))[1]
+    cache = feature_cache.build_cache(model, ds, CPU, dtype=torch.float32, progress=False)
+    assert sorted(encoded) == sorted(set(texts))
+    rows = np.arange(len(texts))
+    with torch.no_grad():
+        direct = encode(texts)  # every sentence encoded on its own row
+    for field, ref in zip(direct._fields, direct):
+        got = torch.from_numpy(np.asarray(cache.arrays[f"txt.{field}"])[rows])
+        assert torch.allclose(got.to(ref.dtype), ref, atol=1e-5), field
+
+
 def test_cache_key_follows_annotation_content_not_folder(synthref_tiny, tmp_path):
     """Two copies of the same annotations (as each weak-split run writes in RUN/data) share a cache key;
     an annotation file changed in place, same size and mtime, does not."""

@@ -212,7 +212,10 @@ def _samples_in_image_order(dataset) -> np.ndarray:
 def build_cache(model: nn.Module, dataset, device: torch.device, dtype: torch.dtype = torch.float16,
                 image_batch: Optional[int] = None, text_batch: int = 64, workers: int = 0,
                 folder: Optional[Path] = None, progress: bool = True, desc: str = "cache") -> FeatureCache:
-    """Encode every unique image and every sentence of `dataset` (a RefSegDataset) once.
+    """Encode every unique image and every distinct expression text of `dataset` (a RefSegDataset) once.
+
+    Sentences repeating an earlier text get a copy of its features (SynthRef
+    natural full: 70,340 training sentences, 2,932 distinct texts).
 
     folder: write memory-mapped arrays there (it must not exist yet); None keeps them in memory.
     image_batch: images per encode_image call (default 1 on CPU, where larger
@@ -244,7 +247,9 @@ def build_cache(model: nn.Module, dataset, device: torch.device, dtype: torch.dt
     mask_row = np.full(n, -1, dtype=np.int64)
     pending_images: List[torch.Tensor] = []
     next_image = 0
-    pending_text: List[tuple] = []  # (row, text)
+    pending_text: List[tuple] = []  # (row, text) of texts not encoded yet
+    first_row_of_text: Dict[str, int] = {}  # text -> the row that encodes it
+    repeats: List[tuple] = []  # (row, first row of the same text): copied, not encoded again
     sup_keys: List[str] = []
     txt_fields: List[str] = []
     n_vis = 0
@@ -289,7 +294,12 @@ def build_cache(model: nn.Module, dataset, device: torch.device, dtype: torch.dt
                 seen_images.add(im)
                 pending_images.append(batch["image"][j])
         flush_images()
-        pending_text.extend(zip(rows.tolist(), batch["text"]))
+        for r, text in zip(rows.tolist(), batch["text"]):
+            if text in first_row_of_text:  # data sets repeat expressions ("the red star"): encode each once
+                repeats.append((r, first_row_of_text[text]))
+            else:
+                first_row_of_text[text] = r
+                pending_text.append((r, text))
         flush_text()
         if "mask" in batch:
             packed = np.packbits(batch["mask"].numpy().reshape(b, -1).astype(np.uint8), axis=1)
@@ -316,6 +326,10 @@ def build_cache(model: nn.Module, dataset, device: torch.device, dtype: torch.dt
         bar.update(b)
     flush_images(final=True)
     flush_text(final=True)
+    if repeats:
+        dst, src = (np.array(c, dtype=np.int64) for c in zip(*repeats))
+        for f in txt_fields:
+            store.arrays[f"txt.{f}"][dst] = store.arrays[f"txt.{f}"][src]
     bar.close()
     if masks:
         store.put("masks", 0, np.stack(masks), len(masks))
@@ -324,6 +338,7 @@ def build_cache(model: nn.Module, dataset, device: torch.device, dtype: torch.dt
     meta = {"version": FORMAT_VERSION, "n": n, "n_images": len(unique_images), "n_vis": n_vis,
             "txt_fields": txt_fields, "sup_keys": sup_keys, "size": int(dataset.letterbox.size),
             "split": dataset.split, "supervision": dataset.supervision, "dtype": str(dtype),
+            "distinct_texts": len(first_row_of_text),
             "seconds": round(time.perf_counter() - t0, 2)}
     if folder is not None:
         for a in store.arrays.values():
