@@ -305,9 +305,10 @@ class OnnxModel(nn.Module):
       threads are 1 (the graphs are sequential) and every graph optimisation is on.
     sentence_threads: intra-op threads of the text and decoder graphs, which run once
       per expression (default 1: their ops are small, and a second thread costs more
-      in synchronisation than it gains: on 2 cores an extra expression on a cached
-      image took 11.7 ms with 1 thread against 30.4 ms with 2, `benchmarks/latency.py`;
-      0: onnxruntime's default).
+      in synchronisation than it gains: on the 2-core dev machine, busy with two
+      1-thread trainings, an extra expression on a cached image took 11.7 ms with 1
+      thread against 30.4 ms with 2 (median of 90 calls; `benchmarks/latency.py
+      --sentence-threads 1` or `2` measures it on yours); 0: onnxruntime's default).
     int8_text: run the int8 text graph (exported with ``--int8-text``; not exact, see the module docstring).
     """
 
