@@ -67,14 +67,12 @@ def data_fingerprint(data) -> Dict[str, Any]:
     size and mtime are unchanged. Images are identified by their resolved
     folder (hashing thousands of images would cost more than caching them).
     """
+    from refseg.hub import sha256_of
+
     files = {}
     for path in (Path(data.refs_file), Path(data.ann_dir) / "instances.json", Path(data.ann_dir) / "synthref.json"):
         if path.exists():
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            files[path.name] = h.hexdigest()
+            files[path.name] = sha256_of(path)
     return {"images_dir": str(Path(data.images_dir).resolve()), "split_by": data.split_by, "files": files}
 
 

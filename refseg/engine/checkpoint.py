@@ -29,7 +29,6 @@ returns.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -42,6 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from refseg.hub import sha256_of  # noqa: F401 (also this module's name for it)
 from refseg.engine.state import load_optimizer_state, optimizer_state, rng_state, set_rng_state
 
 FORMAT = "refseg-checkpoint"
@@ -98,14 +98,6 @@ def stored_state(model: nn.Module, include_frozen: bool = False) -> Dict[str, to
 
 
 # ---- files ------------------------------------------------------------------------
-
-
-def sha256_of(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:
