@@ -296,3 +296,48 @@ def test_resume_continues_exactly(synthref_tiny, tmp_path, monkeypatch, cache):
     for k in once:
         assert torch.equal(once[k], twice[k]), k
     assert _train_losses(tmp_path / "once") == _train_losses(tmp_path / "twice")
+
+
+# ---- time budget -------------------------------------------------------------------
+
+
+def test_time_budget_fits_the_schedule_from_the_measured_rate(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock[0])
+    info = train_module.distributed.env_info()
+    budget = train_module.TimeBudget(100.0, 0.0, warmup_steps=200, info=info)
+    assert (budget.first, budget.decide) == (25, 100)
+    total, paused = 10_000, 0.0
+    for step in range(1, 101):
+        clock[0] += 0.1  # 10 steps/s
+        if step == 50:  # a 5-s validation: not counted in the rate
+            clock[0] += 5.0
+            paused += 5.0
+        total = budget.after_step(step, total, paused)
+    # at step 100, t = 15 s: 85 s left at 10 steps/s, times the margin
+    assert total == 100 + int(train_module.TimeBudget.MARGIN * 10 * 85)
+    step = 100
+    while step < total:
+        step += 1
+        clock[0] += 0.2  # the machine got slower: the budget stops the run early
+        total = budget.after_step(step, total, paused)
+    assert clock[0] == pytest.approx(100.0, abs=0.21)
+    assert total == step < 100 + int(train_module.TimeBudget.MARGIN * 10 * 85)
+
+
+def test_time_budget_spent_ends_the_run_and_resume_keeps_its_length(tmp_path):
+    data = make_shapes_refer(tmp_path / "data", n_train=2, n_val=1)
+    cfg = tiny_config(data, tmp_path / "run", max_steps=500, batch_size=4, images_per_batch=2, val_every=0,
+                      time_budget=1e-3)
+    summary = train(cfg, model=tiny_model())
+    assert summary["step"] == summary["total_steps"] == 1  # the budget was spent before the first step ended
+    state = json.loads((tmp_path / "run" / "last" / "state.json").read_text())
+    assert state["step"] == state["total_steps"] == 1
+    again = train(tiny_config(data, tmp_path / "run", max_steps=500, batch_size=4, images_per_batch=2,
+                              val_every=0, time_budget=1e-3, resume=str(tmp_path / "run")), model=tiny_model())
+    assert again["step"] == 1
+
+
+def test_time_budget_must_not_be_negative(tmp_path):
+    with pytest.raises(ValueError, match="time_budget"):
+        TrainConfig(data="x", max_steps=1, time_budget=-1.0).validate()

@@ -243,6 +243,50 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class TimeBudget:
+    """`time_budget`: fit a run's schedule into a wall-clock budget.
+
+    The step rate is measured over steps [first, decide) of the loop,
+    validation excluded; at step `decide` (inside the warm-up when
+    warmup_steps >= decide, so no learning rate used so far depends on the
+    length chosen) total_steps becomes the steps that fit into what is left
+    of the budget, times MARGIN, if that is fewer. After that the run stops
+    once the budget is spent in any case; its final validation and
+    checkpoint follow. Under DDP rank 0 decides for every rank. A resumed
+    run keeps the length decided before it was stopped and gets no new
+    budget (so that --resume stays exact), unless it stopped before deciding.
+    """
+
+    MARGIN = 0.9  # room for the validations, whose time the rate does not count
+
+    def __init__(self, seconds: float, started: float, warmup_steps: int, info, step: int = 0):
+        self.seconds, self.started, self.info = seconds, started, info
+        self.decide = min(100, max(20, warmup_steps))
+        self.first = self.decide // 4
+        self.active = seconds > 0 and step < self.decide
+        self.t_first: Optional[float] = None
+        self.paused_first = 0.0
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.started)
+
+    def after_step(self, step: int, total_steps: int, paused: float) -> int:
+        """The run's total_steps after optimiser step `step` (1-based count); `paused`: seconds spent validating."""
+        if not self.active:
+            return total_steps
+        if step == self.first:
+            self.t_first, self.paused_first = time.perf_counter(), paused
+        elif step == self.decide and self.t_first is not None:
+            busy = time.perf_counter() - self.t_first - (paused - self.paused_first)
+            rate = (step - self.first) / max(busy, 1e-9)
+            fit = step + int(self.MARGIN * rate * max(0.0, self.left()))
+            total_steps = distributed.broadcast_object(max(step + 1, min(total_steps, fit)), self.info)
+        if not self.info.enabled or step % 10 == 0:
+            if distributed.broadcast_object(self.left() <= 0, self.info):
+                total_steps = min(total_steps, step)
+        return total_steps
+
+
 # ---- the run ------------------------------------------------------------------------
 
 
@@ -267,6 +311,7 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
     from refseg.engine.sampler import GroupBatchSampler
 
     cfg.validate()
+    started = time.perf_counter()  # the time budget counts from here
     info = distributed.env_info()
     device = resolve_device(cfg.device, info.local_rank)
     if device.type == "cuda":
@@ -369,8 +414,12 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
             if state.get("scaler") and scaler.is_enabled():
                 scaler.load_state_dict(state["scaler"])
             hooks.load_state(found)
+            if cfg.time_budget and state.get("total_steps"):  # the length the budget chose
+                total_steps = int(state["total_steps"])
             if main_rank and progress:
                 print(f"resumed from {found} at step {step} (epoch {epoch}, batch {position})", file=sys.stderr)
+    budget = TimeBudget(cfg.time_budget, started, cfg.warmup_steps, info, step)
+    paused = 0.0  # seconds spent validating and saving inside the loop
 
     step_module: nn.Module = StepModule(model)
     if info.enabled:
@@ -491,6 +540,16 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
                 save("last")
             t0 = time.perf_counter()
             t_log += t0 - t_pause  # samples/s counts training time only
+            paused += t0 - t_pause
+            fitted = budget.after_step(step, total_steps, paused)
+            if fitted != total_steps:
+                if main_rank and progress:
+                    why = "budget spent" if fitted == step else f"{fitted} steps fit"
+                    print(f"\ntime budget {cfg.time_budget:.0f} s: {why}; the run ends at step {fitted} "
+                          f"(was {total_steps})", file=sys.stderr)
+                total_steps = fitted
+                bar.total = total_steps
+                bar.refresh()
             if step >= total_steps:
                 break
     bar.close()
@@ -499,7 +558,8 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
     else:
         save("last")
     log.close()
-    summary = {"run": str(run), "step": step, "best": best, "val": last_val, "train_loss": loss_ema}
+    summary = {"run": str(run), "step": step, "total_steps": total_steps, "best": best, "val": last_val,
+               "train_loss": loss_ema}
     distributed.barrier(info)
     distributed.shutdown()
     return summary

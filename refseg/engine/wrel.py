@@ -72,6 +72,11 @@ split best/ is written at the end of stage 3. RUN/best is a plain LTS
 checkpoint, so `refseg.load(RUN)`, `refseg eval --checkpoint RUN` and
 `scripts/ship_model.py --run RUN` treat the run like any other.
 
+Time budget: with --time-budget T the three stages share T seconds: stage 1
+gets T times its share of the optimiser steps of stages 1 and 3, stage 3
+what is left after the bank (each fits its schedule as engine/train.py's
+TimeBudget does).
+
 Resume: without --resume every stage runs afresh. With it, a stage whose
 last/ has reached its length is skipped, and the unfinished one continues:
 stages 1 and 3 through the engine's exact resume (stage 3's last/ also holds
@@ -390,6 +395,15 @@ def _note(cfg: TrainConfig, text: str) -> None:
         print(f"refseg train (wrel): {text}", file=sys.stderr)
 
 
+def stage1_budget(cfg: TrainConfig) -> float:
+    """With time_budget, the teacher's share of it: its share of the optimiser steps of stages 1 and 3
+    (stage 3 gets what is left once the bank is done)."""
+    if not cfg.time_budget:
+        return 0.0
+    teacher = cfg.wrel_teacher_steps or cfg.max_steps
+    return cfg.time_budget * teacher / max(1, teacher + cfg.max_steps) if cfg.max_steps else cfg.time_budget / 2
+
+
 def train_wrel(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -> Dict[str, Any]:
     """Run (or resume) the three stages; returns the engine's summary of stage 3 plus "stages".
 
@@ -436,7 +450,8 @@ def train_wrel(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -
         cfg1 = replace(cfg, method="plain", train_subset="accurate", accurate_fraction=None,
                        data=str(data.ann_dir), images=str(data.images_dir), split_by=data.split_by,
                        max_steps=cfg.wrel_teacher_steps or cfg.max_steps, cache_dir=cache_dir,
-                       out=str(stage1), resume=str(stage1) if again else None)
+                       out=str(stage1), resume=str(stage1) if again else None,
+                       time_budget=stage1_budget(cfg))
         stages["teacher"] = engine.train(cfg1, copy.deepcopy(model) if model is not None else None, data)
     teacher = _stage_model(stage1, model, device)
 
@@ -460,7 +475,8 @@ def train_wrel(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -
         return {"run": str(run), "stages": stages, "done": True}
     _note(cfg, "stage 3/3: student on the mixed data, EMA teacher")
     again = resume and ckpt.find_checkpoint(run, "last") is not None
-    cfg3 = replace(cfg, cache_dir=cache_dir, out=str(run), resume=str(run) if again else None)
+    budget3 = max(1.0, cfg.time_budget - (time.time() - started)) if cfg.time_budget else 0.0  # what is left
+    cfg3 = replace(cfg, cache_dir=cache_dir, out=str(run), resume=str(run) if again else None, time_budget=budget3)
     student = _stage_model(stage1, model, device)
     summary = engine.train(cfg3, student, data, hooks=hooks)
     if ckpt.find_checkpoint(run, "best") is None:  # no validation split: best/ is the end of training
