@@ -543,7 +543,7 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
             paused += t0 - t_pause
             fitted = budget.after_step(step, total_steps, paused)
             if fitted != total_steps:
-                if main_rank and progress:
+                if main_rank:
                     why = "budget spent" if fitted == step else f"{fitted} steps fit"
                     print(f"\ntime budget {cfg.time_budget:.0f} s: {why}; the run ends at step {fitted} "
                           f"(was {total_steps})", file=sys.stderr)
