@@ -22,11 +22,35 @@ boxes or clicks); losses in ``refseg.losses.sag_text_loss``.
    (as BO-QSA; without its bi-level gradient trick, which did not help in
    short runs), not from Gaussian noise, so a forward pass is
    deterministic and training and evaluation see the same slots.
+   ``slot_init="gaussian"`` instead draws them as in the original slot
+   attention, mu + sigma * noise (learned mu, sigma; i.i.d. over slots, so
+   slots are interchangeable and a slot can only be selected by its
+   content, not by its index); fresh noise per image in training, and in
+   eval mode a fixed draw (generator seeded with 0, the same for every
+   image), so evaluation stays deterministic and batch-independent.
+   ``rgb=True`` (object-centric option): ``encode_image`` also returns the
+   mean RGB colour of every stride-16 cell (in [0, 1], so the feature cache
+   keeps it with the maps), appended as (colour - 0.5) / 0.25 to the input
+   tokens and to the reconstruction target: SynthRef's objects are
+   flat-coloured shapes that the stride-16/32 Lite0 cells separate poorly
+   (a linear probe gets their colour right only 79 % of the time).
+   ``recon_mse = feature_weight * MSE(features) + rgb_weight * MSE(colour)``
+   (each a mean over its own channels, so the 3 colour channels weigh as
+   much as all the encoder channels at rgb_weight = feature_weight = 1).
    Decoder: DINOSAUR's spatial-broadcast MLP; each slot plus the position
    code of every cell goes through an MLP to a feature vector and an alpha
    logit; alphas are a softmax over slots and the reconstruction is the
    alpha-weighted sum. Its per-image MSE against the input tokens
    (``recon_mse``) makes the slots partition the image into entities.
+   Two training options keep the contrastive terms from undoing the
+   partition: ``pretrain_steps`` N > 0 trains the shatter stage on
+   reconstruction alone for the first N training steps (a persistent
+   ``steps_seen`` buffer counts training-mode decodes, so a resumed run
+   keeps its phase; ``out["contrast_weight"]`` is 0 before step N, 1 after,
+   and sag_text_loss multiplies the contrastive and no-target terms by it),
+   DINOSAUR-style; ``detach_slots=True`` stops the gather's gradient at the
+   slots, so they only ever learn from reconstruction and the slot
+   context / gather learn to select among them.
 2. Slot context *(choice)*: ``context_layers`` pre-norm self-attention
    layers among the K slots of an image, so that an entity embedding can
    carry what is around it ("left of the blue circle", "the leftmost ...").
@@ -199,7 +223,15 @@ class SaGHead(nn.Module):
       decoder_hidden / decoder_depth: the slot decoder's MLP;
       logit_scale_init: initial InfoNCE inverse temperature (learned,
       clamped to at most 100); hard_negatives: weight of the same-image
-      hard-negative contrast in sag_text_loss (0 = off; see module docstring).
+      hard-negative contrast in sag_text_loss (0 = off; see module docstring);
+      slot_init: "learned" (default, K learned vectors) or "gaussian";
+      rgb: also group and reconstruct the mean cell colour (encode_image then
+      returns one more map); rgb_weight / feature_weight: the weights of the
+      colour and feature reconstruction errors in recon_mse; detach_slots:
+      no contrastive gradient into the shatter stage; pretrain_steps:
+      training steps of reconstruction alone before the contrastive terms.
+      The defaults are the first version's (checkpoints without these keys
+      in their config load unchanged).
     """
 
     def __init__(
@@ -381,7 +413,8 @@ class SaG(LTS):
 
     def encode_image(self, images: torch.Tensor) -> List[torch.Tensor]:
         """(B, 3, S, S) uint8 RGB in [0, 255] -> the maps at ``head.strides`` (default stride 16
-        (B, C16, S/16, S/16) and stride 32 (B, C32, S/32, S/32)), finest first."""
+        (B, C16, S/16, S/16) and stride 32 (B, C32, S/32, S/32)), finest first; with
+        ``head.rgb`` then the mean colour per stride-16 cell (B, 3, S/16, S/16) in [0, 1]."""
         maps = dict(zip(self.visual.strides, super().encode_image(images)))
         out = [maps[s] for s in self.head.strides]
         if getattr(self.head, "rgb", False):  # mean colour of each stride-16 cell, in [0, 1] (cached with the maps)
