@@ -184,7 +184,9 @@ def sag_text_loss(
                  scale and bias only; the similarity it reads is detached).
       acc_image, acc_hard  (logged only) share of anchors whose positive
                  beats every image / every hard negative.
-    loss = infonce + w_hard * hard + w_recon * recon + w_no_target * no_target;
+    loss = c * (infonce + w_hard * hard + w_no_target * no_target) + w_recon * recon, with
+    c = out["contrast_weight"] (0 while the model pre-trains its shatter stage on
+    reconstruction alone, see SaGHead ``pretrain_steps``; 1 after, and when absent);
     w_hard None reads out["hard_negative_weight"] (1.0 when absent).
     Returns dict(loss, the terms and accuracies detached).
     """
@@ -221,7 +223,9 @@ def sag_text_loss(
 
     recon = out["recon_mse"].mean()
     nt = F.binary_cross_entropy_with_logits(out["no_target_logits"], no_target.to(e.dtype))
-    loss = infonce + w_hard * hard + w_recon * recon + w_no_target * nt
+    contrast = out.get("contrast_weight")  # 0 during the model's shatter pre-training (pretrain_steps)
+    contrast = 1.0 if contrast is None else contrast.to(e.dtype)
+    loss = contrast * (infonce + w_hard * hard + w_no_target * nt) + w_recon * recon
     parts = {"infonce": infonce, "hard": hard, "recon": recon, "no_target": nt,
              "acc_image": acc_image, "acc_hard": acc_hard}
     return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}

@@ -42,7 +42,7 @@ def test_sag_smoke_forward_backward_shapes():
     K, D, g = 6, 32, S // 16
     shapes = {"mask_logits": (4, 1, S, S), "prior_logits": (4, 1, g, g), "no_target_logits": (4,),
               "text_embedding": (4, D), "gathered": (4, 2, D), "logit_scale": (), "relevance": (4, K),
-              "slot_attn": (2, K, g, g), "recon_mse": (2,), "hard_negative_weight": ()}
+              "slot_attn": (2, K, g, g), "recon_mse": (2,), "hard_negative_weight": (), "contrast_weight": ()}
     assert {k: tuple(v.shape) for k, v in out.items()} == shapes
     assert (out["no_target_logits"] < -4).all()  # never fires untrained
     batch = {"image_index": index, "ref_id": torch.tensor([1, 2, 3, 3]), "no_target": torch.zeros(4, dtype=torch.bool)}
@@ -90,6 +90,90 @@ def test_slot_attention_is_a_softmax_over_slots():
     out = _tiny()(_images(2), TEXTS[:2])
     assert torch.allclose(out["slot_attn"].sum(1), torch.ones(2, S // 16, S // 16), atol=1e-5)
     assert torch.allclose(out["relevance"].sum(1), torch.ones(2), atol=1e-5)
+
+
+def test_gaussian_slots_sum_to_one_and_eval_is_deterministic():
+    torch.manual_seed(0)
+    sa = SlotAttention(dim=16, num_slots=5, iters=3, init="gaussian")
+    x = torch.randn(3, 40, 16)
+    slots, attn = sa(x)  # training mode: fresh noise
+    assert torch.allclose(attn.sum(1), torch.ones(3, 40), atol=1e-5)
+    assert not torch.allclose(sa(x)[0], slots)  # stochastic in training
+    sa.eval()
+    a, b = sa(x)[0], sa(x)[0]
+    assert torch.equal(a, b)  # the fixed eval seed
+    assert torch.allclose(sa(x[1:2])[0], a[1:2], atol=1e-6)  # an image's slots do not depend on its batch
+    assert set(dict(sa.named_parameters())) >= {"slots_mu", "slots_log_sigma"} and not hasattr(sa, "slots_init")
+    with pytest.raises(ValueError, match="slot init"):
+        SlotAttention(dim=16, num_slots=5, init="uniform")
+
+    model = _tiny(slot_init="gaussian", iters=4).eval()
+    with torch.no_grad():
+        o1, o2 = model(_images(2), TEXTS[:2]), model(_images(2), TEXTS[:2])
+    assert torch.equal(o1["mask_logits"], o2["mask_logits"])
+    assert torch.allclose(o1["slot_attn"].sum(1), torch.ones(2, S // 16, S // 16), atol=1e-5)
+
+
+def test_rgb_map_is_encoded_cached_and_reconstructed():
+    from refseg.engine.cache import encoder_fingerprint
+
+    model = _tiny(rgb=True)
+    images = _images(2)
+    vis = model.encode_image(images)
+    assert len(vis) == 3 and vis[-1].shape == (2, 3, S // 16, S // 16)
+    expected = torch.nn.functional.avg_pool2d(images.float() / 255, 16)
+    assert torch.allclose(vis[-1], expected, atol=1e-5) and not vis[-1].requires_grad
+    out = model.decode(vis, model.encode_text(TEXTS[:2]), torch.tensor([0, 1]))
+    assert out["mask_logits"].shape == (2, 1, S, S) and torch.isfinite(out["recon_mse"]).all()
+    # the colour term is part of recon_mse: without its weight the error is smaller
+    head = model.head
+    with torch.no_grad():
+        full = head.shatter(vis)[2]
+        head.rgb_weight = 0.0
+        feat_only = head.shatter(vis)[2]
+    assert (full > feat_only).all()
+    with pytest.raises(ValueError, match="rgb"):  # features cached without the colour map
+        model.decode(_tiny().encode_image(images), model.encode_text(TEXTS[:1]), torch.tensor([0]))
+    # the colour map changes what encode_image returns, so the feature cache key; the default key is unchanged
+    assert encoder_fingerprint(model) != encoder_fingerprint(_tiny())
+    assert encoder_fingerprint(_tiny()) == encoder_fingerprint(_tiny(slot_init="gaussian"))
+    rebuilt = build_model(json.loads(json.dumps(model.config)))
+    rebuilt.load_state_dict(model.state_dict())
+    assert rebuilt.head.rgb
+
+
+def test_pretrain_steps_turn_the_contrastive_terms_on_later():
+    model = _tiny(pretrain_steps=2)
+    vis, txt = model.encode_image(_images(2)), model.encode_text(TEXTS)
+    index = torch.tensor([0, 0, 1, 1])
+    batch = {"image_index": index, "ref_id": torch.tensor([1, 2, 3, 4])}
+    model.eval()
+    with torch.no_grad():
+        assert model.decode(vis, txt, index)["contrast_weight"].item() == 0.0  # eval does not count
+    model.train()
+    weights = []
+    for _ in range(3):
+        model.zero_grad()
+        out = model.decode(vis, txt, index)
+        losses = sag_text_loss(out, batch)
+        losses["loss"].backward()
+        weights.append(out["contrast_weight"].item())
+        if weights[-1] == 0.0:  # reconstruction alone: the loss is recon, the gather learns nothing
+            assert losses["loss"].item() == pytest.approx(losses["recon"].item(), rel=1e-6)
+            assert model.head.gather_q.weight.grad is None or not model.head.gather_q.weight.grad.any()
+    assert weights == [0.0, 0.0, 1.0]
+    assert int(model.state_dict()["head.steps_seen"]) == 3  # saved with the weights: a resumed run keeps its phase
+    assert "head.steps_seen" not in _tiny().state_dict()  # default models keep their state keys
+
+
+def test_detach_slots_keeps_the_contrastive_gradient_out_of_the_shatter_stage():
+    model = _tiny(detach_slots=True)
+    out = model.decode(model.encode_image(_images(2)), model.encode_text(TEXTS), torch.tensor([0, 0, 1, 1]))
+    losses = sag_text_loss(out, {"image_index": torch.tensor([0, 0, 1, 1]), "ref_id": torch.tensor([1, 2, 3, 4])},
+                           w_recon=0.0)
+    losses["loss"].backward()  # the contrastive terms alone
+    assert model.head.slot_attention.q.weight.grad is None or not model.head.slot_attention.q.weight.grad.any()
+    assert model.head.gather_q.weight.grad.abs().sum() > 0
 
 
 def test_mask_is_the_min_max_normalised_map_thresholded_at_half():
@@ -191,7 +275,11 @@ def _read_log(run):
     return {tag: [float(r["value"]) for r in rows if r["tag"] == tag] for tag in {r["tag"] for r in rows}}
 
 
-def test_trains_from_text_alone_through_the_engine(synthref_tiny, tmp_path, monkeypatch):
+OBJECT_CENTRIC = dict(rgb=True, slot_init="gaussian", iters=3, pretrain_steps=2, detach_slots=True)
+
+
+@pytest.mark.parametrize("extra", [{}, OBJECT_CENTRIC], ids=["default", "object-centric"])
+def test_trains_from_text_alone_through_the_engine(synthref_tiny, tmp_path, monkeypatch, extra):
     from refseg.cli import main as cli
     from refseg.data.refer import ReferData
 
@@ -211,7 +299,7 @@ def test_trains_from_text_alone_through_the_engine(synthref_tiny, tmp_path, monk
     monkeypatch.setattr(ReferData, "clicks", no_clicks)
     run = tmp_path / "run"
     rc = cli(["train", "--data", str(data), "--model", "sag", "--supervision", "text",
-              "--model-kwargs", json.dumps(TINY_SAG), "--size", str(S), "--batch-size", "8",
+              "--model-kwargs", json.dumps({**TINY_SAG, **extra}), "--size", str(S), "--batch-size", "8",
               "--images-per-batch", "2", "--max-steps", "3", "--warmup-steps", "1", "--log-every", "1",
               "--val-max-samples", "16", "--threads", "1", "--no-progress", "--out", str(run)])
     assert rc == 0

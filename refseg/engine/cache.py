@@ -90,6 +90,8 @@ def encoder_fingerprint(model: nn.Module) -> str:
     config = getattr(model, "config", None) or {}
     encoder_keys = ("visual", "text", "pretrained", "stride2", "levels", "max_length", "text_tokenizer", "image_size")
     h.update(json.dumps({k: config.get(k) for k in encoder_keys}, sort_keys=True, default=str).encode())
+    if config.get("rgb"):  # SaG's colour map is part of what encode_image returns (hashed only when on: old keys hold)
+        h.update(b"rgb=1")
     for attr in ("max_length",):  # tokenisation length changes the text features' shape
         text = getattr(model, "text", None)
         if text is not None and hasattr(text, attr):

@@ -86,7 +86,8 @@ def build_sag(
     these maps are kept by encode_image and the feature cache.
     head_kwargs: SaGHead arguments (dim, num_slots, iters, heads,
     mlp_ratio, text_layers, context_layers, decoder_hidden, decoder_depth,
-    logit_scale_init, hard_negatives).
+    logit_scale_init, hard_negatives, slot_init, rgb, rgb_weight,
+    feature_weight, detach_slots, pretrain_steps).
     """
     v = build_visual(visual, frozen=freeze_visual, pretrained=pretrained)
     t = build_text(text, frozen=freeze_text, max_length=max_length, tokenizer=text_tokenizer)

@@ -22,11 +22,35 @@ boxes or clicks); losses in ``refseg.losses.sag_text_loss``.
    (as BO-QSA; without its bi-level gradient trick, which did not help in
    short runs), not from Gaussian noise, so a forward pass is
    deterministic and training and evaluation see the same slots.
+   ``slot_init="gaussian"`` instead draws them as in the original slot
+   attention, mu + sigma * noise (learned mu, sigma; i.i.d. over slots, so
+   slots are interchangeable and a slot can only be selected by its
+   content, not by its index); fresh noise per image in training, and in
+   eval mode a fixed draw (generator seeded with 0, the same for every
+   image), so evaluation stays deterministic and batch-independent.
+   ``rgb=True`` (object-centric option): ``encode_image`` also returns the
+   mean RGB colour of every stride-16 cell (in [0, 1], so the feature cache
+   keeps it with the maps), appended as (colour - 0.5) / 0.25 to the input
+   tokens and to the reconstruction target: SynthRef's objects are
+   flat-coloured shapes that the stride-16/32 Lite0 cells separate poorly
+   (a linear probe gets their colour right only 79 % of the time).
+   ``recon_mse = feature_weight * MSE(features) + rgb_weight * MSE(colour)``
+   (each a mean over its own channels, so the 3 colour channels weigh as
+   much as all the encoder channels at rgb_weight = feature_weight = 1).
    Decoder: DINOSAUR's spatial-broadcast MLP; each slot plus the position
    code of every cell goes through an MLP to a feature vector and an alpha
    logit; alphas are a softmax over slots and the reconstruction is the
    alpha-weighted sum. Its per-image MSE against the input tokens
    (``recon_mse``) makes the slots partition the image into entities.
+   Two training options keep the contrastive terms from undoing the
+   partition: ``pretrain_steps`` N > 0 trains the shatter stage on
+   reconstruction alone for the first N training steps (a persistent
+   ``steps_seen`` buffer counts training-mode decodes, so a resumed run
+   keeps its phase; ``out["contrast_weight"]`` is 0 before step N, 1 after,
+   and sag_text_loss multiplies the contrastive and no-target terms by it),
+   DINOSAUR-style; ``detach_slots=True`` stops the gather's gradient at the
+   slots, so they only ever learn from reconstruction and the slot
+   context / gather learn to select among them.
 2. Slot context *(choice)*: ``context_layers`` pre-norm self-attention
    layers among the K slots of an image, so that an entity embedding can
    carry what is around it ("left of the blue circle", "the leftmost ...").
@@ -89,6 +113,8 @@ from refseg.modeling.common import MLP, TextLayer, sine_position_encoding
 from refseg.modeling.lts import LTS
 from refseg.modeling.text import TextFeatures, masked_mean
 
+RGB_CHANNELS = 3  # the optional colour map (``rgb``): mean RGB per cell
+RGB_SCALE = 0.25  # (colour - 0.5) / RGB_SCALE: about unit scale, like the layer-normalised features
 LOGIT_EPS = 1e-4  # the normalised map is clamped to [eps, 1 - eps] before logit: logits in about [-9.2, 9.2]
 
 
@@ -100,11 +126,18 @@ class SlotAttention(nn.Module):
     at every position), values in [0, 1].
     """
 
-    def __init__(self, dim: int, num_slots: int, iters: int = 3, mlp_ratio: float = 2.0, eps: float = 1e-8):
+    def __init__(self, dim: int, num_slots: int, iters: int = 3, mlp_ratio: float = 2.0, eps: float = 1e-8,
+                 init: str = "learned", eval_seed: int = 0):
         super().__init__()
-        self.num_slots, self.iters, self.eps = num_slots, iters, eps
+        if init not in ("learned", "gaussian"):
+            raise ValueError(f"slot init must be 'learned' or 'gaussian', got {init!r}")
+        self.num_slots, self.iters, self.eps, self.init, self.eval_seed = num_slots, iters, eps, init, int(eval_seed)
         self.scale = dim**-0.5
-        self.slots_init = nn.Parameter(torch.randn(1, num_slots, dim) * dim**-0.5)
+        if init == "learned":
+            self.slots_init = nn.Parameter(torch.randn(1, num_slots, dim) * dim**-0.5)
+        else:  # original slot attention: slots ~ N(mu, sigma^2), i.i.d. over slots (permutation-symmetric)
+            self.slots_mu = nn.Parameter(torch.randn(1, 1, dim) * dim**-0.5)
+            self.slots_log_sigma = nn.Parameter(torch.full((1, 1, dim), math.log(dim**-0.5)))
         self.norm_in = nn.LayerNorm(dim)
         self.k = nn.Linear(dim, dim, bias=False)
         self.v = nn.Linear(dim, dim, bias=False)
@@ -118,7 +151,7 @@ class SlotAttention(nn.Module):
         B, N, D = x.shape
         x = self.norm_in(x)
         k, v = self.k(x), self.v(x)  # (B, N, D) each
-        slots = self.slots_init.expand(B, -1, -1)  # (B, K, D)
+        slots = self.initial_slots(B, x)  # (B, K, D)
         attn = x.new_zeros(B, self.num_slots, N)
         for _ in range(self.iters):
             q = self.q(self.norm_slots(slots))  # (B, K, D)
@@ -129,6 +162,21 @@ class SlotAttention(nn.Module):
             slots = self.gru(updates.reshape(-1, D), slots.reshape(-1, D)).view(B, self.num_slots, D)
             slots = slots + self.mlp(self.norm_mlp(slots))
         return slots, attn
+
+    def initial_slots(self, B: int, x: torch.Tensor) -> torch.Tensor:
+        """(B, K, D) starting slots: the learned vectors, or mu + sigma * noise; the
+        noise is fresh in training and, in eval mode, drawn from a generator seeded
+        with ``eval_seed`` (the same K draws for every image: deterministic, and
+        independent of the batch an image comes in)."""
+        if self.init == "learned":
+            return self.slots_init.expand(B, -1, -1)
+        D = self.slots_mu.shape[-1]
+        if self.training:
+            noise = torch.randn(B, self.num_slots, D, device=x.device, dtype=x.dtype)
+        else:
+            g = torch.Generator().manual_seed(self.eval_seed)
+            noise = torch.randn(1, self.num_slots, D, generator=g).to(device=x.device, dtype=x.dtype).expand(B, -1, -1)
+        return self.slots_mu + self.slots_log_sigma.exp() * noise
 
 
 class SlotDecoder(nn.Module):
@@ -175,7 +223,15 @@ class SaGHead(nn.Module):
       decoder_hidden / decoder_depth: the slot decoder's MLP;
       logit_scale_init: initial InfoNCE inverse temperature (learned,
       clamped to at most 100); hard_negatives: weight of the same-image
-      hard-negative contrast in sag_text_loss (0 = off; see module docstring).
+      hard-negative contrast in sag_text_loss (0 = off; see module docstring);
+      slot_init: "learned" (default, K learned vectors) or "gaussian";
+      rgb: also group and reconstruct the mean cell colour (encode_image then
+      returns one more map); rgb_weight / feature_weight: the weights of the
+      colour and feature reconstruction errors in recon_mse; detach_slots:
+      no contrastive gradient into the shatter stage; pretrain_steps:
+      training steps of reconstruction alone before the contrastive terms.
+      The defaults are the first version's (checkpoints without these keys
+      in their config load unchanged).
     """
 
     def __init__(
@@ -194,6 +250,12 @@ class SaGHead(nn.Module):
         decoder_depth: int = 2,
         logit_scale_init: float = 10.0,
         hard_negatives: float = 1.0,
+        slot_init: str = "learned",
+        rgb: bool = False,
+        rgb_weight: float = 1.0,
+        feature_weight: float = 1.0,
+        detach_slots: bool = False,
+        pretrain_steps: int = 0,
     ):
         super().__init__()
         self.strides = tuple(int(s) for s in visual_strides)
@@ -203,12 +265,17 @@ class SaGHead(nn.Module):
         self.channels = [int(c) for c in visual_channels]
         self.feat_dim = sum(self.channels)
         self.hard_negatives = float(hard_negatives)
+        self.rgb, self.rgb_weight, self.feature_weight = bool(rgb), float(rgb_weight), float(feature_weight)
+        self.detach_slots, self.pretrain_steps = bool(detach_slots), int(pretrain_steps)
+        if self.pretrain_steps > 0:  # training steps seen (persistent: a resumed run keeps its phase)
+            self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
+        in_dim = self.feat_dim + (RGB_CHANNELS if self.rgb else 0)
 
         # 1. shatter
-        self.feat_in = MLP(self.feat_dim, 2 * dim, dim)
+        self.feat_in = MLP(in_dim, 2 * dim, dim)
         self.pos_in = nn.Linear(dim, dim, bias=False)
-        self.slot_attention = SlotAttention(dim, num_slots, iters, mlp_ratio)
-        self.decoder = SlotDecoder(dim, self.feat_dim, decoder_hidden, decoder_depth)
+        self.slot_attention = SlotAttention(dim, num_slots, iters, mlp_ratio, init=slot_init)
+        self.decoder = SlotDecoder(dim, in_dim, decoder_hidden, decoder_depth)
         # 2. slot context
         self.context = nn.ModuleList([TextLayer(dim, heads, mlp_ratio) for _ in range(context_layers)])
         self.context_norm = nn.LayerNorm(dim)
@@ -231,10 +298,12 @@ class SaGHead(nn.Module):
         """Maps at ``self.strides`` [(B_img, C_i, S/s_i, S/s_i)] ->
         (slots (B_img, K, D), attn (B_img, K, N), recon_mse (B_img,), (h, w)), N = h*w on the stride-16 grid."""
         got = [int(m.shape[1]) for m in vis]
-        if got != self.channels:
-            raise ValueError(f"SaGHead expects maps with {self.channels} channels at strides {self.strides}, got {got} "
-                             "(features cached for other `levels`?)")
-        maps = dict(zip(self.strides, vis))
+        want = self.channels + ([RGB_CHANNELS] if self.rgb else [])
+        if got != want:
+            raise ValueError(f"SaGHead expects maps with {want} channels at strides {self.strides}"
+                             f"{' + the RGB map' if self.rgb else ''}, got {got} "
+                             "(features cached for other `levels` or `rgb`?)")
+        maps = dict(zip(self.strides, vis[: len(self.strides)]))
         B_img, _, h, w = maps[16].shape
         grid = []
         for stride, m in maps.items():
@@ -245,11 +314,20 @@ class SaGHead(nn.Module):
             grid.append(m)
         feats = torch.cat(grid, 1).flatten(2).transpose(1, 2)  # (B_img, N, C)
         target = F.layer_norm(feats, (self.feat_dim,)).detach()  # (B_img, N, C), the reconstruction target
+        if self.rgb:
+            colour = vis[-1].to(feats.dtype)  # (B_img, 3, h', w'), mean RGB in [0, 1]
+            if colour.shape[-2:] != (h, w):
+                colour = F.adaptive_avg_pool2d(colour, (h, w))
+            colour = ((colour - 0.5) / RGB_SCALE).flatten(2).transpose(1, 2)  # (B_img, N, 3), about unit scale
+            target = torch.cat([target, colour.detach()], -1)  # (B_img, N, C + 3)
         pe = sine_position_encoding(h, w, self.dim, feats.device, feats.dtype)  # (N, D)
         x = self.feat_in(target) + self.pos_in(pe)  # (B_img, N, D)
         slots, attn = self.slot_attention(x)  # (B_img, K, D), (B_img, K, N)
-        recon, _ = self.decoder(slots, pe)  # (B_img, N, C)
-        recon_mse = (recon - target).pow(2).mean((1, 2))  # (B_img,)
+        recon, _ = self.decoder(slots, pe)  # (B_img, N, C (+ 3))
+        err = (recon - target).pow(2)  # (B_img, N, C (+ 3))
+        recon_mse = self.feature_weight * err[..., : self.feat_dim].mean((1, 2))  # (B_img,)
+        if self.rgb:
+            recon_mse = recon_mse + self.rgb_weight * err[..., self.feat_dim:].mean((1, 2))
         return slots, attn, recon_mse, (h, w)
 
     def encode_sentence(self, txt: TextFeatures) -> torch.Tensor:
@@ -265,7 +343,7 @@ class SaGHead(nn.Module):
 
         # 1-2. shatter (once per image), slot context
         slots, attn, recon_mse, (h, w) = self.shatter(vis)
-        ctx = slots
+        ctx = slots.detach() if self.detach_slots else slots  # detached: the slots learn from reconstruction alone
         for layer in self.context:
             ctx = layer(ctx)
         ctx = self.context_norm(ctx)  # (B_img, K, D)
@@ -295,6 +373,13 @@ class SaGHead(nn.Module):
         own_sim = (text_embedding * gathered[rows, idx]).sum(-1).detach()  # (B,)
         no_target = self.nt_log_scale.exp() * (self.nt_bias - own_sim)  # (B,)
 
+        # shatter pre-training: the contrastive terms are off for the first pretrain_steps training steps
+        contrast_weight = torch.ones((), device=s.device)
+        if self.pretrain_steps > 0:
+            contrast_weight = (self.steps_seen >= self.pretrain_steps).to(contrast_weight.dtype)
+            if self.training and torch.is_grad_enabled():
+                self.steps_seen += 1
+
         return {
             "mask_logits": mask,
             "prior_logits": prior,
@@ -306,6 +391,7 @@ class SaGHead(nn.Module):
             "slot_attn": attn.view(attn.shape[0], self.num_slots, h, w),
             "recon_mse": recon_mse,
             "hard_negative_weight": torch.tensor(self.hard_negatives, device=s.device),
+            "contrast_weight": contrast_weight,
         }
 
 
@@ -327,6 +413,11 @@ class SaG(LTS):
 
     def encode_image(self, images: torch.Tensor) -> List[torch.Tensor]:
         """(B, 3, S, S) uint8 RGB in [0, 255] -> the maps at ``head.strides`` (default stride 16
-        (B, C16, S/16, S/16) and stride 32 (B, C32, S/32, S/32)), finest first."""
+        (B, C16, S/16, S/16) and stride 32 (B, C32, S/32, S/32)), finest first; with
+        ``head.rgb`` then the mean colour per stride-16 cell (B, 3, S/16, S/16) in [0, 1]."""
         maps = dict(zip(self.visual.strides, super().encode_image(images)))
-        return [maps[s] for s in self.head.strides]
+        out = [maps[s] for s in self.head.strides]
+        if getattr(self.head, "rgb", False):  # mean colour of each stride-16 cell, in [0, 1] (cached with the maps)
+            h, w = maps[16].shape[-2:]
+            out.append(F.adaptive_avg_pool2d(images.to(maps[16].dtype) / 255.0, (h, w)))
+        return out
