@@ -206,39 +206,45 @@ def _export(module, args, path, input_names, output_names, dynamic_axes, exporte
 
 
 class _MultiHeadAttention(torch.autograd.Function):
-    """``Attention``'s core (split heads, scaled dot-product attention, merge heads) on projected
-    q (B, N, D), k, v (B, M, D) and an int32 key mask (B, M) or None; the legacy exporter writes it
-    as one ``com.microsoft.MultiHeadAttention`` node (onnxruntime's fused CPU / GPU kernel) instead
-    of ~15 small ops (reshapes, transposes, two batched MatMuls, mask arithmetic, Softmax)."""
+    """``Attention``'s core on projections without their biases: q (B, N, D), k, v (B, M, D), bias (3 D)
+    (the q, k, v biases, added first), an int32 key mask (B, M) or None. Splits heads, runs scaled
+    dot-product attention, merges heads. The legacy exporter writes it as one
+    ``com.microsoft.MultiHeadAttention`` node (onnxruntime's fused CPU / GPU kernel, which also adds the
+    biases) instead of ~18 small ops (bias Adds, reshapes, transposes, two batched MatMuls, mask
+    arithmetic, Softmax)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_mask, heads: int):
+    def forward(ctx, q, k, v, bias, key_mask, heads: int):
         B, N, D = q.shape
         M = k.shape[1]
-        q = q.view(B, N, heads, D // heads).transpose(1, 2)  # (B, h, N, D/h)
-        k = k.view(B, M, heads, D // heads).transpose(1, 2)  # (B, h, M, D/h)
-        v = v.view(B, M, heads, D // heads).transpose(1, 2)  # (B, h, M, D/h)
+        bq, bk, bv = bias.split(D)
+        q = (q + bq).view(B, N, heads, D // heads).transpose(1, 2)  # (B, h, N, D/h)
+        k = (k + bk).view(B, M, heads, D // heads).transpose(1, 2)  # (B, h, M, D/h)
+        v = (v + bv).view(B, M, heads, D // heads).transpose(1, 2)  # (B, h, M, D/h)
         mask = None if key_mask is None else key_mask.bool()[:, None, None, :]  # (B, 1, 1, M)
         x = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, N, D/h)
         return x.transpose(1, 2).reshape(B, N, D)
 
     @staticmethod
-    def symbolic(g, q, k, v, key_mask, heads: int):
-        if key_mask is None or key_mask.node().mustBeNone():
-            out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads)
-        else:
-            no_bias = g.op("prim::Constant")  # an omitted optional input ("")
-            no_bias.setType(torch._C.OptionalType.ofTensor())
+    def symbolic(g, q, k, v, bias, key_mask, heads: int):
+        inputs = [q, k, v, bias]
+        if not (key_mask is None or key_mask.node().mustBeNone()):
             # key_padding_mask (B, M) int32, 1 = attend: masked keys get -10000 before the softmax
             # (torch: -inf); both give them weight exp(-10000) = 0 in float32
-            out = g.op("com.microsoft::MultiHeadAttention", q, k, v, no_bias, key_mask, num_heads_i=heads)
+            inputs.append(key_mask)
+        out = g.op("com.microsoft::MultiHeadAttention", *inputs, num_heads_i=heads)
         return out.setType(q.type())  # (B, N, D), as q
 
 
 def _fused_attention_forward(self, q, k, v, key_mask=None):
     """``refseg.modeling.common.Attention.forward`` through ``_MultiHeadAttention`` (same result)."""
     mask = None if key_mask is None else key_mask.to(torch.int32)
-    return self.proj(_MultiHeadAttention.apply(self.q(q), self.k(k), self.v(v), mask, self.heads))
+    F = torch.nn.functional
+    zero = lambda lin: lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.weight.shape[0])  # noqa: E731
+    bias = torch.cat([zero(self.q), zero(self.k), zero(self.v)])
+    x = _MultiHeadAttention.apply(F.linear(q, self.q.weight), F.linear(k, self.k.weight), F.linear(v, self.v.weight),
+                                  bias, mask, self.heads)
+    return self.proj(x)
 
 
 @contextlib.contextmanager
@@ -486,6 +492,7 @@ class OnnxModel(nn.Module):
                                ("text_graph_int8" if int8_text else "text_graph", sentence_threads),
                                ("decoder_graph", sentence_threads)))
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder / self.meta["tokenizer"]), local_files_only=True)
+        self._backend = _backend_tokenizer(self.tokenizer, self.max_length)
 
     def encode_image(self, images: torch.Tensor) -> List[torch.Tensor]:
         """(B, 3, S, S) uint8 RGB in [0, 255] -> list of per-image tensors (B, ...), ``meta["image_outputs"]``."""
@@ -498,6 +505,10 @@ class OnnxModel(nn.Module):
     def tokenize(self, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
         """list[str] (B) -> dict(input_ids, attention_mask), (B, L) int64, L = the longest
         expression's token count (at most max_length)."""
+        if self._backend is not None:  # the Rust tokenizer directly: ~0.25 ms less per call than the wrapper
+            enc = self._backend.encode_batch(list(texts))
+            return {"input_ids": torch.tensor([e.ids for e in enc], dtype=torch.int64),
+                    "attention_mask": torch.tensor([e.attention_mask for e in enc], dtype=torch.int64)}
         enc = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_length,
                              return_tensors="np")
         return {k: torch.from_numpy(enc[k].astype(np.int64)) for k in ("input_ids", "attention_mask")}
@@ -522,6 +533,35 @@ class OnnxModel(nn.Module):
         feeds["image_index"] = image_index.to(torch.int64).cpu().numpy()
         outs = self.decoder_session.run(self.meta["decoder_outputs"], feeds)
         return {name: torch.from_numpy(v) for name, v in zip(self.meta["decoder_outputs"], outs)}
+
+
+_TOKENIZER_PROBES = ("the red star left of the blue circle", "a", "Über-long naïve café, 3.5 m² ... ok?!",
+                     "the " * 40 + "end", "")
+
+
+def _backend_tokenizer(tokenizer, max_length: int):
+    """The Rust ``tokenizers.Tokenizer`` under a fast Hugging Face tokenizer, set to truncate to ``max_length``
+    and pad to the longest text as ``tokenizer(texts, padding="longest", truncation=True, max_length=...)``
+    does, or None (a slow tokenizer, or one whose backend does not give the same ids and masks on
+    ``_TOKENIZER_PROBES``, one at a time and together)."""
+    import copy
+
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if not getattr(tokenizer, "is_fast", False) or backend is None or tokenizer.pad_token_id is None:
+        return None
+    try:
+        backend = copy.deepcopy(backend)
+        backend.enable_truncation(max_length)
+        backend.enable_padding(direction=tokenizer.padding_side, pad_id=tokenizer.pad_token_id,
+                               pad_type_id=tokenizer.pad_token_type_id, pad_token=tokenizer.pad_token)
+        for batch in [[t] for t in _TOKENIZER_PROBES] + [list(_TOKENIZER_PROBES)]:
+            ref = tokenizer(batch, padding="longest", truncation=True, max_length=max_length)
+            got = backend.encode_batch(batch)
+            if [e.ids for e in got] != ref["input_ids"] or [e.attention_mask for e in got] != ref["attention_mask"]:
+                return None
+    except Exception:  # noqa: BLE001  (any doubt: the wrapper, which is the reference)
+        return None
+    return backend
 
 
 class OnnxPredictor(Predictor):

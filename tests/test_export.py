@@ -233,8 +233,8 @@ def test_a_wrong_fused_graph_fails_the_parity_check(tmp_path, monkeypatch):
 
     real = export_module._MultiHeadAttention.symbolic
 
-    def maskless(g, q, k, v, key_mask, heads):
-        return real(g, q, k, v, None, heads)
+    def maskless(g, q, k, v, bias, key_mask, heads):
+        return real(g, q, k, v, bias, None, heads)
 
     monkeypatch.setattr(export_module._MultiHeadAttention, "symbolic", staticmethod(maskless))
     with pytest.raises(RuntimeError, match="differ by"):
@@ -259,3 +259,17 @@ def test_cli_reports_an_unknown_model(tmp_path, capsys):
 
     assert cli(["export", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "m.onnx")]) != 0
     assert "error" in capsys.readouterr().err
+
+
+def test_tokenize_matches_the_hugging_face_tokenizer(exported):
+    """OnnxModel.tokenize calls the Rust tokenizer directly; ids and masks must be the wrapper's."""
+    _, out = exported
+    m = OnnxModel(out)
+    assert m._backend is not None, "a fast tokenizer: the direct path should be taken"
+    batches = [TEXTS, ["red"], ["the " * 30 + "square", "a b"], ["ÄÖÜ naïve  café — 3½ m²", "x" * 100]]
+    for texts in batches:
+        got = m.tokenize(texts)
+        ref = m.tokenizer(texts, padding="longest", truncation=True, max_length=m.max_length, return_tensors="np")
+        for key in ("input_ids", "attention_mask"):
+            assert got[key].dtype == torch.int64
+            assert np.array_equal(got[key].numpy(), ref[key]), (texts, key)
