@@ -44,16 +44,17 @@ fused at export time (``optimize=True``, the default; ``refseg export --no-optim
 writes them unfused): the head's attention layers are exported as onnxruntime's
 ``com.microsoft.MultiHeadAttention`` nodes, the text encoder with its Hugging Face
 "eager" attention, and both graphs then go through onnxruntime's transformer optimiser
-offline (pure graph rewriting: Attention, EmbedLayerNormalization, SkipLayerNormalization,
-(Bias)Gelu, LayerNormalization; no hardware-specific kernels are baked in). For
-lts-synthref the text graph (all-MiniLM-L6-v2) goes from 319 nodes to 75 (+ 15 Constant),
+offline (pure graph rewriting: Attention, EmbedLayerNormalization, (Bias)Gelu,
+LayerNormalization; no hardware-specific kernels are baked in; not SkipLayerNormalization,
+slower here than the Add + LayerNormalization it replaces, see ``_optimize``). For
+lts-synthref the text graph (all-MiniLM-L6-v2) goes from 319 nodes to 99 (+ 15 Constant),
 the head's from 470 to 272 (+ 76 Constant, folded when onnxruntime loads it); the JSON
 records the fused operators (``fused_ops``), and the parity check below runs on the
-fused graphs (mask logits within 2.5e-5 of PyTorch on lts-synthref). Measured on the
-2-core dev machine under two trainings (``benchmarks/latency.py --unfused``, and
-interleaved runs of each graph alone): the text graph takes ~0.89x and the head graph
-~0.92x the time of the unfused ones; with the numpy post-processing and the direct
-tokenizer call, an extra expression on a cached image ~0.87x (see the README).
+fused graphs (mask logits within 2.7e-5 of PyTorch on lts-synthref). Measured on the
+2-core dev machine under two trainings (interleaved runs of each graph alone, 1 thread):
+the text graph takes 0.88-0.91x and the head graph 0.92-0.95x the time of the unfused
+ones; with the numpy post-processing and the direct tokenizer call, an extra expression on
+a cached image 0.83-0.90x (see the README).
 
 Exporters: the image graph tries the new (``dynamo=True``) exporter first, the
 per-expression graphs the legacy TorchScript exporter (``dynamo=False``) first, whose
@@ -290,13 +291,17 @@ def _optimize(path: Path, fusions: str, num_heads: int = 0, hidden_size: int = 0
     """Rewrite the graph at ``path`` in place with onnxruntime's transformer optimiser (offline, pure
     graph rewriting: ``opt_level=0`` bakes in no hardware-specific kernels; the session still applies
     ``ORT_ENABLE_ALL`` when it loads). ``fusions``: "text" (a BERT-like encoder: EmbedLayerNormalization,
-    Attention, SkipLayerNormalization, BiasGelu) or "head" (Gelu / BiasGelu / LayerNormalization /
-    SkipLayerNormalization; its attention is already fused by ``_fused_attention``). Returns the
-    count of each fused operator found."""
+    Attention, BiasGelu, LayerNormalization) or "head" (Gelu / BiasGelu / LayerNormalization; its
+    attention is already fused by ``_fused_attention``). Returns the count of each fused operator found."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions("bert")
+    # no SkipLayerNormalization: onnxruntime's CPU kernel for it took ~5% longer on the text graph than the
+    # Add + LayerNormalization it replaces (interleaved runs on the 2-core dev machine); OnnxModel also
+    # turns off its run-time fusion (SkipLayerNormFusion) for the per-expression graphs
+    options.enable_skip_layer_norm = False
+    options.enable_bias_skip_layer_norm = False
     if fusions == "head":
         options.enable_attention = False
         options.enable_embed_layer_norm = False
@@ -494,11 +499,14 @@ class OnnxModel(nn.Module):
             return o
 
         providers = list(providers)
+        # per-expression graphs: without onnxruntime's run-time SkipLayerNormalization fusion (see _optimize)
         self.image_session, self.text_session, self.decoder_session = (
-            ort.InferenceSession(str(folder / self.meta[key]), options(intra), providers=providers)
-            for key, intra in (("image_graph", threads),
-                               ("text_graph_int8" if int8_text else "text_graph", sentence_threads),
-                               ("decoder_graph", sentence_threads)))
+            ort.InferenceSession(str(folder / self.meta[key]), options(intra), providers=providers,
+                                 disabled_optimizers=disabled)
+            for key, intra, disabled in (
+                ("image_graph", threads, []),
+                ("text_graph_int8" if int8_text else "text_graph", sentence_threads, ["SkipLayerNormFusion"]),
+                ("decoder_graph", sentence_threads, ["SkipLayerNormFusion"])))
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder / self.meta["tokenizer"]), local_files_only=True)
         self._backend = _backend_tokenizer(self.tokenizer, self.max_length)
 
