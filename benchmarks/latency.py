@@ -4,6 +4,7 @@
     python benchmarks/latency.py --model untrained:lts       # the default architecture, untrained head
     python benchmarks/latency.py --model lts-synthref --runs 100 --skip-onnx
     python benchmarks/latency.py --model lts-synthref --int8-text   # + a column for the int8 text graph
+    python benchmarks/latency.py --model lts-synthref --unfused     # + a column for the unfused graphs
 
 Measures, on one 320 x 320 image and one expression, with torch.set_num_threads(2)
 and onnxruntime intra-op threads 2 (--threads):
@@ -78,8 +79,13 @@ def export(args) -> dict:
     from refseg.export import export_onnx
 
     torch.set_num_threads(args.threads)
-    paths = export_onnx(load_model(args.model, json.loads(args.model_kwargs)), args.onnx, int8_text=args.int8_text)
-    return json.loads(paths["meta"].read_text())
+    model = load_model(args.model, json.loads(args.model_kwargs))
+    paths = export_onnx(model, args.onnx, int8_text=args.int8_text)
+    meta = json.loads(paths["meta"].read_text())
+    if args.unfused:
+        unfused = export_onnx(model, args.onnx_unfused, optimize=False)
+        meta["unfused_parity"] = json.loads(unfused["meta"].read_text())["parity"]
+    return meta
 
 
 def make_predictor(backend: str, args):
@@ -89,8 +95,8 @@ def make_predictor(backend: str, args):
         return Predictor(load_model(args.model, json.loads(args.model_kwargs)))
     from refseg.export import OnnxPredictor
 
-    return OnnxPredictor(args.onnx, threads=args.threads, int8_text=backend == "onnx-int8",
-                         sentence_threads=args.sentence_threads)
+    return OnnxPredictor(args.onnx_unfused if backend == "onnx-unfused" else args.onnx, threads=args.threads,
+                         int8_text=backend == "onnx-int8", sentence_threads=args.sentence_threads)
 
 
 STAGES = ("tokenize", "text_encoder", "head", "postprocess")
@@ -138,7 +144,8 @@ def measure(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    backends = ["torch"] + ([] if args.skip_onnx else ["onnx"]) + (["onnx-int8"] if args.int8_text else [])
+    backends = (["torch"] + ([] if args.skip_onnx else ["onnx"]) + (["onnx-unfused"] if args.unfused else [])
+                + (["onnx-int8"] if args.int8_text else []))
     predictors, load_s = {}, {}
     for b in backends:
         t0 = time.perf_counter()
@@ -200,11 +207,12 @@ def peak_rss(args) -> dict:
 
 
 def child(args, mode: str, backend: str = "torch") -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--backend", backend, "--onnx", args.onnx]
+    cmd = [sys.executable, __file__, "--child", mode, "--backend", backend, "--onnx", args.onnx,
+           "--onnx-unfused", args.onnx_unfused]
     for key in ("model", "model_kwargs", "runs", "warmup", "threads", "batch_images", "images_per_batch",
                 "batch_rounds", "sentence_threads"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    for flag in ("skip_onnx", "int8_text"):
+    for flag in ("skip_onnx", "int8_text", "unfused"):
         if getattr(args, flag):
             cmd.append(f"--{flag.replace('_', '-')}")
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -215,7 +223,7 @@ def child(args, mode: str, backend: str = "torch") -> dict:
 
 def table(args, results: list, export_note: str) -> str:
     cols = [r["backend"] for r in results]
-    names = {"torch": "PyTorch", "onnx": "ONNX Runtime", "onnx-int8": "ORT, int8 text"}
+    names = {"torch": "PyTorch", "onnx": "ONNX Runtime", "onnx-unfused": "ORT, unfused", "onnx-int8": "ORT, int8 text"}
     lines = [f"model: {args.model}   image {results[0]['image_size']} px, 1 expression, "
              f"threads {args.threads} (onnxruntime per-expression graphs {args.sentence_threads}), {args.runs} runs (median / p90){export_note}",
              f"{'':36}" + "".join(f"{names[c]:>22}" for c in cols)]
@@ -262,15 +270,19 @@ def main() -> int:
                     help="onnxruntime threads of the per-expression graphs (text, decoder); OnnxPredictor's default 1")
     ap.add_argument("--int8-text", action="store_true",
                     help="also time onnxruntime with the int8 text graph (refseg export --int8-text; not exact)")
+    ap.add_argument("--unfused", action="store_true",
+                    help="also time onnxruntime with the unfused per-expression graphs (refseg export --no-optimize)")
     ap.add_argument("--json", help="write the raw figures here")
     ap.add_argument("--child", choices=("export", "measure", "rss"), help=argparse.SUPPRESS)
-    ap.add_argument("--backend", choices=("torch", "onnx", "onnx-int8"), default="torch", help=argparse.SUPPRESS)
+    ap.add_argument("--backend", choices=("torch", "onnx", "onnx-unfused", "onnx-int8"), default="torch",
+                    help=argparse.SUPPRESS)
     ap.add_argument("--onnx", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--onnx-unfused", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.runs < 50:
         ap.error("--runs must be at least 50")
-    if args.int8_text and args.skip_onnx:
-        ap.error("--int8-text needs the ONNX export; drop --skip-onnx")
+    if (args.int8_text or args.unfused) and args.skip_onnx:
+        ap.error("--int8-text and --unfused need the ONNX export; drop --skip-onnx")
     if args.child:
         run = {"export": export, "measure": measure, "rss": peak_rss}[args.child]
         print(json.dumps(run(args)))
@@ -282,11 +294,14 @@ def main() -> int:
         note = ""
         if not args.skip_onnx:
             args.onnx = str(Path(tmp) / "model.onnx")
+            args.onnx_unfused = str(Path(tmp) / "unfused" / "model.onnx")
             meta = child(args, "export")
             diff = meta["parity"]["max_abs_diff"]["mask_logits"]
             note = f"; ONNX ({meta['exporter']['decoder']} exporter) max |mask logit diff| {diff:.1e}"
             if args.int8_text:
                 note += f" (int8 text: {meta['parity']['int8_text_max_abs_diff']['mask_logits']:.1e})"
+            if args.unfused:
+                note += f" (unfused: {meta['unfused_parity']['max_abs_diff']['mask_logits']:.1e})"
         results = child(args, "measure")["results"]
         for r in results:
             r.update(child(args, "rss", r["backend"]))

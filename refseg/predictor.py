@@ -192,22 +192,32 @@ class Predictor:
                 np.zeros((0, 0, 0), bool), np.zeros(0, np.float32), np.zeros(0, bool),
                 np.zeros(0, np.float32), np.zeros((0, 0, 0), np.float32), np.zeros((0, 2), np.int64),
             )
-        nt_prob = torch.sigmoid(out["no_target_logits"].float()).cpu()  # (B,)
+        # numpy from here on (single-threaded): the maps are small, and torch's intra-op threads cost more
+        # in start-up and synchronisation than they save (much more on a busy machine)
+        nt_prob = _sigmoid(out["no_target_logits"].float().cpu().numpy())  # (B,)
         no_target = nt_prob > 0.5  # (B,)
-        logits = self.letterbox.invert(out["mask_logits"][:, 0].float(), hw).cpu()  # (B, H, W)
+        h, w = hw
+        p = self.letterbox.params(h, w)
+        mask_logits = out["mask_logits"][:, 0].float()  # (B, S, S)
+        if (p.new_h, p.new_w) == (h, w):  # no resize: the un-letterboxing is a crop
+            logits = np.array(mask_logits.cpu().numpy()[:, :h, :w])  # (B, H, W), a copy
+        else:
+            logits = self.letterbox.invert(mask_logits, hw).cpu().numpy()  # (B, H, W)
         masks = logits > self._logit_threshold  # (B, H, W) bool
         masks[no_target] = False
-        flat = logits.flatten(1).argmax(1)  # (B,)
-        points = torch.stack([flat % hw[1], flat // hw[1]], 1)  # (B, 2) x, y
-        scores = [float(torch.sigmoid(lg[m]).mean()) if m.any() else 0.0 for lg, m in zip(logits, masks)]
-        return Prediction(
-            masks=masks.numpy(),
-            scores=np.asarray(scores, dtype=np.float32),
-            no_target=no_target.numpy(),
-            no_target_prob=nt_prob.numpy().astype(np.float32),
-            logits=logits.numpy(),
-            points=points.numpy().astype(np.int64),
-        )
+        flat = logits.reshape(len(logits), -1).argmax(1)  # (B,)
+        points = np.stack([flat % w, flat // w], 1).astype(np.int64)  # (B, 2) x, y
+        scores = np.zeros(len(logits), np.float32)
+        for b in np.flatnonzero(masks.reshape(len(masks), -1).any(1)):
+            scores[b] = _sigmoid(logits[b][masks[b]]).mean(dtype=np.float32)
+        return Prediction(masks=masks, scores=scores, no_target=no_target,
+                          no_target_prob=nt_prob.astype(np.float32), logits=logits, points=points)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """float32 logistic function, elementwise (1 / (1 + exp(-x)); exp overflows to inf -> 0 quietly)."""
+    with np.errstate(over="ignore"):
+        return (1.0 / (1.0 + np.exp(-x, dtype=np.float32))).astype(np.float32, copy=False)
 
 
 def _concat(parts: list) -> Prediction:

@@ -7,6 +7,7 @@ logits vary (see _serve_fixtures.tiny_lts).
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,9 +155,90 @@ def test_auto_falls_back_to_the_legacy_exporter(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.onnx, "export", export)
     meta = json.loads(export_onnx(tiny_lts(), tmp_path / "m.onnx")["meta"].read_text())
     assert meta["exporter"] == {"image": "legacy", "text": "legacy", "decoder": "legacy"}
-    assert len(meta["exporter_failures"]) == 3
+    # the per-expression graphs try the legacy exporter first (fused export): only the image graph fell back
+    assert len(meta["exporter_failures"]) == 1 and meta["exporter_failures"][0].startswith("m.image.onnx")
     assert all("the new exporter cannot do this" in f for f in meta["exporter_failures"])
     assert meta["parity"]["max_abs_diff"]["mask_logits"] < TOL
+
+    meta = json.loads(export_onnx(tiny_lts(), tmp_path / "plain.onnx", optimize=False)["meta"].read_text())
+    assert len(meta["exporter_failures"]) == 3 and meta["fused_ops"] == {}
+
+
+def test_per_expression_graphs_fall_back_to_the_new_exporter(tmp_path, monkeypatch):
+    """The fused export prefers the legacy exporter for the text and head graphs; without it, the new
+    exporter's (unfused attention) graphs are used and still match PyTorch."""
+    real_export = torch.onnx.export
+
+    def export(*args, dynamo=True, **kwargs):
+        if not dynamo:
+            raise RuntimeError("no legacy exporter here")
+        return real_export(*args, dynamo=True, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    meta = json.loads(export_onnx(tiny_lts(), tmp_path / "m.onnx")["meta"].read_text())
+    assert meta["exporter"] == {"image": "dynamo", "text": "dynamo", "decoder": "dynamo"}
+    assert len(meta["exporter_failures"]) == 2
+    assert "MultiHeadAttention" not in meta["fused_ops"]["decoder"]
+    assert meta["parity"]["max_abs_diff"]["mask_logits"] < TOL
+
+
+def _op_types(path):
+    import onnx
+
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def _loaded_nodes(path, tmp_path) -> int:
+    """Nodes of the graph as onnxruntime runs it after constant folding (ORT_ENABLE_BASIC): the legacy
+    exporter writes shape arithmetic and Constant nodes that onnxruntime folds away when it loads."""
+    import onnx
+    import onnxruntime as ort
+
+    o = ort.SessionOptions()
+    o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    o.optimized_model_filepath = str(tmp_path / (Path(path).name + ".basic.onnx"))
+    ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+    return len(onnx.load(o.optimized_model_filepath).graph.node)
+
+
+def test_per_expression_graphs_are_fused(exported, tmp_path):
+    """Default export: fused attention in the text and head graphs, fewer nodes than the plain export,
+    same outputs as the plain export and as PyTorch (the parity tests above run on these graphs)."""
+    model, out = exported
+    paths = export_paths(out)
+    meta = json.loads(paths["meta"].read_text())
+    attention_layers = sum(type(m).__name__ == "Attention" for m in model.head.modules())
+    assert meta["fused_ops"]["decoder"]["MultiHeadAttention"] == attention_layers > 0
+    assert meta["fused_ops"]["text"]["Attention"] == model.text.model.config.num_hidden_layers
+    assert {"MultiHeadAttention"} <= _op_types(paths["decoder"])
+    assert {"Attention", "EmbedLayerNormalization", "BiasGelu"} <= _op_types(paths["text"])
+    assert not {"Softmax", "SkipLayerNormalization"} & _op_types(paths["text"])
+
+    plain = export_onnx(model, tmp_path / "plain.onnx", optimize=False)
+    for key in ("text", "decoder"):
+        assert _loaded_nodes(paths[key], tmp_path) < _loaded_nodes(plain[key], tmp_path), key
+    assert "MultiHeadAttention" not in _op_types(plain["decoder"]) and "Attention" not in _op_types(plain["text"])
+    image = red_square_image(64, 64)
+    fused_p, plain_p = OnnxPredictor(out, threads=1), OnnxPredictor(plain["meta"], threads=1)
+    fused_p.set_image(image)
+    plain_p.set_image(image)
+    a, b = fused_p.predict(TEXTS), plain_p.predict(TEXTS)
+    assert np.abs(a.logits - b.logits).max() < TOL
+
+
+def test_a_wrong_fused_graph_fails_the_parity_check(tmp_path, monkeypatch):
+    """The parity check holds the fused graphs to PARITY_TOLERANCE: a MultiHeadAttention node that
+    ignores the text padding mask (a plausible fusion bug) must fail the export."""
+    from refseg import export as export_module
+
+    real = export_module._MultiHeadAttention.symbolic
+
+    def maskless(g, q, k, v, bias, key_mask, heads):
+        return real(g, q, k, v, bias, None, heads)
+
+    monkeypatch.setattr(export_module._MultiHeadAttention, "symbolic", staticmethod(maskless))
+    with pytest.raises(RuntimeError, match="differ by"):
+        export_onnx(tiny_lts(), tmp_path / "m.onnx")
 
 
 def test_cli_exports_a_checkpoint_by_path(tmp_path, capsys):
@@ -177,3 +259,17 @@ def test_cli_reports_an_unknown_model(tmp_path, capsys):
 
     assert cli(["export", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "m.onnx")]) != 0
     assert "error" in capsys.readouterr().err
+
+
+def test_tokenize_matches_the_hugging_face_tokenizer(exported):
+    """OnnxModel.tokenize calls the Rust tokenizer directly; ids and masks must be the wrapper's."""
+    _, out = exported
+    m = OnnxModel(out)
+    assert m._backend is not None, "a fast tokenizer: the direct path should be taken"
+    batches = [TEXTS, ["red"], ["the " * 30 + "square", "a b"], ["ÄÖÜ naïve  café — 3½ m²", "x" * 100]]
+    for texts in batches:
+        got = m.tokenize(texts)
+        ref = m.tokenizer(texts, padding="longest", truncation=True, max_length=m.max_length, return_tensors="np")
+        for key in ("input_ids", "attention_mask"):
+            assert got[key].dtype == torch.int64
+            assert np.array_equal(got[key].numpy(), ref[key]), (texts, key)
