@@ -94,6 +94,7 @@ def lts_loss(
     w_dice: float = 1.0,
     w_prior: float = 1.0,
     w_no_target: float = 0.5,
+    w_locate: float = 0.0,
 ) -> Dict[str, torch.Tensor]:
     """The LTS training loss.
 
@@ -111,7 +112,17 @@ def lts_loss(
                   to the prior grid (soft targets: covered fraction per
                   cell), every sample (no-target: an all-zero target).
       no_target   BCE of the no-target logit against ``no_target``.
-    Returns dict(loss, mask_bce, mask_dice, prior_bce, no_target); ``loss``
+      locate      (weight ``w_locate``, off by default) KL divergence from the
+                  prior's softmax over its grid cells to the referent's area
+                  distribution on that grid (covered fraction per cell,
+                  normalised to sum 1), target samples only; 0 when the
+                  prediction puts its mass exactly on the referent's cells.
+                  Unlike prior_bce, a mean over all cells in which a 15-px
+                  referent is one cell of 400, every sample weighs the same
+                  whatever the referent's size: it is a "which object"
+                  classification, the term that PointM on small referents
+                  needs.
+    Returns dict(loss, mask_bce, mask_dice, prior_bce, no_target[, locate]); ``loss``
     is the weighted sum, the others are detached for logging.
     """
     mask_logits = out["mask_logits"]
@@ -131,7 +142,27 @@ def lts_loss(
 
     loss = w_bce * mask_bce + w_dice * mask_dice + w_prior * prior_bce + w_no_target * nt
     parts = {"mask_bce": mask_bce, "mask_dice": mask_dice, "prior_bce": prior_bce, "no_target": nt}
+    if w_locate:
+        locate = locate_kl(prior_logits, target, has_target)
+        loss = loss + w_locate * locate
+        parts["locate"] = locate
     return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
+
+
+def locate_kl(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """KL(q || softmax(logits)) over the cells of each sample, weighted mean over samples.
+
+    logits: (B, 1, h, w); target: (B, 1, S, S) {0, 1} mask, area-downsampled
+    to (h, w) and normalised per sample into q; weight: (B,) (0 for samples
+    without a referent: an empty mask gives no distribution). A scalar.
+    """
+    q = area_downsample(target, logits.shape[-2:]).flatten(1).float()  # (B, h*w)
+    mass = q.sum(1, keepdim=True)
+    weight = weight.float() * (mass.squeeze(1) > 0).float()
+    q = q / mass.clamp(min=1e-12)
+    logp = torch.log_softmax(logits.flatten(1).float(), dim=1)
+    kl = (q * (torch.log(q.clamp(min=1e-12)) - logp)).sum(1)  # (B,)
+    return (kl * weight).sum() / weight.sum().clamp(min=1)
 
 
 def info_nce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -341,3 +341,15 @@ def test_time_budget_spent_ends_the_run_and_resume_keeps_its_length(tmp_path):
 def test_time_budget_must_not_be_negative(tmp_path):
     with pytest.raises(ValueError, match="time_budget"):
         TrainConfig(data="x", max_steps=1, time_budget=-1.0).validate()
+
+
+def test_loss_kwargs_reach_the_loss_and_unknown_ones_are_named():
+    cfg = TrainConfig(model="lts", supervision="full", loss_kwargs={"w_locate": 0.5, "w_dice": 2.0})
+    fn = train_module.loss_function(cfg)
+    assert fn.keywords == {"w_locate": 0.5, "w_dice": 2.0}
+    with pytest.raises(train_module.TrainError, match="w_nope"):
+        train_module.loss_function(TrainConfig(model="lts", supervision="full", loss_kwargs={"w_nope": 1}))
+    args = argparse.ArgumentParser()
+    add_config_arguments(args)
+    parsed = config_from_args(args.parse_args(["--loss-kwargs", '{"w_locate": 1.0}']))
+    assert parsed.loss_kwargs == {"w_locate": 1.0}

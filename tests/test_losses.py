@@ -10,6 +10,7 @@ from refseg.losses import (
     bce_loss,
     dice_loss,
     heatmap_focal_loss,
+    locate_kl,
     lts_loss,
     sigmoid_focal_loss,
 )
@@ -110,3 +111,40 @@ def test_lts_loss_no_target_samples():
     # without a no_target key every sample is a target
     d = lts_loss(_out(logits, torch.zeros(2, 1, 2, 2), torch.zeros(2)), {"mask": mask})
     assert d["no_target"].item() == pytest.approx(math.log(2))
+
+
+def test_locate_kl_hand_computed():
+    # 4 x 4 mask on a 2 x 2 prior grid: sample 0 covers the top-left cell fully -> q = (1, 0, 0, 0);
+    # sample 1 covers half of the top-left and half of the top-right cell -> q = (0.5, 0.5, 0, 0)
+    mask = torch.zeros(3, 1, 4, 4)
+    mask[0, 0, :2, :2] = 1
+    mask[1, 0, :2, 1:3] = 1
+    uniform = torch.zeros(3, 1, 2, 2)
+    weight = torch.tensor([1.0, 1.0, 0.0])  # sample 2: no referent, left out
+    # KL(q || uniform) = sum q log(q / 0.25): sample 0 log 4, sample 1 log 2; mean over the two
+    assert locate_kl(uniform, mask, weight).item() == pytest.approx((math.log(4) + math.log(2)) / 2)
+    # logits equal to log q (up to a constant) give 0
+    exact = torch.full((3, 1, 2, 2), -30.0)
+    exact[0, 0, 0, 0] = 0
+    exact[1, 0, 0, :] = 0
+    assert locate_kl(exact, mask, weight).item() == pytest.approx(0, abs=1e-6)
+    # the wrong cell is penalised; an empty mask contributes nothing even with weight 1
+    wrong = exact.clone()
+    wrong[0, 0] = torch.tensor([[-30.0, -30.0], [-30.0, 0.0]])
+    assert locate_kl(wrong, mask, weight).item() > 10
+    assert locate_kl(uniform, mask[2:], torch.ones(1)).item() == 0
+
+
+def test_lts_loss_locate_term_is_off_by_default_and_weighted():
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[0, 0, :2, :2] = 1
+    out = _out(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 2, 2, requires_grad=True), torch.zeros(2))
+    batch = {"mask": mask, "no_target": torch.tensor([False, True])}
+    base = lts_loss(out, batch)
+    assert "locate" not in base
+    with_locate = lts_loss(out, batch, w_locate=2.0)
+    # only sample 0 has a referent: q = (1, 0, 0, 0) against a uniform prior -> log 4
+    assert with_locate["locate"].item() == pytest.approx(math.log(4))
+    assert with_locate["loss"].item() == pytest.approx(base["loss"].item() + 2 * math.log(4))
+    with_locate["loss"].backward()
+    assert out["prior_logits"].grad[0].abs().sum() > 0

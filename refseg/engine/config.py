@@ -40,6 +40,7 @@ class TrainConfig:
     # model
     model: str = "lts"  # a name in refseg.modeling.MODELS
     model_kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the model factory (JSON on the command line)
+    loss_kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the training loss, e.g. term weights (JSON on the command line; see refseg.losses)
     # data
     data: str = ""  # refer-format folder holding refs(<split_by>).p and instances.json
     split_by: Optional[str] = None  # refs file to read: unc, google, umd (None = the only one present)
@@ -127,6 +128,8 @@ class TrainConfig:
             raise ConfigError("set epochs or max_steps")
         if not isinstance(self.model_kwargs, dict):
             raise ConfigError(f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}")
+        if not isinstance(self.loss_kwargs, dict):
+            raise ConfigError(f"loss_kwargs must be a dict, got {type(self.loss_kwargs).__name__}")
         return self
 
     # ---- serialisation -------------------------------------------------

@@ -33,6 +33,8 @@ this loop for stages 1 and 3 through `TrainHooks`.
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import math
 import os
 import random
@@ -177,7 +179,15 @@ def loss_function(cfg: TrainConfig) -> Callable:
         known = ", ".join(f"{m}/{s}" for m, s in sorted(LOSSES))
         raise TrainError(f"no loss for model {cfg.model!r} with supervision {cfg.supervision!r} "
                          f"(known: {known})")
-    return getattr(losses, name)
+    fn = getattr(losses, name)
+    if not cfg.loss_kwargs:
+        return fn
+    params = inspect.signature(fn).parameters
+    unknown = sorted(k for k in cfg.loss_kwargs if k not in params or k in ("out", "batch"))
+    if unknown:
+        allowed = ", ".join(k for k in params if k not in ("out", "batch"))
+        raise TrainError(f"loss_kwargs: {name} has no argument {', '.join(map(repr, unknown))} (it takes: {allowed})")
+    return functools.partial(fn, **cfg.loss_kwargs)
 
 
 def set_train_mode(model: nn.Module) -> None:
