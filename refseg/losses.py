@@ -156,10 +156,20 @@ def locate_kl(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) 
     to (h, w) and normalised per sample into q; weight: (B,) (0 for samples
     without a referent: an empty mask gives no distribution). A scalar.
     """
-    q = area_downsample(target, logits.shape[-2:]).flatten(1).float()  # (B, h*w)
-    mass = q.sum(1, keepdim=True)
-    weight = weight.float() * (mass.squeeze(1) > 0).float()
-    q = q / mass.clamp(min=1e-12)
+    return grid_kl(logits, area_downsample(target, logits.shape[-2:]), weight)
+
+
+def grid_kl(logits: torch.Tensor, mass: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """KL(q || softmax(logits over the h*w cells)), q = mass normalised per sample; weighted mean.
+
+    logits, mass: (B, 1, h, w), mass >= 0; weight: (B,). Samples whose mass
+    sums to 0 are left out whatever their weight. A scalar (0 when no sample
+    counts).
+    """
+    q = mass.flatten(1).float()  # (B, h*w)
+    total = q.sum(1, keepdim=True)
+    weight = weight.float().view(-1) * (total.squeeze(1) > 0).float()
+    q = q / total.clamp(min=1e-12)
     logp = torch.log_softmax(logits.flatten(1).float(), dim=1)
     kl = (q * (torch.log(q.clamp(min=1e-12)) - logp)).sum(1)  # (B,)
     return (kl * weight).sum() / weight.sum().clamp(min=1)
@@ -474,7 +484,9 @@ def _pks_common(out, batch, targets):
     no_target = batch.get("no_target")
     no_target = ~targets["valid"] if no_target is None else no_target.bool().view(B)
     nt = F.binary_cross_entropy_with_logits(out["no_target_logits"], no_target.to(out["no_target_logits"].dtype))
-    return heatmap, nt, no_target
+    # locate: the heatmap as a softmax over cells against the normalised Gaussian ("which cell"), targets only
+    locate = grid_kl(heat_logits, heat_target.to(heat_logits.device), (~no_target).float())
+    return heatmap, nt, no_target, locate
 
 
 def pks_full_loss(
@@ -484,6 +496,7 @@ def pks_full_loss(
     w_bce: float = 1.0,
     w_dice: float = 1.0,
     w_no_target: float = 0.5,
+    w_locate: float = 0.0,
 ) -> Dict[str, torch.Tensor]:
     """PKS with full masks.
 
@@ -493,10 +506,13 @@ def pks_full_loss(
     Terms: heatmap (CenterNet focal loss against Gaussians at the mask's
     interior point, sigma from its box), mask_bce (every sample; pushes a
     no-target sample's mask empty), mask_dice (target samples only),
-    no_target (BCE). Returns dict(loss, heatmap, mask_bce, mask_dice, no_target).
+    no_target (BCE); locate (weight ``w_locate``, off by default: the
+    heatmap's softmax over cells against the normalised Gaussian, KL, target
+    samples only; see ``lts_loss``). Returns dict(loss, heatmap, mask_bce,
+    mask_dice, no_target[, locate]).
     """
     targets = pks_targets(batch)
-    heatmap, nt, no_target = _pks_common(out, batch, targets)
+    heatmap, nt, no_target, locate = _pks_common(out, batch, targets)
     mask_logits = out["mask_logits"]
     target = batch["mask"].to(mask_logits.dtype)
     mask_bce = bce_loss(mask_logits, target)
@@ -504,6 +520,9 @@ def pks_full_loss(
     mask_dice = (dice_loss(mask_logits, target, reduction="none") * has_target).sum() / has_target.sum().clamp(min=1)
     loss = w_heatmap * heatmap + w_bce * mask_bce + w_dice * mask_dice + w_no_target * nt
     parts = {"heatmap": heatmap, "mask_bce": mask_bce, "mask_dice": mask_dice, "no_target": nt}
+    if w_locate:
+        loss = loss + w_locate * locate
+        parts["locate"] = locate
     return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
 
 
@@ -516,6 +535,7 @@ def pks_click_loss(
     w_no_target: float = 0.5,
     w_outside: float = 1.0,
     w_center: float = 1.0,
+    w_locate: float = 0.0,
     pairwise_threshold: float = 0.3,
     theta: float = 2.0,
     dilation: int = 2,
@@ -539,11 +559,12 @@ def pks_click_loss(
     pixel per row/column. In 60-step runs on SynthRef tiny (real encoders)
     the projection term reached 0.83 without them, 0.58 with outside only,
     1.47 with center only and 0.24 with both (val mIoU 0.00 / 0.04 / 0.01
-    / 0.14). Returns dict(loss, heatmap, projection, pairwise, no_target,
-    outside, center).
+    / 0.14). locate (weight ``w_locate``, off by default): as in
+    ``pks_full_loss``, from the click Gaussian. Returns dict(loss, heatmap,
+    projection, pairwise, no_target, outside, center[, locate]).
     """
     targets = pks_targets(batch)
-    heatmap, nt, _ = _pks_common(out, batch, targets)
+    heatmap, nt, _, locate = _pks_common(out, batch, targets)
     mask_logits = out["mask_logits"]
     box = targets["box"].to(mask_logits.device)
     projection = box_projection_loss(mask_logits, box_bitmap(box, mask_logits.shape[-2:], 1))
@@ -556,4 +577,7 @@ def pks_click_loss(
             + w_outside * outside + w_center * center)
     parts = {"heatmap": heatmap, "projection": projection, "pairwise": pairwise, "no_target": nt,
              "outside": outside, "center": center}
+    if w_locate:
+        loss = loss + w_locate * locate
+        parts["locate"] = locate
     return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}

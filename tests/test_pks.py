@@ -277,6 +277,25 @@ def test_click_loss_ignores_masks_and_full_loss_needs_them():
         pks_full_loss(out, batch)
 
 
+def test_locate_term_is_off_by_default_and_zero_at_the_click_gaussian():
+    from refseg.losses import centre_heatmap, pks_targets
+
+    model = tiny_pks()
+    batch = _click_batch()
+    out = model.decode(model.encode_image(_images(2)), model.encode_text(TEXTS[:2]), torch.arange(2),
+                       **model.teacher_forcing(batch))
+    for loss_fn, b in ((pks_click_loss, batch), (pks_full_loss, _full_batch())):
+        base, extra = loss_fn(out, b), loss_fn(out, b, w_locate=3.0)
+        assert "locate" not in base and extra["locate"].item() > 0
+        assert extra["loss"].item() == pytest.approx(base["loss"].item() + 3.0 * extra["locate"].item(), rel=1e-5)
+    # heatmap logits = log of the (normalised) click Gaussian: KL 0 (the no-target sample is left out)
+    targets = pks_targets(batch)
+    heat = out["prior_logits"]
+    gauss = centre_heatmap(targets["center"], targets["box"], heat.shape[-2:], S // heat.shape[-1])
+    exact = {**out, "prior_logits": torch.log(gauss.clamp(min=1e-12))}
+    assert pks_click_loss(exact, batch, w_locate=1.0)["locate"].item() == pytest.approx(0, abs=1e-5)
+
+
 # ---- training through the engine -------------------------------------------------------------
 
 
