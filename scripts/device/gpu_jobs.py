@@ -22,8 +22,8 @@ T0 = time.time()
 DRY = bool(os.environ.get("DRY"))
 OUT = Path(os.environ["OUT"])
 SITE = os.environ.get("SITE", "/tmp/site")
-TRAIN_END = float(os.environ.get("TRAIN_END", 60 if DRY else 420))  # training steps end by then (s after T0)
-HARD_END = float(os.environ.get("HARD_END", 150 if DRY else 520))  # everything killed, then packed
+TRAIN_END = float(os.environ.get("TRAIN_END", 60 if DRY else 430))  # training steps end by then (s after T0)
+HARD_END = float(os.environ.get("HARD_END", 150 if DRY else 530))  # everything killed, then packed
 ONLY = [j for j in os.environ.get("ONLY", "").split(",") if j]
 PY = sys.executable
 DEV = "cpu" if DRY else "cuda"
@@ -84,6 +84,8 @@ WREL_ARGS = ["--images-per-batch", 16, "--method", "wrel", "--wrel-bank-lr", "0.
 JOBS = [
     ("pks-full", "nat_full", ["--model", "pks", "--supervision", "full", "--images-per-batch", 8, "--seed", 0, "--workers", 5], NAT_EVAL),
     ("pks-click", "nat_full", ["--model", "pks", "--supervision", "click", "--images-per-batch", 8, "--seed", 0, "--workers", 5], NAT_EVAL),
+    ("pks-click-loc", "nat_full", ["--model", "pks", "--supervision", "click", "--images-per-batch", 8, "--seed", 0, "--workers", 5,
+                                   "--loss-kwargs", json.dumps({"w_locate": 0.5})], NAT_EVAL),
     ("upper-s0", "aerial", ["--seed", 0, "--images-per-batch", 16], AER_EVAL),
     ("naive-p0.1-s0", "aerial", ["--accurate-fraction", 0.1, "--seed", 0, "--images-per-batch", 16], AER_EVAL),
     ("naive-p0.1-s1", "aerial", ["--accurate-fraction", 0.1, "--seed", 1, "--images-per-batch", 16], AER_EVAL),
