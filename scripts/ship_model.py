@@ -60,14 +60,18 @@ def bank_record(folder: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True)
+    ap.add_argument("--checkpoint", choices=("best", "last"), default=None,
+                    help="which checkpoint of the run to ship (default: best, else last); e.g. last for an "
+                         "LRB-WREL run's student, whose best/ holds the EMA teacher")
     ap.add_argument("--name", required=True)
     ap.add_argument("--command", action="append", default=[], help="the command(s) that trained it, in order")
     ap.add_argument("--note", default="", help="free text for the card (machine, caveats)")
     ap.add_argument("--eval-data", required=True)
     ap.add_argument("--split", default="test")
     ap.add_argument("--fp16", action="store_true")
-    ap.add_argument("--metrics-json", help="reuse the figures of `benchmarks/lts_synthref.py --json` (or any JSON "
-                    "with 'model', 'split', 'metrics') for this run and split instead of evaluating again")
+    ap.add_argument("--metrics-json", help="reuse the figures of `refseg eval --out` or `benchmarks/lts_synthref.py "
+                    "--json` (any JSON with 'model' or 'checkpoint', 'split', 'metrics') for this run and split "
+                    "instead of evaluating again")
     args = ap.parse_args()
 
     from refseg.data import load_refer
@@ -76,13 +80,17 @@ def main() -> int:
     from refseg.hub import WEIGHTS_DIR
 
     run = Path(args.run)
-    model = load_model(run).eval()
+    target = run / args.checkpoint if args.checkpoint else run
+    model = load_model(target).eval()
     data = load_refer(args.eval_data)
     if args.metrics_json:
         saved = json.loads(Path(args.metrics_json).read_text())
-        if Path(saved.get("model", "")).resolve() != run.resolve() or saved.get("split") != args.split:
-            print(f"error: {args.metrics_json} holds figures of model {saved.get('model')!r} split {saved.get('split')!r}, "
-                  f"not of {str(run)!r} split {args.split!r}", file=sys.stderr)
+        figures_of = saved.get("model", saved.get("checkpoint", ""))
+        same = Path(figures_of).resolve() == target.resolve() or (
+            not args.checkpoint and Path(figures_of).resolve() == (run / "best").resolve())
+        if not same or saved.get("split") != args.split:
+            print(f"error: {args.metrics_json} holds figures of model {figures_of!r} split {saved.get('split')!r}, "
+                  f"not of {str(target)!r} split {args.split!r}", file=sys.stderr)
             return 2
         results = saved["metrics"]
     else:
@@ -90,7 +98,8 @@ def main() -> int:
     synth = json.loads((Path(args.eval_data) / "synthref.json").read_text()) if (Path(args.eval_data) / "synthref.json").exists() else {}
     meta = {
         "name": args.name,
-        "training": {"commands": args.command, "note": args.note, **training_record(run)},
+        "training": {"commands": args.command, "note": args.note, "checkpoint": args.checkpoint or "best",
+                     **training_record(run)},
         "evaluation": {"data": {k: synth.get(k) for k in ("domain", "preset", "seed", "version")},
                        "split": args.split, "metrics": results},
     }

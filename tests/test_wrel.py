@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import refseg
 from refseg.cli import main as cli
 from refseg.engine import train as engine
+from refseg.engine.config import ConfigError, TrainConfig
 from refseg.engine.wrel import StudentHooks, ema_copy, ema_momentum
 from refseg.modeling.bank import (append_prompt_features, class_name_tokens, encode_with_prompts, insert_prompts,
                                   prompt_slots)
@@ -74,22 +75,27 @@ def wrel_run(shapes, tmp_path_factory):
 
 def test_ema_schedule_by_hand():
     # 4 epochs of 100 steps, written for 10: breakpoints squeezed by 0.4, epoch 1 -> step 40, epoch 3 -> step 120
-    m = lambda step: ema_momentum(step, 400, 100, 10.0)  # noqa: E731
+    m = lambda step: ema_momentum(step, 400, 100, 10.0, "breaks")  # noqa: E731
     assert m(0) == pytest.approx(0.95)
     assert m(20) == pytest.approx(0.97)
     assert m(40) == pytest.approx(0.99)
     assert m(80) == pytest.approx(0.9945)
     assert m(119) == pytest.approx(0.99 + 0.009 * (119 / 40 - 1) / 2)
     assert m(120) == pytest.approx(0.9995) and m(399) == pytest.approx(0.9995)
-    # a run at least as long as the reference keeps the breakpoints at epochs 1 and 3
+    # horizon (the default): the same breakpoints, each 1 - m times r = 10 / 4 = 2.5
+    h = lambda step: ema_momentum(step, 400, 100, 10.0)  # noqa: E731
+    assert [h(0), h(20), h(40), h(80), h(120), h(399)] == pytest.approx([0.875, 0.925, 0.975, 0.98625, 0.99875, 0.99875])
+    assert ema_momentum(0, 10, 100, 40.0) == 0.0  # r = 400: 1 - 0.05 * 400 < 0, held at 0 (the teacher copies)
+    # a run at least as long as the reference keeps the schedule as written, whichever rescaling
     for total in (4000, 5000):
-        assert [ema_momentum(s, total, 100, 40.0) for s in (0, 50, 100, 200, 299, 300)] == pytest.approx(
-            [0.95, 0.97, 0.99, 0.9945, 0.99 + 0.009 * 0.995, 0.9995])
+        for rescale in ("horizon", "breaks"):
+            assert [ema_momentum(s, total, 100, 40.0, rescale) for s in (0, 50, 100, 200, 299, 300)] == pytest.approx(
+                [0.95, 0.97, 0.99, 0.9945, 0.99 + 0.009 * 0.995, 0.9995])
 
 
 def test_ema_update_moves_teacher_by_the_scheduled_momentum():
     student = tiny_model()
-    hooks = StudentHooks({"ref_id": torch.zeros(0, dtype=torch.long)}, reference_epochs=10.0)
+    hooks = StudentHooks({"ref_id": torch.zeros(0, dtype=torch.long)}, reference_epochs=10.0, rescale="breaks")
     hooks.setup(student, SimpleNamespace(samples=[]), CPU)
     teacher = hooks.teacher
     assert teacher.visual is student.visual and teacher.text is student.text  # frozen encoders shared
@@ -354,3 +360,13 @@ def test_upper_bound_and_naive_runs(shapes, tmp_path, capsys):
     assert "is not the weak split" in capsys.readouterr().err
     assert cli(common + ["--out", str(tmp_path / "w"), "--method", "wrel"]) == 2  # DATA has no weak refs
     assert "needs both kinds" in capsys.readouterr().err
+
+
+def test_ema_rescale_default_and_choices():
+    hooks = StudentHooks({"ref_id": torch.zeros(0, dtype=torch.long)}, reference_epochs=10.0)
+    hooks.setup(tiny_model(), SimpleNamespace(samples=[]), CPU)
+    hooks.after_step(20, 400, 100)
+    assert hooks.momentum == pytest.approx(1 - 0.03 * 2.5)  # horizon by default
+    assert TrainConfig().wrel_ema_rescale == "horizon"
+    with pytest.raises(ConfigError, match="wrel_ema_rescale"):
+        TrainConfig(data="d", wrel_ema_rescale="steps").validate()

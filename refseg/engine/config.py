@@ -28,6 +28,7 @@ SUPERVISION_CHOICES = ("full", "click", "text")
 METHOD_CHOICES = ("plain", "wrel")
 SUBSET_CHOICES = ("all", "accurate")
 WREL_FINAL_CHOICES = ("teacher", "student")
+WREL_EMA_RESCALE_CHOICES = ("horizon", "breaks")
 WREL_BANK_SITE_CHOICES = ("encoder", "features")  # modeling/bank.py SITES
 
 
@@ -67,6 +68,7 @@ class TrainConfig:
     wrel_bank_lr: float = 0.01  # wrel stage 2: Adam learning rate of the prompts
     wrel_bank_batch: int = 0  # wrel stage 2: weak refs optimised together (0 = batch_size)
     wrel_ema_epochs: float = 40.0  # wrel stage 3: length in epochs of the run the EMA schedule (epochs 0-1-3) is written for; shorter runs squeeze it
+    wrel_ema_rescale: str = "horizon"  # wrel stage 3, a run shorter than wrel_ema_epochs: horizon (breakpoints squeezed and each 1 - momentum scaled up by the same factor, so the EMA averages over the same fraction of the run) or breaks (breakpoints squeezed, momenta as written)
     wrel_final: str = "teacher"  # wrel stage 3: the network validated, kept in best/ and shipped: teacher (the EMA) or student
     # optimisation
     lr: float = 3e-4  # AdamW peak learning rate
@@ -101,7 +103,7 @@ class TrainConfig:
         if self.supervision not in SUPERVISION_CHOICES:
             raise ConfigError(f"supervision must be one of {SUPERVISION_CHOICES}, got {self.supervision!r}")
         for name, choices in (("method", METHOD_CHOICES), ("train_subset", SUBSET_CHOICES),
-                              ("wrel_final", WREL_FINAL_CHOICES), ("wrel_bank_site", WREL_BANK_SITE_CHOICES)):
+                              ("wrel_final", WREL_FINAL_CHOICES), ("wrel_ema_rescale", WREL_EMA_RESCALE_CHOICES), ("wrel_bank_site", WREL_BANK_SITE_CHOICES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.accurate_fraction is not None and not 0.0 <= self.accurate_fraction <= 1.0:
@@ -282,7 +284,7 @@ def _optional(base):
 
 CHOICES = {"amp": AMP_CHOICES, "cache_features": CACHE_CHOICES, "supervision": SUPERVISION_CHOICES,
            "method": METHOD_CHOICES, "train_subset": SUBSET_CHOICES, "wrel_final": WREL_FINAL_CHOICES,
-           "wrel_bank_site": WREL_BANK_SITE_CHOICES}
+           "wrel_ema_rescale": WREL_EMA_RESCALE_CHOICES, "wrel_bank_site": WREL_BANK_SITE_CHOICES}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
