@@ -366,6 +366,10 @@ def run_entry(entry: Entry, ctx: "Context") -> List[Dict[str, Any]]:
             if (trained_on / "instances.json").exists() and getattr(cfg, "accurate_fraction", None) is None:
                 labels = trained_on
                 info["note"] = f"trained on {trained_on.name}: the annotation cost is that of its training split"
+            elif getattr(cfg, "accurate_fraction", None) is not None:  # weakened by refseg train itself
+                info["note"] = (f"trained on {trained_on.name} weakened to {cfg.accurate_fraction:g} accurate "
+                                f"expressions (--accurate-fraction, weak seed {cfg.weak_seed}): the annotation cost "
+                                f"is that of {train_data.name}'s training split")
             else:
                 info["note"] = (f"trained on {trained_on.name}, not found here: the annotation cost is that of "
                                 f"{train_data.name}'s training split")

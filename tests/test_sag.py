@@ -142,6 +142,29 @@ def test_rgb_map_is_encoded_cached_and_reconstructed():
     assert rebuilt.head.rgb
 
 
+def test_slot_input_rgb_makes_the_slots_read_colour_only():
+    model = _tiny(rgb=True, slot_input="rgb")
+    assert model.head.feat_in.fc1.in_features == 3
+    images = _images(2)
+    vis = model.encode_image(images)
+    with torch.no_grad():
+        slots, attn, recon, _ = model.head.shatter(vis)
+        # the encoder maps may change at will: the slots (colour + position only) do not move
+        changed = [m + 5.0 for m in vis[:-1]] + [vis[-1]]
+        slots2, attn2, recon2, _ = model.head.shatter(changed)
+        assert torch.allclose(slots, slots2, atol=1e-5) and torch.allclose(attn, attn2, atol=1e-5)
+        # ... but the reconstruction target still holds the features (layer-normalised: change their pattern)
+        scrambled = [m.flip(-1) for m in vis[:-1]] + [vis[-1]]
+        assert not torch.allclose(recon, model.head.shatter(scrambled)[2])
+        # while a change of colour moves the slots
+        slots3 = model.head.shatter(vis[:-1] + [vis[-1].flip(-1)])[0]
+    assert not torch.allclose(slots, slots3, atol=1e-4)
+    with pytest.raises(ValueError, match="slot_input"):
+        _tiny(slot_input="rgb")  # needs the colour map
+    with pytest.raises(ValueError, match="slot_input"):
+        _tiny(rgb=True, slot_input="pixels")
+
+
 def test_pretrain_steps_turn_the_contrastive_terms_on_later():
     model = _tiny(pretrain_steps=2)
     vis, txt = model.encode_image(_images(2)), model.encode_text(TEXTS)
