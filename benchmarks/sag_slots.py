@@ -28,6 +28,21 @@ from collections import OrderedDict
 from pathlib import Path
 
 
+def referents_by_image(ds, images: int) -> "OrderedDict":
+    """The first ``images`` images of a RefSegDataset's split (in sample order) ->
+    OrderedDict image_id -> {ann_id: the first dataset row of that referent}; no-target rows left out."""
+    by_image = OrderedDict()
+    for row, s in enumerate(ds.samples):
+        if s.no_target:
+            continue
+        refs = by_image.setdefault(s.image_id, {})
+        if len(by_image) > images:
+            del by_image[s.image_id]
+            break
+        refs.setdefault(s.ann_id, row)
+    return by_image
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="a SaG checkpoint / run folder or shipped name")
@@ -51,15 +66,7 @@ def main() -> int:
     if not hasattr(model.head, "shatter"):
         raise SystemExit(f"{args.model}: not a SaG model (its head has no slots)")
     ds = RefSegDataset(load_refer(args.data), args.split, size=model.image_size, supervision="full")
-    by_image = OrderedDict()  # image_id -> {ann_id: first dataset row of that referent}
-    for row, s in enumerate(ds.samples):
-        if s.no_target:
-            continue
-        refs = by_image.setdefault(s.image_id, {})
-        if len(by_image) > args.images:
-            del by_image[s.image_id]
-            break
-        refs.setdefault(s.ann_id, row)
+    by_image = referents_by_image(ds, args.images)
 
     best_iou, oracle_hit, own_hit, used = [], [], [], []
     with torch.no_grad():

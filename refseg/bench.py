@@ -363,13 +363,13 @@ def run_entry(entry: Entry, ctx: "Context") -> List[Dict[str, Any]]:
         fresh = None
         trained_on = Path(cfg.data) if cfg is not None else train_data
         if trained_on.name != train_data.name:  # e.g. lts-synthref: trained on SynthRef natural `full`
-            if (trained_on / "instances.json").exists() and getattr(cfg, "accurate_fraction", None) is None:
-                labels = trained_on
-                info["note"] = f"trained on {trained_on.name}: the annotation cost is that of its training split"
-            elif getattr(cfg, "accurate_fraction", None) is not None:  # weakened by refseg train itself
+            if getattr(cfg, "accurate_fraction", None) is not None:  # weakened by refseg train itself
                 info["note"] = (f"trained on {trained_on.name} weakened to {cfg.accurate_fraction:g} accurate "
                                 f"expressions (--accurate-fraction, weak seed {cfg.weak_seed}): the annotation cost "
                                 f"is that of {train_data.name}'s training split")
+            elif (trained_on / "instances.json").exists():
+                labels = trained_on
+                info["note"] = f"trained on {trained_on.name}: the annotation cost is that of its training split"
             else:
                 info["note"] = (f"trained on {trained_on.name}, not found here: the annotation cost is that of "
                                 f"{train_data.name}'s training split")

@@ -98,7 +98,7 @@ def main() -> int:
     synth = json.loads((Path(args.eval_data) / "synthref.json").read_text()) if (Path(args.eval_data) / "synthref.json").exists() else {}
     meta = {
         "name": args.name,
-        "training": {"commands": args.command, "note": args.note, "checkpoint": args.checkpoint or "best",
+        "training": {"commands": args.command, "note": args.note, "checkpoint": args.checkpoint or ("best" if (run / "best").exists() else "last"),
                      **training_record(run)},
         "evaluation": {"data": {k: synth.get(k) for k in ("domain", "preset", "seed", "version")},
                        "split": args.split, "metrics": results},

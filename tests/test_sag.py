@@ -151,7 +151,7 @@ def test_slot_input_rgb_makes_the_slots_read_colour_only():
         slots, attn, recon, _ = model.head.shatter(vis)
         # the encoder maps may change at will: the slots (colour + position only) do not move
         changed = [m + 5.0 for m in vis[:-1]] + [vis[-1]]
-        slots2, attn2, recon2, _ = model.head.shatter(changed)
+        slots2, attn2, _, _ = model.head.shatter(changed)
         assert torch.allclose(slots, slots2, atol=1e-5) and torch.allclose(attn, attn2, atol=1e-5)
         # ... but the reconstruction target still holds the features (layer-normalised: change their pattern)
         scrambled = [m.flip(-1) for m in vis[:-1]] + [vis[-1]]
