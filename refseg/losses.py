@@ -7,7 +7,7 @@ Per-sample losses reduce over every non-batch dimension; ``reduction`` is
 """
 
 import math
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -388,6 +388,25 @@ def box_bitmap(box: torch.Tensor, size, stride: int = 1) -> torch.Tensor:
     return (inside_y[:, :, None] & inside_x[:, None, :]).float()[:, None]  # (B, 1, h, w)
 
 
+def box_cover(box: torch.Tensor, size, stride: int) -> torch.Tensor:
+    """(B, 4) boxes in pixels -> (B, 1, h, w) in [0, 1]: the share of each stride-``stride`` cell the box covers.
+
+    The box spans [x0 - 0.5, x1 + 0.5] x [y0 - 0.5, y1 + 0.5] (its corner pixels
+    included; pixel centres at integers), so a box smaller than a cell still
+    covers the cells it touches. NaN boxes give zeros.
+    """
+    h, w = size
+    box = box.float()
+
+    def overlap(lo, hi, n):  # (B,) pixel interval -> (B, n) covered share of each cell
+        edges = torch.arange(n + 1, device=box.device, dtype=torch.float32) * stride - 0.5  # cell borders
+        a = torch.maximum(edges[None, :-1], lo[:, None] - 0.5)
+        b = torch.minimum(edges[None, 1:], hi[:, None] + 0.5)
+        return torch.nan_to_num((b - a).clamp(min=0) / stride, nan=0.0)
+
+    return (overlap(box[:, 1], box[:, 3], h)[:, :, None] * overlap(box[:, 0], box[:, 2], w)[:, None, :])[:, None]
+
+
 def box_projection_loss(logits: torch.Tensor, box_mask: torch.Tensor, smooth: float = 1.0,
                         reduction: str = "mean") -> torch.Tensor:
     """BoxInst projection loss: the mask's max-projections onto x and y must match the box's.
@@ -477,6 +496,36 @@ def click_mask_terms(logits: torch.Tensor, box: torch.Tensor, center: torch.Tens
     return outside, center_loss
 
 
+def region_terms(out: Dict[str, torch.Tensor], targets: Dict[str, torch.Tensor], no_target: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """PKS's referent-region map (``region_logits``, (B, 1, h, w) on the heatmap grid) -> (dense, locate).
+
+    mask given (full supervision, (B, 1, S, S) {0, 1}): dense = BCE against the
+    mask area-downsampled to the grid (LTS's prior term), locate = ``locate_kl``.
+    mask None (clicks): what the box of the corner clicks and the centre click
+    say exactly, on ``box_cover``: dense = BoxInst projection against the
+    cells the box touches + ``click_mask_terms`` (cells the box does not
+    touch are background; the centre click is foreground); locate = the
+    softmax over cells against the box's cover, normalised (``grid_kl``).
+    locate counts target samples only.
+    """
+    region = out["region_logits"]
+    stride = out["mask_logits"].shape[-1] // region.shape[-1]
+    has_target = (~no_target).to(region.dtype)
+    if mask is not None:
+        target = mask.to(region.dtype)
+        return bce_loss(region, area_downsample(target, region.shape[-2:])), locate_kl(region, target, has_target)
+    box = targets["box"].to(region.device)
+    cover = box_cover(box, region.shape[-2:], stride)  # (B, 1, h, w)
+    touched = (cover > 0).float()
+    projection = box_projection_loss(region, touched)
+    lg = region.float()
+    bce = F.binary_cross_entropy_with_logits(lg, torch.zeros_like(lg), reduction="none")
+    outside = (bce * (1 - touched)).sum() / (1 - touched).sum().clamp(min=1)
+    _, center = click_mask_terms(region, box, targets["center"].to(region.device), stride)
+    return projection + outside + center, grid_kl(region, cover, has_target)
+
+
 def _pks_common(out, batch, targets, with_locate: bool = False):
     """Heatmap focal loss, no-target BCE and (``with_locate``; else None) the locate KL, shared by the
     two PKS losses."""
@@ -502,6 +551,8 @@ def pks_full_loss(
     w_dice: float = 1.0,
     w_no_target: float = 0.5,
     w_locate: float = 0.0,
+    w_region: float = 1.0,
+    w_region_locate: float = 0.5,
 ) -> Dict[str, torch.Tensor]:
     """PKS with full masks.
 
@@ -513,11 +564,13 @@ def pks_full_loss(
     no-target sample's mask empty), mask_dice (target samples only),
     no_target (BCE); locate (weight ``w_locate``, off by default: the
     heatmap's softmax over cells against the normalised Gaussian, KL, target
-    samples only; see ``lts_loss``). Unlike LTS's BCE prior, the focal
+    samples only; see ``lts_loss``); region and region_locate (weights
+    ``w_region``, ``w_region_locate``; only for a head with the region map:
+    ``region_terms``). Unlike LTS's BCE prior, the focal
     heatmap loss is already normalised per referent; measured on the click
     mode (SynthRef natural full s1, 4500 steps, small test), w_locate 0.5
     gave PointM 93.94 vs 93.76 and mIoU 85.94 vs 85.94, so it stays off.
-    Returns dict(loss, heatmap, mask_bce, mask_dice, no_target[, locate]).
+    Returns dict(loss, heatmap, mask_bce, mask_dice, no_target[, locate][, region, region_locate]).
     """
     targets = pks_targets(batch)
     heatmap, nt, no_target, locate = _pks_common(out, batch, targets, with_locate=bool(w_locate))
@@ -531,6 +584,9 @@ def pks_full_loss(
     if w_locate:
         loss = loss + w_locate * locate
         parts["locate"] = locate
+    if "region_logits" in out:
+        parts["region"], parts["region_locate"] = region_terms(out, targets, no_target, target)
+        loss = loss + w_region * parts["region"] + w_region_locate * parts["region_locate"]
     return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
 
 
@@ -544,6 +600,8 @@ def pks_click_loss(
     w_outside: float = 1.0,
     w_center: float = 1.0,
     w_locate: float = 0.0,
+    w_region: float = 1.0,
+    w_region_locate: float = 0.5,
     pairwise_threshold: float = 0.3,
     theta: float = 2.0,
     dilation: int = 2,
@@ -568,11 +626,13 @@ def pks_click_loss(
     the projection term reached 0.83 without them, 0.58 with outside only,
     1.47 with center only and 0.24 with both (val mIoU 0.00 / 0.04 / 0.01
     / 0.14). locate (weight ``w_locate``, off by default): as in
-    ``pks_full_loss``, from the click Gaussian. Returns dict(loss, heatmap,
-    projection, pairwise, no_target, outside, center[, locate]).
+    ``pks_full_loss``, from the click Gaussian. region and region_locate
+    (weights ``w_region``, ``w_region_locate``; only for a head with the
+    region map): ``region_terms`` from the clicks. Returns dict(loss, heatmap,
+    projection, pairwise, no_target, outside, center[, locate][, region, region_locate]).
     """
     targets = pks_targets(batch)
-    heatmap, nt, _, locate = _pks_common(out, batch, targets, with_locate=bool(w_locate))
+    heatmap, nt, no_target, locate = _pks_common(out, batch, targets, with_locate=bool(w_locate))
     mask_logits = out["mask_logits"]
     box = targets["box"].to(mask_logits.device)
     projection = box_projection_loss(mask_logits, box_bitmap(box, mask_logits.shape[-2:], 1))
@@ -588,4 +648,7 @@ def pks_click_loss(
     if w_locate:
         loss = loss + w_locate * locate
         parts["locate"] = locate
+    if "region_logits" in out:
+        parts["region"], parts["region_locate"] = region_terms(out, targets, no_target)
+        loss = loss + w_region * parts["region"] + w_region_locate * parts["region_locate"]
     return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}

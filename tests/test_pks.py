@@ -16,6 +16,7 @@ from _engine_fixtures import TINY_TEXT, TINY_VISUAL, make_shapes_refer, one_thre
 
 from refseg.losses import (
     box_bitmap,
+    box_cover,
     box_projection_loss,
     centre_heatmap,
     click_mask_terms,
@@ -25,6 +26,7 @@ from refseg.losses import (
     pks_click_loss,
     pks_full_loss,
     pks_targets,
+    region_terms,
 )
 from refseg.modeling import MODELS, build_model
 from refseg.modeling.pks import heatmap_peak, rgb_to_lab
@@ -294,6 +296,102 @@ def test_locate_term_is_off_by_default_and_zero_at_the_click_gaussian():
     gauss = centre_heatmap(targets["center"], targets["box"], heat.shape[-2:], S // heat.shape[-1])
     exact = {**out, "prior_logits": torch.log(gauss.clamp(min=1e-12))}
     assert pks_click_loss(exact, batch, w_locate=1.0)["locate"].item() == pytest.approx(0, abs=1e-5)
+
+
+# ---- the referent-region map (region_head) ---------------------------------------------------
+
+
+def test_box_cover_hand_cases():
+    boxes = torch.tensor([
+        [0.0, 0.0, 15.0, 15.0],  # pixels 0..15: exactly cell (0, 0) of the stride-16 grid
+        [8.0, 0.0, 23.0, 3.0],  # x 8..23: half of cells 0 and 1; y 0..3: a quarter of row 0
+        [20.0, 36.0, 21.0, 37.0],  # a 2 x 2 pixel box inside cell (2, 1): 4 / 256
+        [NAN] * 4,
+    ])
+    cover = box_cover(boxes, (3, 3), 16)[:, 0]
+    expect = torch.zeros(4, 3, 3)
+    expect[0, 0, 0] = 1.0
+    expect[1, 0, 0] = expect[1, 0, 1] = 0.5 * 0.25
+    expect[2, 2, 1] = 4 / 256
+    assert torch.allclose(cover, expect, atol=1e-6)
+
+
+def _region_out(region, size=S):
+    return {"region_logits": region, "mask_logits": torch.zeros(region.shape[0], 1, size, size)}
+
+
+def test_region_terms_from_clicks_hand_cases():
+    # S = 64 -> a 4 x 4 grid of 16-px cells; box = pixels 16..47: cells 1..2 exactly; centre click (32, 32)
+    targets = {"box": torch.tensor([[16.0, 16.0, 47.0, 47.0], [NAN] * 4]),
+               "center": torch.tensor([[32.0, 32.0], [NAN, NAN]])}
+    no_target = torch.tensor([False, True])
+    perfect = torch.full((2, 1, 4, 4), -30.0)
+    perfect[0, :, 1:3, 1:3] = 30.0
+    dense, locate = region_terms(_region_out(perfect), targets, no_target)
+    assert dense.item() == pytest.approx(0, abs=1e-3) and locate.item() == pytest.approx(0, abs=1e-5)
+    # the same region on another object: every term costs
+    elsewhere = torch.full((2, 1, 4, 4), -30.0)
+    elsewhere[0, :, 0, 3] = 30.0
+    dense_w, locate_w = region_terms(_region_out(elsewhere), targets, no_target)
+    assert dense_w.item() > 30 and locate_w.item() > 30
+    # uniform logits: softmax 1/16 per cell against the box's 1/4 on each of its 4 cells: KL = log 4
+    assert region_terms(_region_out(torch.zeros(2, 1, 4, 4)), targets, no_target)[1].item() == pytest.approx(math.log(4))
+
+
+def test_region_terms_from_masks_use_the_mask():
+    mask = torch.zeros(2, 1, S, S)
+    mask[0, :, 16:48, 16:32] = 1  # cells (1..2, 1): full
+    no_target = torch.tensor([False, True])
+    exact = torch.full((2, 1, 4, 4), -30.0)
+    exact[0, :, 1:3, 1] = 30.0
+    dense, locate = region_terms(_region_out(exact), {}, no_target, mask)
+    assert dense.item() == pytest.approx(0, abs=1e-6) and locate.item() == pytest.approx(0, abs=1e-5)
+    shifted = torch.full((2, 1, 4, 4), -30.0)
+    shifted[0, :, 1:3, 3] = 30.0
+    dense, locate = region_terms(_region_out(shifted), {}, no_target, mask)
+    assert dense.item() == pytest.approx(4 * 30 / 32, rel=1e-3)  # 4 wrong cells of 32, BCE 30 each
+    assert locate.item() > 30
+
+
+def test_joint_peak_lets_the_region_map_pick_between_equal_heatmap_peaks():
+    heat = torch.full((1, 1, 4, 4), -20.0)
+    heat[0, 0, 0, 0] = heat[0, 0, 3, 3] = 5.0  # two equally confident candidates
+    region = torch.full((1, 1, 4, 4), -5.0)
+    region[0, 0, 3, 3] = 5.0
+    assert heatmap_peak(heat, 16, region)[0].tolist() == pytest.approx([55.5, 55.5], abs=1e-2)
+    region = region.flip(-1).flip(-2)
+    assert heatmap_peak(heat, 16, region)[0].tolist() == pytest.approx([7.5, 7.5], abs=1e-2)
+
+
+@pytest.mark.parametrize("supervision", ["full", "click"])
+def test_region_head_trains_and_stays_mask_free_with_clicks(supervision):
+    torch.manual_seed(0)
+    model = MODELS["pks"](image_size=S, region_head=True, **TINY_PKS)
+    batch = _full_batch() if supervision == "full" else _click_batch()
+    out = model.decode(model.encode_image(_images(2)), model.encode_text(TEXTS[:2]), torch.arange(2),
+                       **model.teacher_forcing(batch))
+    assert tuple(out["region_logits"].shape) == (2, 1, S // 16, S // 16)
+    loss_fn = pks_full_loss if supervision == "full" else pks_click_loss
+    losses = loss_fn(out, batch)
+    off = loss_fn(out, batch, w_region=0.0, w_region_locate=0.0)
+    assert losses["loss"].item() == pytest.approx(
+        off["loss"].item() + losses["region"].item() + 0.5 * losses["region_locate"].item(), rel=1e-5)
+    losses["loss"].backward()
+    assert model.head.region.weight.grad.abs().sum() > 0
+    if supervision == "click":
+        garbage = pks_click_loss(out, {**batch, "mask": torch.rand(2, 1, S, S)})
+        assert all(torch.equal(losses[k], garbage[k]) for k in losses)
+    # a model without the head has no region output and no region terms
+    plain = tiny_pks()
+    out = plain.decode(plain.encode_image(_images(2)), plain.encode_text(TEXTS[:2]), torch.arange(2))
+    assert "region_logits" not in out and "region" not in loss_fn(out, batch)
+
+
+def test_joint_peak_needs_the_region_head():
+    with pytest.raises(ValueError, match="region_head"):
+        MODELS["pks"](image_size=S, peak_source="joint", **TINY_PKS)
+    with pytest.raises(ValueError, match="peak_source"):
+        MODELS["pks"](image_size=S, region_head=True, peak_source="both", **TINY_PKS)
 
 
 # ---- training through the engine -------------------------------------------------------------
