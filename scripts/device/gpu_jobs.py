@@ -87,6 +87,9 @@ JOBS = [
     ("pks-click", "nat_full", ["--model", "pks", "--supervision", "click", "--images-per-batch", 8, "--seed", 0, "--workers", 5], NAT_EVAL),
     ("pks-click-loc", "nat_full", ["--model", "pks", "--supervision", "click", "--images-per-batch", 8, "--seed", 0, "--workers", 5,
                                    "--loss-kwargs", json.dumps({"w_locate": 0.5})], NAT_EVAL),
+    # the referent-region map (PKS docstring, 5) with LTS's 4 locate layers
+    ("pks-click-rg", "nat_full", ["--model", "pks", "--supervision", "click", "--images-per-batch", 8, "--seed", 0, "--workers", 5,
+                                  "--model-kwargs", json.dumps({"depth": 4, "region_head": True})], NAT_EVAL),
     ("upper-s0", "aerial", ["--seed", 0, "--images-per-batch", 16], AER_EVAL),
     ("naive-p0.1-s0", "aerial", ["--accurate-fraction", 0.1, "--seed", 0, "--images-per-batch", 16], AER_EVAL),
     ("naive-p0.1-s1", "aerial", ["--accurate-fraction", 0.1, "--seed", 1, "--images-per-batch", 16], AER_EVAL),
