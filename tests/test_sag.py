@@ -367,3 +367,59 @@ def test_levels_choose_the_maps_kept_and_grouped():
     assert out["mask_logits"].shape == (1, 1, S, S) and torch.isfinite(out["recon_mse"]).all()
     with pytest.raises(ValueError, match="other `levels`"):  # e.g. a feature cache built for the default levels
         model.decode(_tiny().encode_image(_images(1)), model.encode_text(TEXTS[:1]), torch.tensor([0]))
+
+
+# ---- the colour shatter (fixed entities) ------------------------------------------------
+
+
+def test_colour_segments_split_clusters_into_connected_regions():
+    from refseg.modeling.sag import colour_segments
+
+    grey, red, blue = torch.tensor([0.5, 0.5, 0.5]), torch.tensor([1.0, 0, 0]), torch.tensor([0, 0, 1.0])
+    c = grey.view(1, 3, 1, 1).repeat(2, 1, 4, 5)  # (2, 3, 4, 5)
+    c[0, :, 0, 0] = red
+    c[0, :, 3, 4] = red  # a second red cell, not touching the first (and not across the wrap-around)
+    c[0, :, 1:3, 2] = blue[:, None]
+    c[1, :, :, 4] = blue[:, None]  # image 1: a blue column on the right edge only
+    seg, count = colour_segments(c, clusters=3)
+    assert count.tolist() == [4, 2]
+    expected0 = [[0, 1, 1, 1, 1],
+                 [1, 1, 2, 1, 1],
+                 [1, 1, 2, 1, 1],
+                 [1, 1, 1, 1, 3]]
+    assert seg[0].view(4, 5).tolist() == expected0
+    assert seg[1].view(4, 5).tolist() == [[0, 0, 0, 0, 1]] * 4
+    # one cluster for everything: the whole grid is one region
+    seg1, count1 = colour_segments(c, clusters=1)
+    assert count1.tolist() == [1, 1] and (seg1 == 0).all()
+
+
+def test_colour_shatter_gives_one_hot_entities_and_masks_the_padding():
+    model = _tiny(rgb=True, shatter="colour", colour_clusters=4)
+    images = _images(2)
+    images[1] = 128  # a flat image: one entity only
+    vis = model.encode_image(images)
+    out = model.decode(vis, model.encode_text(TEXTS), torch.tensor([0, 0, 1, 1]))
+    attn = out["slot_attn"].flatten(2)  # (2, K, N)
+    K = attn.shape[1]
+    assert K > 1 and torch.equal(attn.sum(1), torch.ones(2, attn.shape[-1]))  # every cell in exactly one entity
+    assert set(attn.unique().tolist()) <= {0.0, 1.0}
+    assert (attn[1, 1:] == 0).all()  # the flat image's padding entities
+    rel = out["relevance"]
+    assert torch.allclose(rel.sum(-1), torch.ones(4)) and (rel[2:, 1:] == 0).all()  # padding gets no relevance
+    assert (out["recon_mse"] == 0).all()  # nothing to reconstruct
+    # the response map is constant over each entity (an entity is selected whole or not at all)
+    prior = out["prior_logits"][0].flatten()  # (N,), sentence 0 is about image 0
+    for k in range(K):
+        cells = prior[attn[0, k] > 0]
+        assert len(cells) == 0 or torch.allclose(cells, cells[0].expand_as(cells))
+    losses = sag_text_loss(out, {"image_index": torch.tensor([0, 0, 1, 1]), "ref_id": torch.tensor([1, 2, 3, 4]),
+                                 "no_target": torch.zeros(4, dtype=torch.bool)})
+    losses["loss"].backward()
+    assert model.head.size_in.weight.grad is not None and model.head.gather_q.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="shatter"):
+        _tiny(shatter="colour")  # needs the colour map
+    with pytest.raises(ValueError, match="shatter"):
+        _tiny(rgb=True, shatter="kmeans")
+    rebuilt = build_model(json.loads(json.dumps(model.config)))
+    assert rebuilt.head.shatter_mode == "colour"

@@ -125,6 +125,60 @@ RGB_SCALE = 0.25  # (colour - 0.5) / RGB_SCALE: about unit scale, like the layer
 LOGIT_EPS = 1e-4  # the normalised map is clamped to [eps, 1 - eps] before logit: logits in about [-9.2, 9.2]
 
 
+SHATTERS = ("slots", "colour")
+
+
+@torch.no_grad()
+def colour_segments(colour: torch.Tensor, clusters: int = 16, iters: int = 10):
+    """Entities without learning: colour k-means per image, each cluster split into 4-connected regions.
+
+    colour (B, 3, h, w) in [0, 1] -> (seg (B, h*w) int64 entity id per cell, count (B,) entities per
+    image; ids 0 .. count - 1, numbered in raster order of their first cell). K-means: Lloyd's
+    algorithm from farthest-point seeds (the first the cell nearest the image's mean colour), so
+    the result is deterministic; clusters left empty stay empty. Connected regions: labels
+    propagated as the minimum over same-cluster 4-neighbours until nothing changes.
+    """
+    B, _, h, w = colour.shape
+    N = h * w
+    x = colour.float().flatten(2).transpose(1, 2)  # (B, N, 3)
+    k = min(int(clusters), N)
+    first = (x - x.mean(1, keepdim=True)).norm(dim=-1).argmin(1)  # (B,)
+    centres = [x[torch.arange(B), first]]  # k x (B, 3)
+    dist = (x - centres[0][:, None]).norm(dim=-1)  # (B, N) distance to the nearest seed
+    for _ in range(k - 1):
+        nxt = x[torch.arange(B), dist.argmax(1)]  # (B, 3)
+        centres.append(nxt)
+        dist = torch.minimum(dist, (x - nxt[:, None]).norm(dim=-1))
+    c = torch.stack(centres, 1)  # (B, k, 3)
+    for _ in range(iters):
+        assign = torch.cdist(x, c).argmin(-1)  # (B, N)
+        onehot = F.one_hot(assign, k).to(x.dtype)  # (B, N, k)
+        n = onehot.sum(1)[..., None]  # (B, k, 1)
+        c = torch.where(n > 0, onehot.transpose(1, 2) @ x / n.clamp(min=1), c)
+    cluster = torch.cdist(x, c).argmin(-1).view(B, h, w)  # (B, h, w)
+    lab = torch.arange(N, device=colour.device).view(1, h, w).expand(B, h, w).clone()  # (B, h, w)
+    big = N  # larger than any label
+    while True:
+        new = lab.clone()
+        for dim_, step in ((1, 1), (1, -1), (2, 1), (2, -1)):
+            nb_lab = torch.roll(lab, step, dim_)
+            nb_cl = torch.roll(cluster, step, dim_)
+            edge = [slice(None)] * 3  # roll wraps around: the wrapped row / column is not a neighbour
+            edge[dim_] = 0 if step == 1 else -1
+            nb_lab[tuple(edge)] = big
+            new = torch.where(nb_cl == cluster, torch.minimum(new, nb_lab), new)
+        if torch.equal(new, lab):
+            break
+        lab = new
+    lab = lab.flatten(1)  # (B, N), each region labelled by its first cell in raster order
+    seg = torch.empty_like(lab)
+    count = torch.empty(B, dtype=torch.long, device=colour.device)
+    for b in range(B):
+        ids, seg[b] = torch.unique(lab[b], return_inverse=True)  # sorted: raster order of first cells
+        count[b] = len(ids)
+    return seg, count
+
+
 class SlotAttention(nn.Module):
     """Iterative slot attention with learned initial slots.
 
@@ -264,6 +318,8 @@ class SaGHead(nn.Module):
         detach_slots: bool = False,
         pretrain_steps: int = 0,
         slot_input: str = "features",
+        shatter: str = "slots",
+        colour_clusters: int = 16,
     ):
         super().__init__()
         self.strides = tuple(int(s) for s in visual_strides)
@@ -282,12 +338,19 @@ class SaGHead(nn.Module):
             raise ValueError(f"slot_input must be 'features' or 'rgb' (the latter with rgb=True), got {slot_input!r}"
                              f" with rgb={self.rgb}")
         self.slot_input = slot_input
+        if shatter not in SHATTERS or (shatter == "colour" and not self.rgb):
+            raise ValueError(f"shatter must be one of {SHATTERS} ('colour' needs rgb=True), got {shatter!r} "
+                             f"with rgb={self.rgb}")
+        if int(colour_clusters) < 1:
+            raise ValueError(f"colour_clusters must be >= 1, got {colour_clusters}")
+        self.shatter_mode, self.colour_clusters = shatter, int(colour_clusters)
 
         # 1. shatter
         self.feat_in = MLP(RGB_CHANNELS if slot_input == "rgb" else in_dim, 2 * dim, dim)
         self.pos_in = nn.Linear(dim, dim, bias=False)
         self.slot_attention = SlotAttention(dim, num_slots, iters, mlp_ratio, init=slot_init)
         self.decoder = SlotDecoder(dim, in_dim, decoder_hidden, decoder_depth)
+        self.size_in = nn.Linear(1, dim, bias=False) if shatter == "colour" else None  # log cell count of an entity
         # 2. slot context
         self.context = nn.ModuleList([TextLayer(dim, heads, mlp_ratio) for _ in range(context_layers)])
         self.context_norm = nn.LayerNorm(dim)
@@ -335,6 +398,13 @@ class SaGHead(nn.Module):
         pe = sine_position_encoding(h, w, self.dim, feats.device, feats.dtype)  # (N, D)
         tokens = target[..., self.feat_dim:] if self.slot_input == "rgb" else target  # what the slots compete for
         x = self.feat_in(tokens) + self.pos_in(pe)  # (B_img, N, D)
+        if self.shatter_mode == "colour":  # fixed entities: colour clusters split into connected regions
+            seg, count = colour_segments(vis[-1].float() if vis[-1].shape[-2:] == (h, w)
+                                         else F.adaptive_avg_pool2d(vis[-1].float(), (h, w)), self.colour_clusters)
+            attn = F.one_hot(seg, int(count.amax())).transpose(1, 2).to(x.dtype)  # (B_img, K, N), K = most entities
+            size = attn.sum(-1, keepdim=True)  # (B_img, K, 1) cells per entity, 0 for padding
+            slots = (attn @ x) / size.clamp(min=1) + self.size_in(torch.log(size.clamp(min=1)))  # (B_img, K, D)
+            return slots, attn, x.new_zeros(B_img), (h, w)
         slots, attn = self.slot_attention(x)  # (B_img, K, D), (B_img, K, N)
         recon, _ = self.decoder(slots, pe)  # (B_img, N, C (+ 3))
         err = (recon - target).pow(2)  # (B_img, N, C (+ 3))
@@ -357,15 +427,17 @@ class SaGHead(nn.Module):
         # 1-2. shatter (once per image), slot context
         slots, attn, recon_mse, (h, w) = self.shatter(vis)
         ctx = slots.detach() if self.detach_slots else slots  # detached: the slots learn from reconstruction alone
+        valid = attn.amax(-1) > 0  # (B_img, K): False for the padding entities of the colour shatter
         for layer in self.context:
-            ctx = layer(ctx)
+            ctx = layer(ctx, valid)
         ctx = self.context_norm(ctx)  # (B_img, K, D)
 
         # 3. gather, every sentence from every image
         s = self.encode_sentence(txt)  # (B, D)
         q = self.gather_q(s)  # (B, D)
         k, v = self.gather_k(ctx), self.gather_v(ctx)  # (B_img, K, D) each
-        relevance = torch.softmax(torch.einsum("bd,jkd->bjk", q, k) / math.sqrt(self.dim), dim=-1)  # (B, B_img, K)
+        logits = torch.einsum("bd,jkd->bjk", q, k) / math.sqrt(self.dim)  # (B, B_img, K)
+        relevance = torch.softmax(logits.masked_fill(~valid[None], float("-inf")), dim=-1)  # (B, B_img, K)
         gathered = self.gather_out(torch.einsum("bjk,jkd->bjd", relevance, v))  # (B, B_img, D)
         gathered = F.normalize(gathered, dim=-1)
         text_embedding = F.normalize(self.text_embed(s), dim=-1)  # (B, D)
@@ -401,7 +473,7 @@ class SaGHead(nn.Module):
             "gathered": gathered,
             "logit_scale": self.log_logit_scale.clamp(max=math.log(100.0)).exp(),
             "relevance": own_relevance,
-            "slot_attn": attn.view(attn.shape[0], self.num_slots, h, w),
+            "slot_attn": attn.view(attn.shape[0], attn.shape[1], h, w),
             "recon_mse": recon_mse,
             "hard_negative_weight": torch.tensor(self.hard_negatives, device=s.device),
             "contrast_weight": contrast_weight,
