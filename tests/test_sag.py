@@ -423,3 +423,25 @@ def test_colour_shatter_gives_one_hot_entities_and_masks_the_padding():
         _tiny(rgb=True, shatter="kmeans")
     rebuilt = build_model(json.loads(json.dumps(model.config)))
     assert rebuilt.head.shatter_mode == "colour"
+
+
+def test_grid_stride_8_gives_a_finer_map_and_keeps_the_prior_contract():
+    from refseg.engine.cache import encoder_fingerprint
+
+    model = _tiny(rgb=True, shatter="colour", grid_stride=8, levels=[8, 16, 32])
+    images = _images(2)
+    vis = model.encode_image(images)
+    assert vis[-1].shape == (2, 3, S // 8, S // 8)  # the colour map at the grid's stride
+    assert torch.allclose(vis[-1], torch.nn.functional.avg_pool2d(images.float() / 255, 8), atol=1e-5)
+    out = model.decode(vis, model.encode_text(TEXTS[:2]), torch.tensor([0, 1]))
+    assert out["slot_attn"].shape[-2:] == (S // 8, S // 8)
+    assert out["prior_logits"].shape == (2, 1, S // 16, S // 16) and out["mask_logits"].shape == (2, 1, S, S)
+    # the prior is the 2 x 2 max of the fine map (min-max normalised): the fine map's peak cell lies
+    # in the prior's peak cell
+    fine = (out["relevance"][:, :, None] * out["slot_attn"].flatten(2)).sum(1).view(2, S // 8, S // 8)
+    for b in range(2):
+        y, x = divmod(int(fine[b].argmax()), S // 8)
+        assert out["prior_logits"][b, 0, y // 2, x // 2] == out["prior_logits"][b].max()
+    assert encoder_fingerprint(model) != encoder_fingerprint(_tiny(rgb=True, shatter="colour", levels=[8, 16, 32]))
+    with pytest.raises(ValueError, match="grid_stride"):
+        _tiny(grid_stride=8)  # the stride-8 map is not among the levels

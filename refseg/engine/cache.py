@@ -92,6 +92,8 @@ def encoder_fingerprint(model: nn.Module) -> str:
     h.update(json.dumps({k: config.get(k) for k in encoder_keys}, sort_keys=True, default=str).encode())
     if config.get("rgb"):  # SaG's colour map is part of what encode_image returns (hashed only when on: old keys hold)
         h.update(b"rgb=1")
+        if config.get("grid_stride", 16) != 16:  # ... at the grid's resolution
+            h.update(f"grid_stride={config['grid_stride']}".encode())
     for attr in ("max_length",):  # tokenisation length changes the text features' shape
         text = getattr(model, "text", None)
         if text is not None and hasattr(text, attr):

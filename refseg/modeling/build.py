@@ -87,7 +87,8 @@ def build_sag(
     head_kwargs: SaGHead arguments (dim, num_slots, iters, heads,
     mlp_ratio, text_layers, context_layers, decoder_hidden, decoder_depth,
     logit_scale_init, hard_negatives, slot_init, rgb, rgb_weight,
-    feature_weight, detach_slots, pretrain_steps).
+    feature_weight, detach_slots, pretrain_steps, slot_input, shatter,
+    colour_clusters).
     """
     v = build_visual(visual, frozen=freeze_visual, pretrained=pretrained)
     t = build_text(text, frozen=freeze_text, max_length=max_length, tokenizer=text_tokenizer)

@@ -44,6 +44,19 @@ boxes or clicks); losses in ``refseg.losses.sag_text_loss``.
    after ~1100 reconstruction-only steps (colour-weighted target, feature
    weight 0.02) the slots reconstructed colour at MSE ~0.28 where a plain
    16-cluster colour k-means of the same cells reaches 0.015.
+   ``shatter="colour"`` (with ``rgb``; a diagnostic, not the paper's
+   shatter): the entities are fixed, not learned. ``colour_segments``
+   clusters the cells' mean colours (k-means, ``colour_clusters`` seeds
+   by farthest-point sampling, so deterministic) and splits every cluster
+   into its 4-connected regions; each region is one entity (as many as
+   the image has, padded to the batch's largest count and masked out of
+   the slot context and the gather), its attention map is one-hot and
+   its slot is the mean of its input tokens + a learned term of its log
+   size. No reconstruction (``recon_mse`` is 0). What it is for: it puts
+   the gather on entities close to the colour ceiling of
+   ``benchmarks/sag_ceiling.py``, so a run shows what the gather and the
+   negatives reach when the shatter stage is not the bottleneck. It uses
+   no annotation either: the clustering reads only the image.
    Decoder: DINOSAUR's spatial-broadcast MLP; each slot plus the position
    code of every cell goes through an MLP to a feature vector and an alpha
    logit; alphas are a softmax over slots and the reconstruction is the
@@ -90,18 +103,27 @@ boxes or clicks); losses in ``refseg.losses.sag_text_loss``.
 
 Batches and negatives. Train with the image-grouped sampler (the engine's
 default: ``images_per_batch`` images, batch / images_per_batch sentences of
-each). The paper's InfoNCE contrasts each expression with the embeddings
-gathered from the *other images* of the batch, which a whole-image summary
-can satisfy ("there is a red star somewhere here"): nothing in it asks
-*which* slots the expression selects. Here every (sentence, image) pair
-is gathered with that sentence's own query, and ``sag_text_loss`` adds a
-sentence-level term whose negatives come from the same image: the
-embeddings gathered from the sentence's own image by the queries of its
-other sentences with a different referent (ref_id). Same image, so no
-image-level cue tells them apart; sentence t's text embedding must prefer
-what t's query selects over what "the blue circle" selects from the same
-slots, i.e. slot selection, hence the mask, has to be referent-specific.
-
+each). InfoNCE (the paper's) contrasts each expression with the embeddings
+gathered *by its own query* from every image of the batch: the query is
+the same on both sides, only the image differs, so what separates the
+positive is what the query finds in the own image and not in the others.
+Several expressions of one image with different referents share their
+image but each has its own query, so each has to find its own referent's
+evidence. Whole-image cues help only as far as they tell the images apart
+(SynthRef draws its backgrounds from 13 photos, so a batch of 8 images
+often holds two crops of one photo).
+``sag_text_loss`` also has a sentence-level term (``hard_negatives`` > 0)
+whose negatives are the embeddings gathered from the sentence's own image by
+the queries of its other sentences with a different referent. It looked like
+the direct way to demand referent-specific selection, and it is **off by
+default because it defeats itself**: positive and negatives differ only in
+the query, so a gather that writes the query into its output (any
+sentence-specific mixture of slots, grounded or not) solves it, and
+training takes that shortcut. Measured on SynthRef natural small (colour
+shatter, 3000 steps of 32, val 400 sentences): with the term at weight 1
+its accuracy reached 100 % within ~1000 steps and val PointM stayed at
+4-7 %; without it val PointM was 50 % at 1000 steps (test: PointM 51.6,
+mIoU 31.8).
 ``hard_negatives`` is a training setting (the weight of the same-image
 sentence-level contrast in ``sag_text_loss``, 0 = off) that the model
 carries because model_kwargs is the only per-run setting that reaches the
@@ -284,15 +306,23 @@ class SaGHead(nn.Module):
       decoder_hidden / decoder_depth: the slot decoder's MLP;
       logit_scale_init: initial InfoNCE inverse temperature (learned,
       clamped to at most 100); hard_negatives: weight of the same-image
-      hard-negative contrast in sag_text_loss (0 = off; see module docstring);
+      hard-negative contrast in sag_text_loss (default 0 = off: it is a
+      shortcut, see the module docstring); shatter: "slots" (slot attention)
+      or "colour" (fixed colour regions, a diagnostic; needs rgb);
+      colour_clusters: k-means clusters of the colour shatter; grid_stride:
+      the grid the shatter works on, 16 (default) or 8 (needs 8 in levels;
+      slot_attn and the mask's map are then S/8, prior_logits is their
+      2 x 2 max, S/16, as for every model);
       slot_init: "learned" (default, K learned vectors) or "gaussian";
       rgb: also group and reconstruct the mean cell colour (encode_image then
       returns one more map); rgb_weight / feature_weight: the weights of the
       colour and feature reconstruction errors in recon_mse; detach_slots:
       no contrastive gradient into the shatter stage; pretrain_steps:
       training steps of reconstruction alone before the contrastive terms.
-      The defaults are the first version's (checkpoints without these keys
-      in their config load unchanged).
+      The defaults are the first version's except hard_negatives (1.0
+      before; only the loss reads it, so an older checkpoint predicts the
+      same, and resuming one without the key in its config trains without
+      the term).
     """
 
     def __init__(
@@ -310,7 +340,7 @@ class SaGHead(nn.Module):
         decoder_hidden: int = 128,
         decoder_depth: int = 2,
         logit_scale_init: float = 10.0,
-        hard_negatives: float = 1.0,
+        hard_negatives: float = 0.0,
         slot_init: str = "learned",
         rgb: bool = False,
         rgb_weight: float = 1.0,
@@ -320,12 +350,17 @@ class SaGHead(nn.Module):
         slot_input: str = "features",
         shatter: str = "slots",
         colour_clusters: int = 16,
+        grid_stride: int = 16,
     ):
         super().__init__()
         self.strides = tuple(int(s) for s in visual_strides)
         if 16 not in self.strides or not set(self.strides) <= {4, 8, 16, 32} or list(self.strides) != sorted(self.strides):
             raise ValueError(f"SaGHead needs the stride-16 map (plus any of 4, 8, 32), finest first; got {self.strides}")
         self.dim, self.num_slots = dim, num_slots
+        if grid_stride not in (8, 16) or grid_stride not in self.strides:
+            raise ValueError(f"grid_stride must be 16 or 8 and one of the maps' strides {self.strides}, "
+                             f"got {grid_stride}")
+        self.grid_stride = int(grid_stride)
         self.channels = [int(c) for c in visual_channels]
         self.feat_dim = sum(self.channels)
         self.hard_negatives = float(hard_negatives)
@@ -379,12 +414,12 @@ class SaGHead(nn.Module):
                              f"{' + the RGB map' if self.rgb else ''}, got {got} "
                              "(features cached for other `levels` or `rgb`?)")
         maps = dict(zip(self.strides, vis[: len(self.strides)]))
-        B_img, _, h, w = maps[16].shape
+        B_img, _, h, w = maps[self.grid_stride].shape
         grid = []
         for stride, m in maps.items():
-            if stride < 16:
-                m = F.adaptive_avg_pool2d(m, (h, w))  # (B_img, C, h, w), the mean over each 16-px cell
-            elif stride > 16:
+            if stride < self.grid_stride:
+                m = F.adaptive_avg_pool2d(m, (h, w))  # (B_img, C, h, w), the mean over each grid cell
+            elif stride > self.grid_stride:
                 m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)  # (B_img, C, h, w)
             grid.append(m)
         feats = torch.cat(grid, 1).flatten(2).transpose(1, 2)  # (B_img, N, C)
@@ -450,7 +485,7 @@ class SaGHead(nn.Module):
         lo = m.flatten(1).amin(1).view(B, 1, 1, 1)
         hi = m.flatten(1).amax(1).view(B, 1, 1, 1)
         m = (m - lo) / (hi - lo).clamp(min=1e-6)  # (B, 1, h, w), min 0, max 1
-        prior = torch.logit(m, eps=LOGIT_EPS)  # (B, 1, h, w)
+        prior = torch.logit(m if self.grid_stride == 16 else F.max_pool2d(m, 2), eps=LOGIT_EPS)  # (B, 1, S/16, S/16)
         up = F.interpolate(m, size=(S, S), mode="bilinear", align_corners=False)  # (B, 1, S, S)
         mask = torch.logit(up, eps=LOGIT_EPS)  # (B, 1, S, S)
 
@@ -502,7 +537,7 @@ class SaG(LTS):
         ``head.rgb`` then the mean colour per stride-16 cell (B, 3, S/16, S/16) in [0, 1]."""
         maps = dict(zip(self.visual.strides, super().encode_image(images)))
         out = [maps[s] for s in self.head.strides]
-        if getattr(self.head, "rgb", False):  # mean colour of each stride-16 cell, in [0, 1] (cached with the maps)
-            h, w = maps[16].shape[-2:]
+        if getattr(self.head, "rgb", False):  # mean colour of each grid cell, in [0, 1] (cached with the maps)
+            h, w = maps[getattr(self.head, "grid_stride", 16)].shape[-2:]
             out.append(F.adaptive_avg_pool2d(images.to(maps[16].dtype) / 255.0, (h, w)))
         return out
