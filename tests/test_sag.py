@@ -445,3 +445,23 @@ def test_grid_stride_8_gives_a_finer_map_and_keeps_the_prior_contract():
     assert encoder_fingerprint(model) != encoder_fingerprint(_tiny(rgb=True, shatter="colour", levels=[8, 16, 32]))
     with pytest.raises(ValueError, match="grid_stride"):
         _tiny(grid_stride=8)  # the stride-8 map is not among the levels
+
+
+def test_entity_colour_reads_each_entity_s_mean_colour():
+    model = _tiny(rgb=True, shatter="colour", colour_clusters=4, entity_colour=True)
+    vis = model.encode_image(_images(2))
+    head = model.head
+    with torch.no_grad():
+        slots, attn, _, _ = head.shatter(vis)
+        head.colour_in.weight.zero_()
+        plain = head.shatter(vis)[0]
+        head.colour_in.weight.copy_(torch.eye(3).repeat(head.dim // 3 + 1, 1)[: head.dim])
+        with_colour = head.shatter(vis)[0]
+    assert not torch.allclose(slots, plain)
+    # with colour_in = identity on the first 3 channels, the slots move by each entity's mean colour (scaled)
+    colour = ((vis[-1] - 0.5) / 0.25).flatten(2).transpose(1, 2)  # (2, N, 3)
+    size = attn.sum(-1, keepdim=True).clamp(min=1)
+    expected = (attn @ colour) / size  # (2, K, 3)
+    assert torch.allclose((with_colour - plain)[..., :3], expected, atol=1e-5)
+    with pytest.raises(ValueError, match="entity_colour"):
+        _tiny(rgb=True, entity_colour=True)
