@@ -470,6 +470,12 @@ def pairwise_colour_affinity_loss(logits: torch.Tensor, lab: torch.Tensor, box_m
     return total / count.clamp(min=1)
 
 
+def background_bce(logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """BCE of ``logits`` towards background, averaged over the cells where ``where`` (same shape, {0, 1}) is 1."""
+    bce = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+    return (bce * where).sum() / where.sum().clamp(min=1)
+
+
 def click_mask_terms(logits: torch.Tensor, box: torch.Tensor, center: torch.Tensor, stride: int):
     """Two mask terms that follow from the clicks alone: (outside, center), scalars.
 
@@ -483,9 +489,7 @@ def click_mask_terms(logits: torch.Tensor, box: torch.Tensor, center: torch.Tens
     """
     logits = logits.float()
     B, _, h, w = logits.shape
-    out_box = 1 - box_bitmap(box, (h, w), stride)  # (B, 1, h, w)
-    bce = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
-    outside = (bce * out_box).sum() / out_box.sum().clamp(min=1)
+    outside = background_bce(logits, 1 - box_bitmap(box, (h, w), stride))
     ok = torch.isfinite(center).all(1)  # (B,)
     c = torch.where(ok[:, None], center, torch.zeros_like(center))
     grid = torch.stack([(c[:, 0] + 0.5) / (stride * w), (c[:, 1] + 0.5) / (stride * h)], -1) * 2 - 1
@@ -519,9 +523,7 @@ def region_terms(out: Dict[str, torch.Tensor], targets: Dict[str, torch.Tensor],
     cover = box_cover(box, region.shape[-2:], stride)  # (B, 1, h, w)
     touched = (cover > 0).float()
     projection = box_projection_loss(region, touched)
-    lg = region.float()
-    bce = F.binary_cross_entropy_with_logits(lg, torch.zeros_like(lg), reduction="none")
-    outside = (bce * (1 - touched)).sum() / (1 - touched).sum().clamp(min=1)
+    outside = background_bce(region.float(), 1 - touched)
     _, center = click_mask_terms(region, box, targets["center"].to(region.device), stride)
     return projection + outside + center, grid_kl(region, cover, has_target)
 

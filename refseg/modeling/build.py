@@ -88,7 +88,7 @@ def build_sag(
     mlp_ratio, text_layers, context_layers, decoder_hidden, decoder_depth,
     logit_scale_init, hard_negatives, slot_init, rgb, rgb_weight,
     feature_weight, detach_slots, pretrain_steps, slot_input, shatter,
-    colour_clusters).
+    colour_clusters, grid_stride, entity_colour).
     """
     v = build_visual(visual, frozen=freeze_visual, pretrained=pretrained)
     t = build_text(text, frozen=freeze_text, max_length=max_length, tokenizer=text_tokenizer)

@@ -55,7 +55,8 @@ boxes or clicks); losses in ``refseg.losses.sag_text_loss``.
    size (+ with ``entity_colour`` a linear term of its mean colour: in the
    input tokens the colour is 3 channels of ~430, and the first model's
    wrong picks were mostly an object of the right shape and another
-   colour, 34 % of test sentences against 4 % of the right colour). No reconstruction (``recon_mse`` is 0). What it is for: it puts
+   colour, 34 % of test sentences against 4 % of the right colour). No
+   reconstruction (``recon_mse`` is 0). What it is for: it puts
    the gather on entities close to the colour ceiling of
    ``benchmarks/sag_ceiling.py``, so a run shows what the gather and the
    negatives reach when the shatter stage is not the bottleneck. It uses
@@ -433,22 +434,21 @@ class SaGHead(nn.Module):
         feats = torch.cat(grid, 1).flatten(2).transpose(1, 2)  # (B_img, N, C)
         target = F.layer_norm(feats, (self.feat_dim,)).detach()  # (B_img, N, C), the reconstruction target
         if self.rgb:
-            colour = vis[-1].to(feats.dtype)  # (B_img, 3, h', w'), mean RGB in [0, 1]
-            if colour.shape[-2:] != (h, w):
-                colour = F.adaptive_avg_pool2d(colour, (h, w))
-            colour = ((colour - 0.5) / RGB_SCALE).flatten(2).transpose(1, 2)  # (B_img, N, 3), about unit scale
+            cell_rgb = vis[-1].to(feats.dtype)  # (B_img, 3, h', w'), mean RGB in [0, 1]
+            if cell_rgb.shape[-2:] != (h, w):
+                cell_rgb = F.adaptive_avg_pool2d(cell_rgb, (h, w))
+            colour = ((cell_rgb - 0.5) / RGB_SCALE).flatten(2).transpose(1, 2)  # (B_img, N, 3), about unit scale
             target = torch.cat([target, colour.detach()], -1)  # (B_img, N, C + 3)
         pe = sine_position_encoding(h, w, self.dim, feats.device, feats.dtype)  # (N, D)
         tokens = target[..., self.feat_dim:] if self.slot_input == "rgb" else target  # what the slots compete for
         x = self.feat_in(tokens) + self.pos_in(pe)  # (B_img, N, D)
         if self.shatter_mode == "colour":  # fixed entities: colour clusters split into connected regions
-            seg, count = colour_segments(vis[-1].float() if vis[-1].shape[-2:] == (h, w)
-                                         else F.adaptive_avg_pool2d(vis[-1].float(), (h, w)), self.colour_clusters)
+            seg, count = colour_segments(cell_rgb.float(), self.colour_clusters)
             attn = F.one_hot(seg, int(count.amax())).transpose(1, 2).to(x.dtype)  # (B_img, K, N), K = most entities
-            size = attn.sum(-1, keepdim=True)  # (B_img, K, 1) cells per entity, 0 for padding
-            slots = (attn @ x) / size.clamp(min=1) + self.size_in(torch.log(size.clamp(min=1)))  # (B_img, K, D)
+            size = attn.sum(-1, keepdim=True).clamp(min=1)  # (B_img, K, 1) cells per entity (padding: 1)
+            slots = (attn @ x) / size + self.size_in(torch.log(size))  # (B_img, K, D)
             if self.colour_in is not None:  # the entity's mean colour, straight into its slot
-                slots = slots + self.colour_in((attn @ target[..., self.feat_dim:]) / size.clamp(min=1))
+                slots = slots + self.colour_in((attn @ colour) / size)
             return slots, attn, x.new_zeros(B_img), (h, w)
         slots, attn = self.slot_attention(x)  # (B_img, K, D), (B_img, K, N)
         recon, _ = self.decoder(slots, pe)  # (B_img, N, C (+ 3))
@@ -544,7 +544,7 @@ class SaG(LTS):
     def encode_image(self, images: torch.Tensor) -> List[torch.Tensor]:
         """(B, 3, S, S) uint8 RGB in [0, 255] -> the maps at ``head.strides`` (default stride 16
         (B, C16, S/16, S/16) and stride 32 (B, C32, S/32, S/32)), finest first; with
-        ``head.rgb`` then the mean colour per stride-16 cell (B, 3, S/16, S/16) in [0, 1]."""
+        ``head.rgb`` then the mean colour per grid cell (B, 3, S/g, S/g) in [0, 1], g = ``head.grid_stride``."""
         maps = dict(zip(self.visual.strides, super().encode_image(images)))
         out = [maps[s] for s in self.head.strides]
         if getattr(self.head, "rgb", False):  # mean colour of each grid cell, in [0, 1] (cached with the maps)
