@@ -353,3 +353,37 @@ def test_loss_kwargs_reach_the_loss_and_unknown_ones_are_named():
     add_config_arguments(args)
     parsed = config_from_args(args.parse_args(["--loss-kwargs", '{"w_locate": 1.0}']))
     assert parsed.loss_kwargs == {"w_locate": 1.0}
+
+
+def test_init_from_starts_from_the_given_weights(synthref_tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    from refseg.engine import checkpoint as ckpt
+    from refseg.modeling import MODELS
+    from _engine_fixtures import TINY_LTS
+
+    common = dict(val_split="", cache_features="off")
+    train(tiny_config(synthref_tiny, tmp_path / "a", max_steps=3, **common), model=tiny_model())
+    # lr 0: the run's weights stay exactly the ones it started from, those of run a
+    train(tiny_config(synthref_tiny, tmp_path / "b", max_steps=1, lr=0.0, init_from=str(tmp_path / "a"), **common),
+          model=tiny_model(seed=1))
+    a = load_file(str(tmp_path / "a" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fresh_model = tiny_model(seed=1)
+    assert not all(torch.equal(a[k], v) for k, v in fresh_model.state_dict().items() if k in a)
+    # a file without one head tensor: that tensor keeps its fresh init and is named
+    dropped = sorted(k for k in a if k.startswith("head."))[0]
+    save_file({k: v for k, v in a.items() if k != dropped}, str(tmp_path / "part.safetensors"))
+    meta = json.loads((tmp_path / "a" / "last" / "model.json").read_text())
+    (tmp_path / "part.json").write_text(json.dumps({"config": meta["config"]}))
+    before = fresh_model.state_dict()[dropped].clone()
+    assert ckpt.init_weights(fresh_model, tmp_path / "part.safetensors") == [dropped]
+    assert torch.equal(fresh_model.state_dict()[dropped], before)
+    # another head width: refused, naming the tensors
+    wider = MODELS["lts"](image_size=tiny_model().image_size, **{**TINY_LTS, "dim": 48})
+    with pytest.raises(ckpt.CheckpointError, match="shape mismatch"):
+        ckpt.init_weights(wider, tmp_path / "a")
+    with pytest.raises(train_module.TrainError, match="init-from"):
+        train(tiny_config(synthref_tiny, tmp_path / "c", init_from=str(tmp_path / "nowhere"), **common),
+              model=tiny_model())

@@ -465,3 +465,101 @@ def test_entity_colour_reads_each_entity_s_mean_colour():
     assert torch.allclose((with_colour - plain)[..., :3], expected, atol=1e-5)
     with pytest.raises(ValueError, match="entity_colour"):
         _tiny(rgb=True, entity_colour=True)
+
+
+# ---- mask refinement and the relational gather ----------------------------------------
+
+
+def test_refine_entities_follows_colour_edges_inside_the_grid_cells():
+    from refseg.modeling.sag import refine_entities
+
+    # a red rectangle on blue, its edges inside grid cells: rows 6..21, columns 10..25 of a 32 x 32
+    # picture whose grid is 4 x 4 (cells of 8 x 8 pixels); a third, padding entity holds nothing
+    image = torch.zeros(1, 3, 32, 32)
+    image[0, 2] = 1.0
+    truth = torch.zeros(32, 32, dtype=torch.bool)
+    truth[6:22, 10:26] = True
+    image[0, :, truth] = torch.tensor([1.0, 0.0, 0.0])[:, None]
+    red_share = truth.float().view(4, 8, 4, 8).mean((1, 3))  # (4, 4) share of each cell
+    attn = torch.zeros(1, 3, 4, 4)
+    attn[0, 0] = (red_share > 0.5).float()  # the grid's assignment: by majority
+    attn[0, 1] = 1 - attn[0, 0]
+    post = refine_entities(attn, image, sigma=0.1, iters=2)
+    assert post.shape == (1, 3, 32, 32)
+    assert torch.allclose(post.sum(1), torch.ones(1, 32, 32), atol=1e-5)
+    assert (post[0, 2] == 0).all()  # the padding entity claims nothing
+    assert torch.equal(post[0, 0] > 0.5, truth)  # pixel-exact, where the grid is off by up to 4 pixels
+    assert not torch.equal(torch.nn.functional.interpolate(attn, size=(32, 32))[0, 0] > 0.5, truth)
+
+
+def test_mask_refine_draws_the_mask_edge_at_the_colour_edge():
+    from refseg.engine.cache import encoder_fingerprint
+
+    model = _tiny(rgb=True, shatter="colour", colour_clusters=4, mask_refine=4).eval()
+    image = torch.zeros(1, 3, S, S, dtype=torch.uint8)
+    image[0, 0, :, :24] = 220  # left: red up to x = 24 (inside the second 16-px cell), right: blue
+    image[0, 2, :, 24:] = 220
+    vis = model.encode_image(image)
+    assert vis[-1].shape == (1, 3, S // 4, S // 4)  # the fine colour map, after the grid's
+    with torch.no_grad():
+        out = model.decode(vis, model.encode_text(TEXTS), torch.zeros(4, dtype=torch.long))
+    for b in range(4):  # whichever side a sentence picks, the mask ends at x = 24 (+- 1 px: bilinear upsampling)
+        pred = out["mask_logits"][b, 0] > 0
+        side = bool(pred[0, 0])
+        assert (pred[:, :23] == side).all() and (pred[:, 25:] == (not side)).all(), b
+        y, x = divmod(int(out["mask_logits"][b, 0].argmax()), S)
+        assert pred[y, x]  # the point lies in the mask
+    assert out["prior_logits"].shape == (4, 1, S // 16, S // 16)
+    assert encoder_fingerprint(model) != encoder_fingerprint(_tiny(rgb=True, shatter="colour", colour_clusters=4))
+    with pytest.raises(ValueError, match="mask_refine"):
+        _tiny(rgb=True, shatter="colour", mask_refine=16)
+    rebuilt = build_model(json.loads(json.dumps(model.config)))
+    assert rebuilt.head.mask_refine == 4
+
+
+def test_relation_features_hand_made_row_of_three():
+    from refseg.modeling.sag import relation_features
+
+    # image 0: entities at x = 0.2, 0.5, 0.8 on one row (sizes 1, 2, 3 cells of 100), a padding 4th
+    centre = torch.tensor([[[0.2, 0.5], [0.5, 0.5], [0.8, 0.5], [0.0, 0.0]]])
+    logsize = torch.log(torch.tensor([[1.0, 2.0, 3.0, 1.0]]) / 100)
+    valid = torch.tensor([[True, True, True, False]])
+    member = torch.tensor([[[1.0, 1.0, 1.0, 1.0]]])  # every entity of the kind (the padding one ignored)
+    anchor = torch.tensor([[[0.0, 0.0, 1.0, 0.0]]])  # the anchor is the right one
+    f = relation_features(member, anchor, centre, logsize, valid, tau=0.01)[0, 0]  # (4, 16)
+    assert f.shape == (4, 16)
+    assert torch.allclose(f[:3, :2], centre[0, :3]) and torch.allclose(f[:3, 2], logsize[0, :3])
+    e = torch.exp(torch.tensor([0.0, -1.0, -2.0]))
+    # members left of each: 0, 1, 2 -> exp(-n) = 1, e^-1, e^-2; right of: the reverse
+    assert torch.allclose(f[:3, 3], e, atol=1e-3) and torch.allclose(f[:3, 4], e.flip(0), atol=1e-3)
+    # above / below: none on the same row is clearly above or below: 0.5 each of 2 others -> exp(-1)
+    assert torch.allclose(f[:3, 5], torch.full((3,), math.exp(-1)), atol=1e-3)
+    # larger than each: 2, 1, 0 (sizes 1, 2, 3)
+    assert torch.allclose(f[:3, 7], e.flip(0), atol=1e-3) and torch.allclose(f[:3, 8], e, atol=1e-3)
+    # the anchor (entity 2) is right of entities 0 and 1, and not its own anchor
+    assert torch.allclose(f[:3, 9], torch.tensor([1.0, 1.0, 0.0]), atol=1e-3)
+    assert torch.allclose(f[:3, 10], torch.zeros(3), atol=1e-3)
+    assert torch.allclose(f[:3, 13], torch.tensor([-0.6, -0.3, 0.0]), atol=1e-5)  # x offset from the anchor
+    assert torch.allclose(f[:3, 15], torch.tensor([0.6, 0.3, 0.0]), atol=1e-3)  # distance
+
+
+def test_relational_gather_starts_as_the_single_gather_and_learns_its_parts():
+    kw = dict(rgb=True, shatter="colour", colour_clusters=4)
+    rel, single = _tiny(**kw, gather="relational"), _tiny(**kw)
+    missing, unexpected = single.load_state_dict(rel.state_dict(), strict=False)
+    assert not missing and unexpected  # the relational parts are extra
+    vis = rel.encode_image(_images(2))
+    txt = rel.encode_text(TEXTS)
+    index = torch.tensor([0, 0, 1, 1])
+    a, b = rel.decode(vis, txt, index), single.decode(vis, txt, index)
+    assert torch.allclose(a["relevance"], b["relevance"], atol=1e-6)  # q of the relation term starts at 0
+    assert torch.allclose(a["mask_logits"], b["mask_logits"], atol=1e-4)
+    losses = sag_text_loss(a, {"image_index": index, "ref_id": torch.tensor([1, 2, 3, 4]),
+                               "no_target": torch.zeros(4, dtype=torch.bool)})
+    losses["loss"].backward()
+    head = rel.head
+    for p in (head.relation_in.fc1.weight, head.relation_q.weight, head.relation_v.weight, head.anchor_q.weight,
+              head.member_log_scale):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="gather"):
+        _tiny(gather="pairs")

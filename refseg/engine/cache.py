@@ -94,6 +94,8 @@ def encoder_fingerprint(model: nn.Module) -> str:
         h.update(b"rgb=1")
         if config.get("grid_stride", 16) != 16:  # ... at the grid's resolution
             h.update(f"grid_stride={config['grid_stride']}".encode())
+    if config.get("mask_refine"):  # SaG's fine colour map for the mask refinement
+        h.update(f"mask_refine={config['mask_refine']}".encode())
     for attr in ("max_length",):  # tokenisation length changes the text features' shape
         text = getattr(model, "text", None)
         if text is not None and hasattr(text, attr):

@@ -420,6 +420,50 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", strict:
     return model.to(device).eval()
 
 
+def init_weights(model: nn.Module, source: PathLike) -> List[str]:
+    """Start ``model`` from the weights of ``source`` (fine-tuning; ``refseg train --init-from``).
+
+    source: a shipped model name (``refseg.available_models()``), a checkpoint or
+    run folder, or a ``.safetensors`` file with its JSON. The stored model must be
+    the same kind (config "model", "visual", "text"); its weights must all exist in
+    ``model`` with the same shapes. Parameters of ``model`` that the file lacks (a
+    head switched on by ``model_kwargs``) keep their fresh initialisation: their
+    names are returned. Anything else raises CheckpointError naming the file and field.
+    """
+    from refseg.hub import WEIGHTS_DIR, available_models
+
+    path = WEIGHTS_DIR / f"{source}.safetensors" if str(source) in available_models() else Path(source)
+    weights_path, json_path = _resolve(path)
+    check_safetensors(weights_path)
+    meta = read_json(json_path, "model JSON") if json_path.exists() else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{json_path}: no 'config' mapping; --init-from needs the model JSON beside the weights")
+    if meta.get("sha256") and sha256_of(weights_path) != meta["sha256"]:
+        raise CheckpointError(f"{weights_path}: SHA-256 does not match {json_path.name}; the file is corrupt or changed")
+    own_config = getattr(model, "config", {}) or {}
+    for key in ("model", "visual", "text"):
+        if key in own_config and meta["config"].get(key) != own_config[key]:
+            raise CheckpointError(f"{json_path}: config field {key!r} is {meta['config'].get(key)!r}, "
+                                  f"the model trained here has {own_config[key]!r}")
+    weights = read_safetensors(weights_path)
+    own = model.state_dict()
+    unexpected = sorted(k for k in weights if k not in own)
+    shapes = sorted(f"{k}: stored {tuple(weights[k].shape)}, model {tuple(own[k].shape)}"
+                    for k in weights if k in own and weights[k].shape != own[k].shape)
+    if unexpected or shapes:
+        raise CheckpointError(f"{weights_path} does not fit {type(model).__name__}: "
+                              + "; ".join(([f"file has, model lacks {len(unexpected)}: {', '.join(unexpected[:10])}"]
+                                           if unexpected else [])
+                                          + ([f"shape mismatch {len(shapes)}: {'; '.join(shapes[:10])}"]
+                                             if shapes else [])))
+    frozen = frozen_prefixes(model)
+    fresh = sorted(k for k in own if k not in weights and not _under(k, frozen))
+    with torch.no_grad():
+        for k, v in weights.items():
+            own[k].copy_(v.to(own[k].dtype))
+    return fresh
+
+
 def export_heads(model: nn.Module, out_stem: PathLike, extra_meta: Optional[Dict[str, Any]] = None,
                  fp16: bool = False, include_frozen: bool = False) -> Tuple[Path, Path]:
     """Write `<stem>.safetensors` (non-frozen weights; floats as fp16 when

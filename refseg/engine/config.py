@@ -41,6 +41,7 @@ class TrainConfig:
     # model
     model: str = "lts"  # a name in refseg.modeling.MODELS
     model_kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the model factory (JSON on the command line)
+    init_from: Optional[str] = None  # start from these weights (a shipped model name, checkpoint or run folder, .safetensors): fine-tuning; parameters the file lacks (e.g. a head switched on by model_kwargs) keep their fresh init
     loss_kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the training loss, e.g. term weights (JSON on the command line; see refseg.losses)
     # data
     data: str = ""  # refer-format folder holding refs(<split_by>).p and instances.json

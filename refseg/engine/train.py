@@ -353,6 +353,15 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
     seed_everything(cfg.seed)
     if model is None:
         model = build_model(cfg)
+    if cfg.init_from:  # a resumed run's last/ overrides these weights below
+        try:
+            fresh = ckpt.init_weights(model, cfg.init_from)
+        except (ckpt.CheckpointError, FileNotFoundError) as e:
+            raise TrainError(f"--init-from {cfg.init_from}: {e}") from None
+        if main_rank and progress:
+            print(f"initialised from {cfg.init_from}"
+                  + (f"; {len(fresh)} tensors it lacks start fresh: {', '.join(fresh[:6])}"
+                     + (" ..." if len(fresh) > 6 else "") if fresh else ""), file=sys.stderr)
     model.to(device)
 
     if main_rank:

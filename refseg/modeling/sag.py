@@ -152,6 +152,39 @@ LOGIT_EPS = 1e-4  # the normalised map is clamped to [eps, 1 - eps] before logit
 
 
 SHATTERS = ("slots", "colour")
+GATHERS = ("single", "relational")
+RELATION_FEATURES = 16  # per (sentence, image, entity): see relation_features
+RELATION_HIDDEN, RELATION_DIM = 64, 32  # hidden and output width of the MLP that embeds them
+REFINE_TIE = 1e-3  # weight of the coarse map in the refined one: it only breaks ties
+
+
+def refine_entities(attn: torch.Tensor, image: torch.Tensor, sigma: float = 0.1, iters: int = 2) -> torch.Tensor:
+    """Entity maps on the grid -> each entity's share of every pixel of a finer colour map.
+
+    attn (B, K, h, w): entity weights per grid cell (summing to 1 over K where any
+    entity is; padding entities all 0); image (B, 3, H, W) in [0, 1], H = r h,
+    W = r w for an integer r. An entity may claim a pixel only if it holds
+    weight in the pixel's cell or one of its 8 neighbours (``support``, the 3 x 3
+    max of its weights); among those, the pixel goes to the entities whose mean
+    colour is nearest: posterior over K proportional to
+    support x exp(-|colour - mean_k|^2 / (2 sigma^2)). The means start as
+    each entity's mean colour over its own cells and are re-estimated from the
+    posterior ``iters`` - 1 times (a local, colour-only k-means). Reads the
+    image alone: no annotation. Returns (B, K, H, W), summing to 1 over K.
+    """
+    B, K, h, w = attn.shape
+    H, W = image.shape[-2:]
+    support = F.interpolate(F.max_pool2d(attn, 3, stride=1, padding=1), size=(H, W), mode="nearest")
+    weights = F.interpolate(attn, size=(H, W), mode="nearest")  # (B, K, H, W): the grid's own assignment
+    allowed = support > 0
+    allowed = allowed | ~allowed.any(1, keepdim=True)  # a cell no entity holds (none in practice): all may claim it
+    log_support = torch.log(support.clamp(min=1e-6))
+    for _ in range(iters):
+        mean = torch.einsum("bkhw,bchw->bkc", weights, image) / weights.sum((2, 3))[..., None].clamp(min=1e-6)
+        d2 = (image[:, None] - mean[..., None, None]).pow(2).sum(2)  # (B, K, H, W)
+        logits = (log_support - d2 / (2 * sigma**2)).masked_fill(~allowed, float("-inf"))
+        weights = torch.softmax(logits, dim=1)  # (B, K, H, W)
+    return weights
 
 
 @torch.no_grad()
@@ -203,6 +236,36 @@ def colour_segments(colour: torch.Tensor, clusters: int = 16, iters: int = 10):
         ids, seg[b] = torch.unique(lab[b], return_inverse=True)  # sorted: raster order of first cells
         count[b] = len(ids)
     return seg, count
+
+
+def relation_features(member: torch.Tensor, anchor: torch.Tensor, centre: torch.Tensor, logsize: torch.Tensor,
+                      valid: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
+    """Geometric features of every entity for the relational gather (``SaGHead.relational_logits``).
+
+    member (B, B_img, K) in [0, 1]: how much each entity is of the kind sentence b names; anchor
+    (B, B_img, K): sentence b's anchor distribution; centre (B_img, K, 2) x, y in [0, 1]; logsize
+    (B_img, K); valid (B_img, K): real entities (False for padding). Returns (B, B_img, K, 16):
+    x, y, log size; exp(-n) for the soft count n of *other* members left of, right of, above,
+    below, larger than, smaller than the entity (1 for the extreme one of its kind); the anchor's
+    share right of, left of, below, above the entity; the anchor's expected offset to it in x, y
+    and distance (the entity itself left out of the anchor). "k left of i" is
+    sigmoid((x_i - x_k) / tau), likewise for y and log size.
+    """
+    B, B_img, K = member.shape
+    dt = centre.dtype
+    dx = centre[:, :, None, 0] - centre[:, None, :, 0]  # (B_img, K_i, K_k): > 0 when k is left of i
+    dy = centre[:, :, None, 1] - centre[:, None, :, 1]  # > 0 when k is above i
+    ds = logsize[:, :, None] - logsize[:, None, :]  # > 0 when k is smaller than i
+    other = (valid[:, None, :] & ~torch.eye(K, dtype=torch.bool, device=centre.device)[None]).to(dt)
+    pairs = torch.stack([torch.sigmoid(dx / tau), torch.sigmoid(-dx / tau), torch.sigmoid(dy / tau),
+                         torch.sigmoid(-dy / tau), torch.sigmoid(-ds / tau), torch.sigmoid(ds / tau),
+                         dx, dy, (dx.pow(2) + dy.pow(2) + 1e-8).sqrt()], -1)
+    pairs = pairs * other[..., None]  # (B_img, K_i, K_k, 9): k left of / right of / above / below / larger /
+    # smaller than i, then i's offset from k in x, y, distance; 0 for k = i and for padding k
+    counts = torch.einsum("bjk,jikf->bjif", member * valid[None].to(dt), pairs[..., :6])  # (B, B_img, K, 6)
+    from_anchor = torch.einsum("bjk,jikf->bjif", anchor, pairs[..., [1, 0, 3, 2, 6, 7, 8]])  # (B, B_img, K, 7)
+    absolute = torch.cat([centre, logsize[..., None]], -1)[None].expand(B, -1, -1, -1)  # (B, B_img, K, 3)
+    return torch.cat([absolute, torch.exp(-counts), from_anchor], -1)
 
 
 class SlotAttention(nn.Module):
@@ -357,6 +420,11 @@ class SaGHead(nn.Module):
         colour_clusters: int = 16,
         grid_stride: int = 16,
         entity_colour: bool = False,
+        mask_refine: int = 0,
+        refine_sigma: float = 0.1,
+        refine_iters: int = 2,
+        gather: str = "single",
+        relation_tau: float = 0.05,
     ):
         super().__init__()
         self.strides = tuple(int(s) for s in visual_strides)
@@ -387,6 +455,17 @@ class SaGHead(nn.Module):
         self.shatter_mode, self.colour_clusters = shatter, int(colour_clusters)
         if entity_colour and shatter != "colour":
             raise ValueError("entity_colour needs shatter='colour'")
+        if mask_refine not in (0, 2, 4, 8) or (mask_refine and mask_refine >= self.grid_stride):
+            raise ValueError(f"mask_refine must be 0 (off) or 2, 4 or 8 and finer than grid_stride "
+                             f"{self.grid_stride}, got {mask_refine}")
+        if refine_sigma <= 0 or refine_iters < 1:
+            raise ValueError(f"refine_sigma must be > 0 and refine_iters >= 1, got {refine_sigma}, {refine_iters}")
+        self.mask_refine, self.refine_sigma, self.refine_iters = int(mask_refine), float(refine_sigma), int(refine_iters)
+        if gather not in GATHERS:
+            raise ValueError(f"gather must be one of {GATHERS}, got {gather!r}")
+        if relation_tau <= 0:
+            raise ValueError(f"relation_tau must be > 0, got {relation_tau}")
+        self.gather_mode, self.relation_tau = gather, float(relation_tau)
 
         # 1. shatter
         self.feat_in = MLP(RGB_CHANNELS if slot_input == "rgb" else in_dim, 2 * dim, dim)
@@ -408,6 +487,16 @@ class SaGHead(nn.Module):
         self.gather_v = nn.Linear(dim, dim)
         self.gather_out = nn.Linear(dim, dim)
         self.text_embed = nn.Linear(dim, dim)
+        if gather == "relational":  # see relational_logits
+            self.member_log_scale = nn.Parameter(torch.zeros(()))  # membership = exp(a (logit - best logit))
+            self.anchor_pool = nn.Linear(dim, 1)  # the anchor phrase: attention pooling over the text tokens
+            self.anchor_q = nn.Linear(dim, dim)
+            self.anchor_k = nn.Linear(dim, dim)
+            self.relation_in = MLP(RELATION_FEATURES, RELATION_HIDDEN, RELATION_DIM)
+            self.relation_q = nn.Linear(dim, RELATION_DIM)
+            self.relation_v = nn.Linear(RELATION_DIM, dim, bias=False)
+            nn.init.zeros_(self.relation_q.weight)  # starts as the single gather
+            nn.init.zeros_(self.relation_q.bias)
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
         # 5. no target: exp(a) * (b - cos), a = log 10, b = -1.5 -> logits in [-25, -5] at the start
         self.nt_log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
@@ -417,11 +506,12 @@ class SaGHead(nn.Module):
         """Maps at ``self.strides`` [(B_img, C_i, S/s_i, S/s_i)] ->
         (slots (B_img, K, D), attn (B_img, K, N), recon_mse (B_img,), (h, w)), N = h*w on the stride-16 grid."""
         got = [int(m.shape[1]) for m in vis]
-        want = self.channels + ([RGB_CHANNELS] if self.rgb else [])
+        want = self.channels + ([RGB_CHANNELS] if self.rgb else []) + ([RGB_CHANNELS] if self.mask_refine else [])
         if got != want:
             raise ValueError(f"SaGHead expects maps with {want} channels at strides {self.strides}"
-                             f"{' + the RGB map' if self.rgb else ''}, got {got} "
-                             "(features cached for other `levels` or `rgb`?)")
+                             f"{' + the RGB map' if self.rgb else ''}"
+                             f"{f' + the stride-{self.mask_refine} colour map' if self.mask_refine else ''}, got {got} "
+                             "(features cached for other `levels`, `rgb` or `mask_refine`?)")
         maps = dict(zip(self.strides, vis[: len(self.strides)]))
         B_img, _, h, w = maps[self.grid_stride].shape
         grid = []
@@ -434,7 +524,7 @@ class SaGHead(nn.Module):
         feats = torch.cat(grid, 1).flatten(2).transpose(1, 2)  # (B_img, N, C)
         target = F.layer_norm(feats, (self.feat_dim,)).detach()  # (B_img, N, C), the reconstruction target
         if self.rgb:
-            cell_rgb = vis[-1].to(feats.dtype)  # (B_img, 3, h', w'), mean RGB in [0, 1]
+            cell_rgb = vis[len(self.strides)].to(feats.dtype)  # (B_img, 3, h', w'), mean RGB in [0, 1]
             if cell_rgb.shape[-2:] != (h, w):
                 cell_rgb = F.adaptive_avg_pool2d(cell_rgb, (h, w))
             colour = ((cell_rgb - 0.5) / RGB_SCALE).flatten(2).transpose(1, 2)  # (B_img, N, 3), about unit scale
@@ -458,12 +548,53 @@ class SaGHead(nn.Module):
             recon_mse = recon_mse + self.rgb_weight * err[..., self.feat_dim:].mean((1, 2))
         return slots, attn, recon_mse, (h, w)
 
-    def encode_sentence(self, txt: TextFeatures) -> torch.Tensor:
-        """TextFeatures (B rows) -> s (B, D), the gather query's source."""
+    def encode_sentence(self, txt: TextFeatures, tokens: bool = False):
+        """TextFeatures (B rows) -> s (B, D), the gather query's source (and the refined tokens (B, L, D)
+        with ``tokens``)."""
         t = self.text_in(txt.tokens)  # (B, L, D)
         for layer in self.text_layers:
             t = layer(t, txt.mask)
-        return self.sent_norm(self.sent_in(txt.sentence) + masked_mean(t, txt.mask))  # (B, D)
+        s = self.sent_norm(self.sent_in(txt.sentence) + masked_mean(t, txt.mask))  # (B, D)
+        return (s, t) if tokens else s
+
+    def relational_logits(self, s: torch.Tensor, t: torch.Tensor, tmask: torch.Tensor, ctx: torch.Tensor,
+                          valid: torch.Tensor, attn: torch.Tensor, hw) -> torch.Tensor:
+        """The relational gather's logits (B, B_img, K) and the entity embeddings it reads (B, B_img, K, D).
+
+        Round 1 scores every entity as the single gather does (``base``) and turns it into a soft
+        membership m = exp(a (base - max base)) in [0, 1] ("is of the kind the sentence names", 1 for
+        the best match, a learned); a second query, from the sentence vector plus an attention-pooled
+        phrase of its tokens, picks an anchor distribution (softmax over entities). From the
+        entities' centroids and sizes (their cells on the grid) ``relation_features`` gives each
+        entity 16 geometric features per (sentence, image) pair: where it is, whether it is the
+        extreme one of its kind in each direction and in size ("the leftmost hexagon", "the large
+        circle"), and where the anchor is from it ("left of the blue circle"). An MLP embeds them
+        (width R = 32: there are B x B_img x K of them); the logits are base + q(s) . embedding /
+        sqrt(R) (q starts at zero, so training starts from the single gather), and the gathered
+        value adds a linear map of the relevance-weighted embedding to the single gather's, so the
+        contrastive loss sees the relation the gather chose.
+        """
+        B_img, K, _ = ctx.shape
+        h, w = hw
+        dev, dt = ctx.device, ctx.dtype
+        ys = (torch.arange(h, device=dev, dtype=dt) + 0.5) / h
+        xs = (torch.arange(w, device=dev, dtype=dt) + 0.5) / w
+        cells = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)  # (N, 2) x, y in [0, 1]
+        size = attn.sum(-1)  # (B_img, K) cells per entity
+        centre = (attn @ cells) / size[..., None].clamp(min=1e-6)  # (B_img, K, 2)
+        logsize = torch.log(size.clamp(min=1e-3) / (h * w))  # (B_img, K)
+        # round 1: kind membership (the single gather's logits) and the anchor
+        base = torch.einsum("bd,jkd->bjk", self.gather_q(s), self.gather_k(ctx)) / math.sqrt(self.dim)
+        best = base.masked_fill(~valid[None], float("-inf")).amax(-1, keepdim=True)  # (B, B_img, 1)
+        member = torch.exp(self.member_log_scale.exp() * (base - best).clamp(max=0))  # (B, B_img, K), 1 for the best
+        pool = self.anchor_pool(t).squeeze(-1).masked_fill(~tmask.bool(), float("-inf"))  # (B, L)
+        phrase = torch.einsum("bl,bld->bd", torch.softmax(pool, -1), t)  # (B, D)
+        anchor_logits = torch.einsum("bd,jkd->bjk", self.anchor_q(s + phrase), self.anchor_k(ctx)) / math.sqrt(self.dim)
+        anchor = torch.softmax(anchor_logits.masked_fill(~valid[None], float("-inf")), -1)  # (B, B_img, K)
+        geo = relation_features(member, anchor, centre, logsize, valid, self.relation_tau)  # (B, B_img, K, 16)
+        rel = self.relation_in(geo)  # (B, B_img, K, R), R = RELATION_DIM: small, as there are B x B_img x K
+        logits = base + torch.einsum("br,bjkr->bjk", self.relation_q(s), rel) / math.sqrt(rel.shape[-1])
+        return logits, rel
 
     def forward(self, vis: List[torch.Tensor], txt: TextFeatures, image_index: torch.Tensor) -> Dict[str, torch.Tensor]:
         idx = image_index
@@ -478,12 +609,21 @@ class SaGHead(nn.Module):
         ctx = self.context_norm(ctx)  # (B_img, K, D)
 
         # 3. gather, every sentence from every image
-        s = self.encode_sentence(txt)  # (B, D)
-        q = self.gather_q(s)  # (B, D)
-        k, v = self.gather_k(ctx), self.gather_v(ctx)  # (B_img, K, D) each
-        logits = torch.einsum("bd,jkd->bjk", q, k) / math.sqrt(self.dim)  # (B, B_img, K)
-        relevance = torch.softmax(logits.masked_fill(~valid[None], float("-inf")), dim=-1)  # (B, B_img, K)
-        gathered = self.gather_out(torch.einsum("bjk,jkd->bjd", relevance, v))  # (B, B_img, D)
+        if self.gather_mode == "relational":
+            s, t = self.encode_sentence(txt, tokens=True)  # (B, D), (B, L, D)
+            logits, rel = self.relational_logits(s, t, txt.mask, ctx, valid, attn, (h, w))  # (B, B_img, K), (.., D)
+            relevance = torch.softmax(logits.masked_fill(~valid[None], float("-inf")), dim=-1)  # (B, B_img, K)
+            # the value: the entity's, plus its relation embedding's (each mixed by relevance)
+            mixed = torch.einsum("bjk,jkd->bjd", relevance, self.gather_v(ctx))
+            mixed = mixed + self.relation_v(torch.einsum("bjk,bjkr->bjr", relevance, rel))
+            gathered = self.gather_out(mixed)  # (B, B_img, D)
+        else:
+            s = self.encode_sentence(txt)  # (B, D)
+            q = self.gather_q(s)  # (B, D)
+            k, v = self.gather_k(ctx), self.gather_v(ctx)  # (B_img, K, D) each
+            logits = torch.einsum("bd,jkd->bjk", q, k) / math.sqrt(self.dim)  # (B, B_img, K)
+            relevance = torch.softmax(logits.masked_fill(~valid[None], float("-inf")), dim=-1)  # (B, B_img, K)
+            gathered = self.gather_out(torch.einsum("bjk,jkd->bjd", relevance, v))  # (B, B_img, D)
         gathered = F.normalize(gathered, dim=-1)
         text_embedding = F.normalize(self.text_embed(s), dim=-1)  # (B, D)
         B = s.shape[0]
@@ -496,7 +636,18 @@ class SaGHead(nn.Module):
         hi = m.flatten(1).amax(1).view(B, 1, 1, 1)
         m = (m - lo) / (hi - lo).clamp(min=1e-6)  # (B, 1, h, w), min 0, max 1
         prior = torch.logit(m if self.grid_stride == 16 else F.max_pool2d(m, 2), eps=LOGIT_EPS)  # (B, 1, S/16, S/16)
-        up = F.interpolate(m, size=(S, S), mode="bilinear", align_corners=False)  # (B, 1, S, S)
+        if self.mask_refine:  # each entity's share of every fine pixel, from its colour (see refine_entities)
+            post = refine_entities(attn.view(attn.shape[0], attn.shape[1], h, w).float(), vis[-1].float(),
+                                   self.refine_sigma, self.refine_iters)  # (B_img, K, H, W)
+            fine = torch.einsum("bk,bkhw->bhw", own_relevance.float(), post[idx])[:, None]  # (B, 1, H, W)
+            lo = fine.flatten(1).amin(1).view(B, 1, 1, 1)
+            fine = (fine - lo) / (fine.flatten(1).amax(1).view(B, 1, 1, 1) - lo).clamp(min=1e-6)
+            # ties inside the chosen entity go to the coarse map's peak, so the argmax stays in its interior
+            coarse = F.interpolate(m.float(), size=fine.shape[-2:], mode="bilinear", align_corners=False)
+            fine = ((1 - REFINE_TIE) * fine + REFINE_TIE * coarse).to(m.dtype)
+            up = F.interpolate(fine, size=(S, S), mode="bilinear", align_corners=False)  # (B, 1, S, S)
+        else:
+            up = F.interpolate(m, size=(S, S), mode="bilinear", align_corners=False)  # (B, 1, S, S)
         mask = torch.logit(up, eps=LOGIT_EPS)  # (B, 1, S, S)
 
         # 5. no target: calibrated, detached own-image similarity
@@ -544,10 +695,15 @@ class SaG(LTS):
     def encode_image(self, images: torch.Tensor) -> List[torch.Tensor]:
         """(B, 3, S, S) uint8 RGB in [0, 255] -> the maps at ``head.strides`` (default stride 16
         (B, C16, S/16, S/16) and stride 32 (B, C32, S/32, S/32)), finest first; with
-        ``head.rgb`` then the mean colour per grid cell (B, 3, S/g, S/g) in [0, 1], g = ``head.grid_stride``."""
+        ``head.rgb`` then the mean colour per grid cell (B, 3, S/g, S/g) in [0, 1], g = ``head.grid_stride``;
+        with ``head.mask_refine`` r last the mean colour per r x r block (B, 3, S/r, S/r) in [0, 1]."""
         maps = dict(zip(self.visual.strides, super().encode_image(images)))
         out = [maps[s] for s in self.head.strides]
         if getattr(self.head, "rgb", False):  # mean colour of each grid cell, in [0, 1] (cached with the maps)
             h, w = maps[getattr(self.head, "grid_stride", 16)].shape[-2:]
             out.append(F.adaptive_avg_pool2d(images.to(maps[16].dtype) / 255.0, (h, w)))
+        r = getattr(self.head, "mask_refine", 0)
+        if r:  # the colour map the mask is refined on (mean RGB per r x r block, in [0, 1])
+            S = images.shape[-1]
+            out.append(F.adaptive_avg_pool2d(images.to(maps[16].dtype) / 255.0, (S // r, S // r)))
         return out
