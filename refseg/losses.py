@@ -197,15 +197,17 @@ def sag_text_loss(
     w_recon: float = 1.0,
     w_hard: float | None = None,
     w_no_target: float = 0.1,
+    w_agree: float = 0.0,
 ) -> Dict[str, torch.Tensor]:
     """The SaG training loss, from (image, expression) pairs alone.
 
     out: SaG's dict: text_embedding e (B, D) and gathered g (B, B_img, D),
       both L2-normalised (g[t, j]: sentence t's query gathered from image
       j's slots), logit_scale (), recon_mse (B_img,), no_target_logits (B,),
-      hard_negative_weight () (used when ``w_hard`` is None).
+      hard_negative_weight () (used when ``w_hard`` is None); relevance (B, K)
+      over the entities of the sentence's own image (for ``agree``).
     batch: image_index (B,) long, the row of sentence t's own image;
-      ref_id (B,) long (hard negatives; without it the term is 0);
+      ref_id (B,) long (hard negatives, agree; without it both are 0);
       no_target (B,) bool, optional.
     Terms (anchors: sentences with a target; a no-target sentence has no
     positive image):
@@ -223,12 +225,21 @@ def sag_text_loss(
                  expressions with different referents. Sentences of the same
                  ref are neither positive nor negative. Averaged over anchors
                  that have at least one such negative (0 when none has).
+      agree      Selection agreement between the expressions of one image: for
+                 sentences t, t' of the same image, a = sum_k rel_t,k rel_t',k
+                 (the chance both pick the same entity); -log a when they share
+                 their ref_id (two descriptions of one object: "the purple
+                 hexagon" and "the leftmost hexagon"), -log(1 - a) when not.
+                 It acts on the selection itself, so unlike ``hard`` no
+                 sentence-specific output can satisfy it; what it reads is
+                 the refer format's grouping of expressions into refs, no
+                 location. Averaged over such pairs (0 when none; eps 1e-6).
       recon      mean slot-decoder reconstruction MSE over the batch's images.
       no_target  BCE of no_target_logits against no_target (calibrates its
                  scale and bias only; the similarity it reads is detached).
       acc_image, acc_hard  (logged only) share of anchors whose positive
                  beats every image / every hard negative.
-    loss = c * (infonce + w_hard * hard + w_no_target * no_target) + w_recon * recon, with
+    loss = c * (infonce + w_hard * hard + w_agree * agree + w_no_target * no_target) + w_recon * recon, with
     c = out["contrast_weight"] (0 while the model pre-trains its shatter stage on
     reconstruction alone, see SaGHead ``pretrain_steps``; 1 after, and when absent);
     w_hard None reads out["hard_negative_weight"] (1.0 when absent).
@@ -265,12 +276,23 @@ def sag_text_loss(
     neg_max = hard_logits.masked_fill(~negative, float("-inf")).amax(1)  # (B,)
     acc_hard = (pos[has_neg] > neg_max[has_neg]).float().mean() if has_neg.any() else pos.new_zeros(())
 
+    agree = e.new_zeros(())
+    relevance = out.get("relevance")
+    if relevance is not None and ref_id is not None:
+        pairs = (index[:, None] == index[None, :]) & anchor[:, None] & anchor[None, :]
+        pairs &= ~torch.eye(B, dtype=torch.bool, device=device)
+        if pairs.any():
+            same = relevance.float() @ relevance.float().T  # (B, B): chance that t and t' pick one entity
+            same_ref = ref_id[:, None] == ref_id[None, :]
+            terms = torch.where(same_ref, -torch.log(same + 1e-6), -torch.log((1 - same).clamp(min=0) + 1e-6))
+            agree = terms[pairs].mean().to(e.dtype)
+
     recon = out["recon_mse"].mean()
     nt = F.binary_cross_entropy_with_logits(out["no_target_logits"], no_target.to(e.dtype))
     contrast = out.get("contrast_weight")  # 0 during the model's shatter pre-training (pretrain_steps)
     contrast = 1.0 if contrast is None else contrast.to(e.dtype)
-    loss = contrast * (infonce + w_hard * hard + w_no_target * nt) + w_recon * recon
-    parts = {"infonce": infonce, "hard": hard, "recon": recon, "no_target": nt,
+    loss = contrast * (infonce + w_hard * hard + w_agree * agree + w_no_target * nt) + w_recon * recon
+    parts = {"infonce": infonce, "hard": hard, "agree": agree, "recon": recon, "no_target": nt,
              "acc_image": acc_image, "acc_hard": acc_hard}
     return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
 

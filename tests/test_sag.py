@@ -268,6 +268,31 @@ def test_hard_negatives_hand_computed():
     assert _tiny(hard_negatives=0.0)(_images(1), TEXTS[:1])["hard_negative_weight"].item() == 0.0
 
 
+def test_agree_hand_computed():
+    # three sentences: 0 and 1 about one object of image 0, 2 about another object of image 0; 3 on image 1
+    e = torch.eye(4)
+    g = e[:, None, :].expand(4, 2, 4).contiguous()
+    rel = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.2, 0.0, 0.8], [1.0, 0.0, 0.0]])
+    batch = {"image_index": torch.tensor([0, 0, 0, 1]), "ref_id": torch.tensor([7, 7, 8, 9])}
+    out = {**_loss_out(e, g), "relevance": rel}
+    got = sag_text_loss(out, batch, w_agree=1.0)
+    eps = 1e-6
+    # pairs (ordered) within image 0: (0,1) same ref a = 0.5; (0,2) other ref a = 0.1; (1,2) other ref a = 0.2
+    expected = 2 * (-math.log(0.5 + eps) - math.log(0.9 + eps) - math.log(0.8 + eps)) / 6
+    assert got["agree"].item() == pytest.approx(expected, rel=1e-5)
+    base = sag_text_loss(out, batch)  # w_agree 0 by default: logged, not in the total
+    assert base["agree"].item() == pytest.approx(expected, rel=1e-5)
+    assert got["loss"].item() == pytest.approx(base["loss"].item() + expected, rel=1e-5)
+    # agreeing selections cost nothing: same ref picks the same entity, other refs others
+    sharp = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    assert sag_text_loss({**out, "relevance": sharp}, batch, w_agree=1.0)["agree"].item() == pytest.approx(
+        -math.log(1 + eps), abs=1e-5)
+    # the gradient reaches the relevance
+    r = rel.clone().requires_grad_(True)
+    sag_text_loss({**out, "relevance": r}, batch, w_agree=1.0)["loss"].backward()
+    assert r.grad.abs().sum() > 0 and (r.grad[3] == 0).all()  # sentence 3 has no partner in its image
+
+
 # ---- training from text alone -----------------------------------------------------------
 
 
