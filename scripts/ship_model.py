@@ -69,19 +69,27 @@ def main() -> int:
     ap.add_argument("--eval-data", required=True)
     ap.add_argument("--split", default="test")
     ap.add_argument("--fp16", action="store_true")
+    ap.add_argument("--model-kwargs", type=json.loads, default={},
+                    help="JSON of inference options merged into the model config before evaluating and shipping "
+                         "(e.g. SaG's {\"mask_refine\": 4}); the trained weights must fit the new model exactly")
     ap.add_argument("--metrics-json", help="reuse the figures of `refseg eval --out` or `benchmarks/lts_synthref.py "
                     "--json` (any JSON with 'model' or 'checkpoint', 'split', 'metrics') for this run and split "
                     "instead of evaluating again")
     args = ap.parse_args()
 
     from refseg.data import load_refer
-    from refseg.engine.checkpoint import export_heads, load_model
+    from refseg.engine.checkpoint import export_heads, load_model, load_weights
+    from refseg.modeling.build import build_model
     from refseg.engine.evaluate_core import evaluate_model
     from refseg.hub import WEIGHTS_DIR
 
     run = Path(args.run)
     target = run / args.checkpoint if args.checkpoint else run
     model = load_model(target).eval()
+    if args.model_kwargs:  # inference options: same weights, another config
+        trained = model
+        model = build_model({**trained.config, **args.model_kwargs}).eval()
+        load_weights(model, {k: v for k, v in trained.state_dict().items()}, source=str(target))
     data = load_refer(args.eval_data)
     if args.metrics_json:
         saved = json.loads(Path(args.metrics_json).read_text())
@@ -98,7 +106,7 @@ def main() -> int:
     synth = json.loads((Path(args.eval_data) / "synthref.json").read_text()) if (Path(args.eval_data) / "synthref.json").exists() else {}
     meta = {
         "name": args.name,
-        "training": {"commands": args.command, "note": args.note, "checkpoint": args.checkpoint or ("best" if (run / "best").exists() else "last"),
+        "training": {"commands": args.command, "note": args.note, "inference_options": args.model_kwargs, "checkpoint": args.checkpoint or ("best" if (run / "best").exists() else "last"),
                      **training_record(run)},
         "evaluation": {"data": {k: synth.get(k) for k in ("domain", "preset", "seed", "version")},
                        "split": args.split, "metrics": results},

@@ -117,8 +117,11 @@ boxes or clicks); losses in ``refseg.losses.sag_text_loss``.
    map so that ties inside the chosen entity go to its interior (the
    argmax stays in the same entity), upsampled bilinearly to S. The grid's
    entities are 16 px cells, so without it an object's outline is off by
-   up to 8 px (sag-synthref on natural small test: P@0.9 0.1 % without,
-   see the README for the figures with it). ``prior_logits`` stays the grid map.
+   up to 8 px. The first sag-synthref (single gather) on natural small
+   test: mIoU 35.15 -> 47.51, P@0.9 0.1 -> 11.6 %, PointM 55.8 -> 58.1 with
+   ``mask_refine=4`` (PointM moves too: a one-cell fragment of mixed colour
+   that took the most relevance gives its pixels to its neighbours, and the
+   argmax moves to the next entity). ``prior_logits`` stays the grid map.
 5. No target *(choice)*: a learned, calibrated score
    ``exp(a) * (b - cos(text_embedding, gathered own image))`` with the cosine
    detached, so that only a and b learn (BCE on the data set's no_target
