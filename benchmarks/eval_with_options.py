@@ -1,0 +1,50 @@
+"""Evaluate a model with inference options merged into its config (same weights).
+
+    python benchmarks/eval_with_options.py --model sag-synthref --options '{"mask_refine": 2}' --split val
+
+For options that add no parameter (SaG's ``mask_refine``, ``refine_sigma``,
+``refine_iters``; PKS's ``peak_source`` with a region head), so that they can be
+chosen on val before shipping (``scripts/ship_model.py --model-kwargs``).
+Prints oIoU, mIoU, P@0.5, P@0.9, PointM (%) overall and mIoU / PointM per
+sentence form.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="shipped model name, run or checkpoint folder")
+    ap.add_argument("--options", type=json.loads, default={}, help="JSON merged into the model config")
+    ap.add_argument("--data", default="data/natural-small-s0")
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    import torch
+
+    from refseg.engine.checkpoint import load_weights
+    from refseg.engine.evaluate_core import evaluate_model
+    from refseg.hub import load
+    from refseg.modeling.build import build_model
+
+    torch.set_num_threads(args.threads)
+    trained = load(args.model)
+    model = build_model({**trained.config, **args.options}).eval() if args.options else trained
+    if args.options:
+        load_weights(model, dict(trained.state_dict()), source=args.model)
+    start = time.perf_counter()
+    r = evaluate_model(model, args.data, args.split, progress=False)
+    overall = {k: round(100 * r[k], 2) for k in ("oIoU", "mIoU", "P@0.5", "P@0.9", "PointM")}
+    forms = {f: {"mIoU": round(100 * v["mIoU"], 1), "PointM": round(100 * v["PointM"], 1)}
+             for f, v in r.get("by_form", {}).items()}
+    print(json.dumps({"model": args.model, "options": args.options, "split": args.split, "n": r["n"],
+                      **overall, "by_form": forms, "seconds": round(time.perf_counter() - start)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
