@@ -26,16 +26,12 @@ def main() -> int:
 
     import torch
 
-    from refseg.engine.checkpoint import load_weights
+    from refseg.engine.checkpoint import with_options
     from refseg.engine.evaluate_core import evaluate_model
     from refseg.hub import load
-    from refseg.modeling.build import build_model
 
     torch.set_num_threads(args.threads)
-    trained = load(args.model)
-    model = build_model({**trained.config, **args.options}).eval() if args.options else trained
-    if args.options:
-        load_weights(model, dict(trained.state_dict()), source=args.model)
+    model = with_options(load(args.model), args.options)
     start = time.perf_counter()
     r = evaluate_model(model, args.data, args.split, progress=False)
     overall = {k: round(100 * r[k], 2) for k in ("oIoU", "mIoU", "P@0.5", "P@0.9", "PointM")}

@@ -78,18 +78,13 @@ def main() -> int:
     args = ap.parse_args()
 
     from refseg.data import load_refer
-    from refseg.engine.checkpoint import export_heads, load_model, load_weights
-    from refseg.modeling.build import build_model
+    from refseg.engine.checkpoint import export_heads, load_model, with_options
     from refseg.engine.evaluate_core import evaluate_model
     from refseg.hub import WEIGHTS_DIR
 
     run = Path(args.run)
     target = run / args.checkpoint if args.checkpoint else run
-    model = load_model(target).eval()
-    if args.model_kwargs:  # inference options: same weights, another config
-        trained = model
-        model = build_model({**trained.config, **args.model_kwargs}).eval()
-        load_weights(model, {k: v for k, v in trained.state_dict().items()}, source=str(target))
+    model = with_options(load_model(target).eval(), args.model_kwargs)  # inference options: same weights
     data = load_refer(args.eval_data)
     if args.metrics_json:
         saved = json.loads(Path(args.metrics_json).read_text())

@@ -334,12 +334,14 @@ def build_model(config: Dict[str, Any]) -> nn.Module:
 
 
 def load_weights(model: nn.Module, weights: Dict[str, torch.Tensor], meta: Optional[Dict[str, Any]] = None,
-                 source: str = "checkpoint", strict: bool = True) -> None:
+                 source: str = "checkpoint", strict: bool = True, allow_missing: bool = False) -> List[str]:
     """Copy stored weights into `model`, checking names and shapes.
 
     Keys of the model not in the file must lie in frozen sub-modules (rebuilt
     from their packages); anything else missing, any key the model lacks and
     any shape mismatch raises CheckpointError listing them (strict) or warns.
+    allow_missing: missing keys are neither an error nor a warning (they keep
+    the model's values; fine-tuning with a new head). Returns the missing keys.
     """
     own = model.state_dict()
     if meta is not None and sorted(meta.get("stored", weights)) != sorted(weights):
@@ -350,7 +352,7 @@ def load_weights(model: nn.Module, weights: Dict[str, torch.Tensor], meta: Optio
     shapes = sorted(f"{k}: stored {tuple(weights[k].shape)}, model {tuple(own[k].shape)}"
                     for k in weights if k in own and weights[k].shape != own[k].shape)
     problems = []
-    if missing:
+    if missing and not allow_missing:
         problems.append(f"missing (model has, file lacks) {len(missing)}: {', '.join(missing[:20])}")
     if unexpected:
         problems.append(f"unexpected (file has, model lacks) {len(unexpected)}: {', '.join(unexpected[:20])}")
@@ -365,6 +367,7 @@ def load_weights(model: nn.Module, weights: Dict[str, torch.Tensor], meta: Optio
         for k, v in weights.items():
             if k in own and v.shape == own[k].shape:
                 own[k].copy_(v.to(own[k].dtype))
+    return missing
 
 
 def _resolve(path: PathLike) -> Tuple[Path, Path]:
@@ -389,6 +392,22 @@ def _resolve(path: PathLike) -> Tuple[Path, Path]:
     raise CheckpointError(f"{path} holds no complete checkpoint (looked for {MODEL_FILE}, best/, last/)")
 
 
+def _read_checkpoint(path: PathLike) -> Tuple[Path, Path, Dict[str, Any], Dict[str, torch.Tensor]]:
+    """(weights file, its JSON, the JSON's contents, the weights) of a checkpoint folder, run folder or
+    ``.safetensors`` file, checked: a readable safetensors file, a JSON with a 'config' mapping, and the
+    SHA-256 when the JSON holds one."""
+    weights_path, json_path = _resolve(path)
+    check_safetensors(weights_path)
+    if not json_path.exists():
+        raise CheckpointError(f"{weights_path}: no {json_path.name} beside it (it holds the model config)")
+    meta = read_json(json_path, "model JSON")
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{json_path}: no 'config' mapping to rebuild the model from")
+    if meta.get("sha256") and sha256_of(weights_path) != meta["sha256"]:
+        raise CheckpointError(f"{weights_path}: SHA-256 does not match {json_path.name}; the file is corrupt or changed")
+    return weights_path, json_path, meta, read_safetensors(weights_path)
+
+
 def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", strict: bool = True,
                like: Optional[nn.Module] = None) -> nn.Module:
     """Rebuild a model and load its weights.
@@ -401,16 +420,7 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", strict:
     again; with another config it is ignored. Returns the model in eval mode
     on `device`.
     """
-    weights_path, json_path = _resolve(path)
-    check_safetensors(weights_path)
-    if not json_path.exists():
-        raise CheckpointError(f"{weights_path}: no {json_path.name} beside it (it holds the model config)")
-    meta = read_json(json_path, "model JSON")
-    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
-        raise CheckpointError(f"{json_path}: no 'config' mapping to rebuild the model from")
-    if meta.get("sha256") and sha256_of(weights_path) != meta["sha256"]:
-        raise CheckpointError(f"{weights_path}: SHA-256 does not match {json_path.name}; the file is corrupt or changed")
-    weights = read_safetensors(weights_path)  # before building: a bad file fails fast
+    weights_path, json_path, meta, weights = _read_checkpoint(path)  # before building: a bad file fails fast
     same = like is not None and getattr(like, "config", None) == meta["config"]
     try:
         model = copy.deepcopy(like) if same else build_model(meta["config"])
@@ -433,35 +443,24 @@ def init_weights(model: nn.Module, source: PathLike) -> List[str]:
     from refseg.hub import WEIGHTS_DIR, available_models
 
     path = WEIGHTS_DIR / f"{source}.safetensors" if str(source) in available_models() else Path(source)
-    weights_path, json_path = _resolve(path)
-    check_safetensors(weights_path)
-    meta = read_json(json_path, "model JSON") if json_path.exists() else None
-    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
-        raise CheckpointError(f"{json_path}: no 'config' mapping; --init-from needs the model JSON beside the weights")
-    if meta.get("sha256") and sha256_of(weights_path) != meta["sha256"]:
-        raise CheckpointError(f"{weights_path}: SHA-256 does not match {json_path.name}; the file is corrupt or changed")
+    weights_path, json_path, meta, weights = _read_checkpoint(path)
     own_config = getattr(model, "config", {}) or {}
     for key in ("model", "visual", "text"):
         if key in own_config and meta["config"].get(key) != own_config[key]:
             raise CheckpointError(f"{json_path}: config field {key!r} is {meta['config'].get(key)!r}, "
                                   f"the model trained here has {own_config[key]!r}")
-    weights = read_safetensors(weights_path)
-    own = model.state_dict()
-    unexpected = sorted(k for k in weights if k not in own)
-    shapes = sorted(f"{k}: stored {tuple(weights[k].shape)}, model {tuple(own[k].shape)}"
-                    for k in weights if k in own and weights[k].shape != own[k].shape)
-    if unexpected or shapes:
-        raise CheckpointError(f"{weights_path} does not fit {type(model).__name__}: "
-                              + "; ".join(([f"file has, model lacks {len(unexpected)}: {', '.join(unexpected[:10])}"]
-                                           if unexpected else [])
-                                          + ([f"shape mismatch {len(shapes)}: {'; '.join(shapes[:10])}"]
-                                             if shapes else [])))
-    frozen = frozen_prefixes(model)
-    fresh = sorted(k for k in own if k not in weights and not _under(k, frozen))
-    with torch.no_grad():
-        for k, v in weights.items():
-            own[k].copy_(v.to(own[k].dtype))
-    return fresh
+    return load_weights(model, weights, meta, source=str(weights_path), allow_missing=True)
+
+
+def with_options(model: nn.Module, options: Dict[str, Any]) -> nn.Module:
+    """``model`` rebuilt with ``options`` merged into its config and the same weights (inference options
+    that add no parameter, e.g. SaG's ``mask_refine``); the weights must fit the new model exactly.
+    Returns the new model in eval mode (``model`` itself when ``options`` is empty)."""
+    if not options:
+        return model
+    rebuilt = build_model({**model.config, **options}).eval()
+    load_weights(rebuilt, dict(model.state_dict()), source=f"{type(model).__name__} + {options}")
+    return rebuilt
 
 
 def export_heads(model: nn.Module, out_stem: PathLike, extra_meta: Optional[Dict[str, Any]] = None,

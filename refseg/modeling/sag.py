@@ -161,13 +161,13 @@ engine's ``loss(out, batch)``; decode echoes it as
 """
 
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refseg.modeling.common import MLP, TextLayer, sine_position_encoding
+from refseg.modeling.common import MLP, TextLayer, coord_grid, sine_position_encoding
 from refseg.modeling.lts import LTS
 from refseg.modeling.text import TextFeatures, masked_mean
 
@@ -181,6 +181,13 @@ GATHERS = ("single", "relational")
 RELATION_FEATURES = 16  # per (sentence, image, entity): see relation_features
 RELATION_HIDDEN, RELATION_DIM = 64, 32  # hidden and output width of the MLP that embeds them
 REFINE_TIE = 1e-3  # weight of the coarse map in the refined one: it only breaks ties
+
+
+def _min_max(m: torch.Tensor) -> torch.Tensor:
+    """(B, 1, h, w) -> the same maps scaled per row to min 0, max 1 (a constant map -> 0)."""
+    lo = m.flatten(1).amin(1).view(-1, 1, 1, 1)
+    hi = m.flatten(1).amax(1).view(-1, 1, 1, 1)
+    return (m - lo) / (hi - lo).clamp(min=1e-6)
 
 
 def refine_entities(attn: torch.Tensor, image: torch.Tensor, sigma: float = 0.1, iters: int = 2) -> torch.Tensor:
@@ -578,18 +585,17 @@ class SaGHead(nn.Module):
             recon_mse = recon_mse + self.rgb_weight * err[..., self.feat_dim:].mean((1, 2))
         return slots, attn, recon_mse, (h, w)
 
-    def encode_sentence(self, txt: TextFeatures, tokens: bool = False):
-        """TextFeatures (B rows) -> s (B, D), the gather query's source (and the refined tokens (B, L, D)
-        with ``tokens``)."""
+    def encode_sentence(self, txt: TextFeatures) -> Tuple[torch.Tensor, torch.Tensor]:
+        """TextFeatures (B rows) -> (s (B, D), the gather query's source; the refined tokens (B, L, D))."""
         t = self.text_in(txt.tokens)  # (B, L, D)
         for layer in self.text_layers:
             t = layer(t, txt.mask)
         s = self.sent_norm(self.sent_in(txt.sentence) + masked_mean(t, txt.mask))  # (B, D)
-        return (s, t) if tokens else s
+        return s, t
 
     def relational_logits(self, s: torch.Tensor, t: torch.Tensor, tmask: torch.Tensor, ctx: torch.Tensor,
-                          valid: torch.Tensor, attn: torch.Tensor, hw) -> torch.Tensor:
-        """The relational gather's logits (B, B_img, K) and the entity embeddings it reads (B, B_img, K, D).
+                          valid: torch.Tensor, attn: torch.Tensor, hw) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The relational gather's logits (B, B_img, K) and the relation embeddings (B, B_img, K, R).
 
         Round 1 scores every entity as the single gather does (``base``) and turns it into a soft
         membership m = exp(a (base - max base)) in [0, 1] ("is of the kind the sentence names", 1 for
@@ -606,10 +612,7 @@ class SaGHead(nn.Module):
         """
         B_img, K, _ = ctx.shape
         h, w = hw
-        dev, dt = ctx.device, ctx.dtype
-        ys = (torch.arange(h, device=dev, dtype=dt) + 0.5) / h
-        xs = (torch.arange(w, device=dev, dtype=dt) + 0.5) / w
-        cells = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)  # (N, 2) x, y in [0, 1]
+        cells = (coord_grid(h, w, ctx.device, ctx.dtype) + 1) / 2  # (N, 2) x, y of the cell centres in [0, 1]
         size = attn.sum(-1)  # (B_img, K) cells per entity
         centre = (attn @ cells) / size[..., None].clamp(min=1e-6)  # (B_img, K, 2)
         logsize = torch.log(size.clamp(min=1e-3) / (h * w))  # (B_img, K)
@@ -639,21 +642,16 @@ class SaGHead(nn.Module):
         ctx = self.context_norm(ctx)  # (B_img, K, D)
 
         # 3. gather, every sentence from every image
+        s, t = self.encode_sentence(txt)  # (B, D), (B, L, D)
         if self.gather_mode == "relational":
-            s, t = self.encode_sentence(txt, tokens=True)  # (B, D), (B, L, D)
-            logits, rel = self.relational_logits(s, t, txt.mask, ctx, valid, attn, (h, w))  # (B, B_img, K), (.., D)
-            relevance = torch.softmax(logits.masked_fill(~valid[None], float("-inf")), dim=-1)  # (B, B_img, K)
-            # the value: the entity's, plus its relation embedding's (each mixed by relevance)
-            mixed = torch.einsum("bjk,jkd->bjd", relevance, self.gather_v(ctx))
-            mixed = mixed + self.relation_v(torch.einsum("bjk,bjkr->bjr", relevance, rel))
-            gathered = self.gather_out(mixed)  # (B, B_img, D)
+            logits, rel = self.relational_logits(s, t, txt.mask, ctx, valid, attn, (h, w))  # (B, B_img, K), (.., R)
         else:
-            s = self.encode_sentence(txt)  # (B, D)
-            q = self.gather_q(s)  # (B, D)
-            k, v = self.gather_k(ctx), self.gather_v(ctx)  # (B_img, K, D) each
-            logits = torch.einsum("bd,jkd->bjk", q, k) / math.sqrt(self.dim)  # (B, B_img, K)
-            relevance = torch.softmax(logits.masked_fill(~valid[None], float("-inf")), dim=-1)  # (B, B_img, K)
-            gathered = self.gather_out(torch.einsum("bjk,jkd->bjd", relevance, v))  # (B, B_img, D)
+            logits = torch.einsum("bd,jkd->bjk", self.gather_q(s), self.gather_k(ctx)) / math.sqrt(self.dim)
+        relevance = torch.softmax(logits.masked_fill(~valid[None], float("-inf")), dim=-1)  # (B, B_img, K)
+        mixed = torch.einsum("bjk,jkd->bjd", relevance, self.gather_v(ctx))  # (B, B_img, D)
+        if self.gather_mode == "relational":  # plus the chosen entities' relation embeddings
+            mixed = mixed + self.relation_v(torch.einsum("bjk,bjkr->bjr", relevance, rel))
+        gathered = self.gather_out(mixed)  # (B, B_img, D)
         gathered = F.normalize(gathered, dim=-1)
         text_embedding = F.normalize(self.text_embed(s), dim=-1)  # (B, D)
         B = s.shape[0]
@@ -661,17 +659,12 @@ class SaGHead(nn.Module):
         own_relevance = relevance[rows, idx]  # (B, K)
 
         # 4. mask: relevance-weighted slot attention of the own image, min-max normalised
-        m = (own_relevance[:, :, None] * attn[idx]).sum(1).view(B, 1, h, w)  # (B, 1, h, w), in [0, 1]
-        lo = m.flatten(1).amin(1).view(B, 1, 1, 1)
-        hi = m.flatten(1).amax(1).view(B, 1, 1, 1)
-        m = (m - lo) / (hi - lo).clamp(min=1e-6)  # (B, 1, h, w), min 0, max 1
+        m = _min_max((own_relevance[:, :, None] * attn[idx]).sum(1).view(B, 1, h, w))  # (B, 1, h, w), min 0, max 1
         prior = torch.logit(m if self.grid_stride == 16 else F.max_pool2d(m, 2), eps=LOGIT_EPS)  # (B, 1, S/16, S/16)
         if self.mask_refine:  # each entity's share of every fine pixel, from its colour (see refine_entities)
             post = refine_entities(attn.view(attn.shape[0], attn.shape[1], h, w).float(), vis[-1].float(),
                                    self.refine_sigma, self.refine_iters)  # (B_img, K, H, W)
-            fine = torch.einsum("bk,bkhw->bhw", own_relevance.float(), post[idx])[:, None]  # (B, 1, H, W)
-            lo = fine.flatten(1).amin(1).view(B, 1, 1, 1)
-            fine = (fine - lo) / (fine.flatten(1).amax(1).view(B, 1, 1, 1) - lo).clamp(min=1e-6)
+            fine = _min_max(torch.einsum("bk,bkhw->bhw", own_relevance.float(), post[idx])[:, None])  # (B, 1, H, W)
             # ties inside the chosen entity go to the coarse map's peak, so the argmax stays in its interior
             coarse = F.interpolate(m.float(), size=fine.shape[-2:], mode="bilinear", align_corners=False)
             fine = ((1 - REFINE_TIE) * fine + REFINE_TIE * coarse).to(m.dtype)
@@ -729,11 +722,10 @@ class SaG(LTS):
         with ``head.mask_refine`` r last the mean colour per r x r block (B, 3, S/r, S/r) in [0, 1]."""
         maps = dict(zip(self.visual.strides, super().encode_image(images)))
         out = [maps[s] for s in self.head.strides]
-        if getattr(self.head, "rgb", False):  # mean colour of each grid cell, in [0, 1] (cached with the maps)
-            h, w = maps[getattr(self.head, "grid_stride", 16)].shape[-2:]
-            out.append(F.adaptive_avg_pool2d(images.to(maps[16].dtype) / 255.0, (h, w)))
-        r = getattr(self.head, "mask_refine", 0)
-        if r:  # the colour map the mask is refined on (mean RGB per r x r block, in [0, 1])
-            S = images.shape[-1]
-            out.append(F.adaptive_avg_pool2d(images.to(maps[16].dtype) / 255.0, (S // r, S // r)))
+        cells, r = getattr(self.head, "rgb", False), getattr(self.head, "mask_refine", 0)
+        rgb = images.to(maps[16].dtype) / 255.0 if cells or r else None  # (B, 3, S, S) in [0, 1]
+        if cells:  # mean colour of each grid cell (cached with the maps)
+            out.append(F.adaptive_avg_pool2d(rgb, maps[getattr(self.head, "grid_stride", 16)].shape[-2:]))
+        if r:  # the colour map the mask is refined on (mean RGB per r x r block)
+            out.append(F.adaptive_avg_pool2d(rgb, (rgb.shape[-2] // r, rgb.shape[-1] // r)))
         return out
