@@ -5,6 +5,7 @@
     python benchmarks/latency.py --model lts-synthref --runs 100 --skip-onnx
     python benchmarks/latency.py --model lts-synthref --int8-text   # + a column for the int8 text graph
     python benchmarks/latency.py --model lts-synthref --unfused     # + a column for the unfused graphs
+    python benchmarks/latency.py --model runs/new --reference lts-synthref   # + the reference model, same run
 
 Measures, on one 320 x 320 image and one expression, with torch.set_num_threads(2)
 and onnxruntime intra-op threads 2 (--threads):
@@ -16,6 +17,9 @@ and onnxruntime intra-op threads 2 (--threads):
   - predict_batch throughput: --batch-images images (1 expression each), --images-per-batch at a time,
     images/s over --batch-rounds rounds;
   - peak RSS (resource.getrusage ru_maxrss) of the process that ran the backend.
+With --reference, a second model is timed in the same run (PyTorch and ONNX Runtime columns
+"... ref"), and the table adds each backend's ratio to it: these hosts vary by 2x from day to day,
+so a comparison of two models holds only as a ratio measured in one run.
 The ONNX graphs are exported (refseg.export) into a temporary folder first.
 Timing runs in one child process holding both backends, interleaved run by
 run (the cores are shared: load from other processes then falls on both
@@ -81,6 +85,8 @@ def export(args) -> dict:
     torch.set_num_threads(args.threads)
     model = load_model(args.model, json.loads(args.model_kwargs))
     paths = export_onnx(model, args.onnx, int8_text=args.int8_text)
+    if args.reference:
+        export_onnx(load_model(args.reference, {}), args.onnx_ref)
     meta = json.loads(paths["meta"].read_text())
     if args.unfused:
         unfused = export_onnx(model, args.onnx_unfused, optimize=False)
@@ -93,10 +99,15 @@ def make_predictor(backend: str, args):
         from refseg.predictor import Predictor
 
         return Predictor(load_model(args.model, json.loads(args.model_kwargs)))
+    if backend == "torch-ref":
+        from refseg.predictor import Predictor
+
+        return Predictor(load_model(args.reference, {}))
     from refseg.export import OnnxPredictor
 
-    return OnnxPredictor(args.onnx_unfused if backend == "onnx-unfused" else args.onnx, threads=args.threads,
-                         int8_text=backend == "onnx-int8", sentence_threads=args.sentence_threads)
+    path = {"onnx-unfused": args.onnx_unfused, "onnx-ref": args.onnx_ref}.get(backend, args.onnx)
+    return OnnxPredictor(path, threads=args.threads, int8_text=backend == "onnx-int8",
+                         sentence_threads=args.sentence_threads)
 
 
 STAGES = ("tokenize", "text_encoder", "head", "postprocess")
@@ -117,7 +128,7 @@ def stage_runner(backend: str, predictor):
     @torch.inference_mode()
     def run():
         t0 = time.perf_counter()
-        if backend == "torch":
+        if backend.startswith("torch"):
             tok = model.text.tokenize([TEXT], trim=True)
             t1 = time.perf_counter()
             tokens, sentence = model.text(tok["input_ids"], tok["attention_mask"])
@@ -146,6 +157,8 @@ def measure(args) -> dict:
     torch.set_num_threads(args.threads)
     backends = (["torch"] + ([] if args.skip_onnx else ["onnx"]) + (["onnx-unfused"] if args.unfused else [])
                 + (["onnx-int8"] if args.int8_text else []))
+    if args.reference:
+        backends += ["torch-ref"] + ([] if args.skip_onnx else ["onnx-ref"])
     predictors, load_s = {}, {}
     for b in backends:
         t0 = time.perf_counter()
@@ -208,7 +221,7 @@ def peak_rss(args) -> dict:
 
 def child(args, mode: str, backend: str = "torch") -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--backend", backend, "--onnx", args.onnx,
-           "--onnx-unfused", args.onnx_unfused]
+           "--onnx-unfused", args.onnx_unfused, "--onnx-ref", args.onnx_ref, "--reference", args.reference]
     for key in ("model", "model_kwargs", "runs", "warmup", "threads", "batch_images", "images_per_batch",
                 "batch_rounds", "sentence_threads"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
@@ -223,8 +236,10 @@ def child(args, mode: str, backend: str = "torch") -> dict:
 
 def table(args, results: list, export_note: str) -> str:
     cols = [r["backend"] for r in results]
-    names = {"torch": "PyTorch", "onnx": "ONNX Runtime", "onnx-unfused": "ORT, unfused", "onnx-int8": "ORT, int8 text"}
-    lines = [f"model: {args.model}   image {results[0]['image_size']} px, 1 expression, "
+    names = {"torch": "PyTorch", "onnx": "ONNX Runtime", "onnx-unfused": "ORT, unfused", "onnx-int8": "ORT, int8 text",
+             "torch-ref": "PyTorch, ref", "onnx-ref": "ORT, ref"}
+    reference = f"   reference (ref): {args.reference}" if args.reference else ""
+    lines = [f"model: {args.model}{reference}   image {results[0]['image_size']} px, 1 expression, "
              f"threads {args.threads} (onnxruntime per-expression graphs {args.sentence_threads}), {args.runs} runs (median / p90){export_note}",
              f"{'':36}" + "".join(f"{names[c]:>22}" for c in cols)]
 
@@ -236,6 +251,19 @@ def table(args, results: list, export_note: str) -> str:
 
     row("set_image + predict (ms)", ms("set_image_predict_ms"))
     row("predict, cached image (ms)", ms("predict_cached_ms"))
+    if args.reference:
+        by_backend = {r["backend"]: r for r in results}
+
+        def ratio(key):
+            def cell(r):
+                ref = by_backend.get(("torch" if r["backend"].startswith("torch") else "onnx") + "-ref")
+                if ref is None or r["backend"].endswith("-ref"):
+                    return "-"
+                return f"{r[key]['median'] / ref[key]['median']:.3f}"
+            return cell
+
+        row("  set_image + predict / ref (median)", ratio("set_image_predict_ms"))
+        row("  predict, cached / ref (median)", ratio("predict_cached_ms"))
     stage_names = {"tokenize": "tokenize", "text_encoder": "text encoder", "head": "head",
                    "postprocess": "post-process"}
 
@@ -272,12 +300,16 @@ def main() -> int:
                     help="also time onnxruntime with the int8 text graph (refseg export --int8-text; not exact)")
     ap.add_argument("--unfused", action="store_true",
                     help="also time onnxruntime with the unfused per-expression graphs (refseg export --no-optimize)")
+    ap.add_argument("--reference", default="",
+                    help="a second model (shipped name or checkpoint/run path) timed in the same run, for ratios")
     ap.add_argument("--json", help="write the raw figures here")
     ap.add_argument("--child", choices=("export", "measure", "rss"), help=argparse.SUPPRESS)
-    ap.add_argument("--backend", choices=("torch", "onnx", "onnx-unfused", "onnx-int8"), default="torch",
+    ap.add_argument("--backend", choices=("torch", "onnx", "onnx-unfused", "onnx-int8", "torch-ref", "onnx-ref"),
+                    default="torch",
                     help=argparse.SUPPRESS)
     ap.add_argument("--onnx", default="", help=argparse.SUPPRESS)
     ap.add_argument("--onnx-unfused", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--onnx-ref", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.runs < 50:
         ap.error("--runs must be at least 50")
@@ -295,6 +327,7 @@ def main() -> int:
         if not args.skip_onnx:
             args.onnx = str(Path(tmp) / "model.onnx")
             args.onnx_unfused = str(Path(tmp) / "unfused" / "model.onnx")
+            args.onnx_ref = str(Path(tmp) / "reference" / "model.onnx")
             meta = child(args, "export")
             diff = meta["parity"]["max_abs_diff"]["mask_logits"]
             note = f"; ONNX ({meta['exporter']['decoder']} exporter) max |mask logit diff| {diff:.1e}"

@@ -177,3 +177,35 @@ def test_real_text_encoder_embeds_path(real_lts):
     assert embeds.grad is not None and embeds.grad.abs().sum() > 0
     s = torch.nn.functional.normalize(sentence, dim=-1)
     assert 0.3 < float(s[0] @ s[1]) < 0.99  # related, not identical: real pretrained weights
+
+
+def test_truncated_minilm_is_the_full_one_stopped_early(real_lts):
+    """text_depth=k keeps MiniLM's first k pretrained layers: its tokens are the full encoder's k-th hidden state."""
+    full = real_lts.text
+    batch = full.tokenize(["the red star left of the blue circle", "the leftmost green square"])
+    with torch.no_grad():
+        hidden = full.model(**batch, output_hidden_states=True).hidden_states  # embeddings + one per layer
+        short = build_text("minilm", depth=2)
+        tokens, sentence = short(**batch)
+    assert len(short.model.encoder.layer) == 2 and short.dim == 384
+    assert torch.allclose(tokens, hidden[2], atol=1e-5)
+    assert not torch.allclose(tokens, hidden[6], atol=1e-2)
+    mask = batch["attention_mask"][..., None].float()
+    assert torch.allclose(sentence, (hidden[2] * mask).sum(1) / mask.sum(1), atol=1e-5)
+    assert not any(p.requires_grad for p in short.parameters())  # frozen like the full one
+
+
+def test_text_depth_in_config_and_cache_key():
+    from refseg.engine.cache import encoder_fingerprint
+
+    short = _tiny("lts", text=dict(TINY_TEXT, num_hidden_layers=3), text_depth=2)
+    assert short.config["text_depth"] == 2 and len(short.text.model.encoder.layer) == 2
+    again = build_model(json.loads(json.dumps(short.config)))
+    assert len(again.text.model.encoder.layer) == 2
+    whole = _tiny("lts", text=dict(TINY_TEXT, num_hidden_layers=3))
+    assert "text_depth" not in whole.config  # configs of whole encoders (every shipped one) are unchanged
+    assert len(whole.text.model.encoder.layer) == 3
+    assert encoder_fingerprint(short) != encoder_fingerprint(whole)
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match=f"text_depth must be in 1..3.*got {bad}"):
+            _tiny("lts", text=dict(TINY_TEXT, num_hidden_layers=3), text_depth=bad)

@@ -29,6 +29,11 @@ def _config(model: str, head_kwargs: dict, **fields) -> dict:
     return {"model": model, **fields, **{k: list(v) if isinstance(v, tuple) else v for k, v in head_kwargs.items()}}
 
 
+def _depth(text_depth: Optional[int]) -> dict:
+    """The config field of a truncated text encoder; absent when it is whole, so older configs stay the same."""
+    return {} if text_depth is None else {"text_depth": int(text_depth)}
+
+
 def build_lts(
     visual: Union[str, dict] = "efficientnet-lite0",
     text: Union[str, dict] = "minilm",
@@ -39,6 +44,7 @@ def build_lts(
     stride2: Optional[bool] = None,
     max_length: int = 24,
     text_tokenizer: Optional[str] = None,
+    text_depth: Optional[int] = None,
     image_size: int = 320,
     **head_kwargs,
 ) -> LTS:
@@ -51,17 +57,19 @@ def build_lts(
     stride2: feed the stride-2 map to the decoder; default True for
       EfficientNet-Lite0, the only encoder with one.
     max_length: text tokens per expression. image_size: S, the letterbox side.
+    text_depth: keep only the text encoder's first layers (None: all; a
+      truncated MiniLM for a per-expression latency budget).
     head_kwargs: LTSHead arguments (dim, depth, heads, mlp_ratio, text_layers,
       decoder_widths, fine_rank, prior_init).
     """
     if stride2 is None:
         stride2 = visual == "efficientnet-lite0"
     v = build_visual(visual, frozen=freeze_visual, pretrained=pretrained, return_stride2=stride2)
-    t = build_text(text, frozen=freeze_text, max_length=max_length, tokenizer=text_tokenizer)
+    t = build_text(text, frozen=freeze_text, max_length=max_length, tokenizer=text_tokenizer, depth=text_depth)
     head = LTSHead(v.channels, v.strides, t.dim, **head_kwargs)
     config = _config("lts", head_kwargs, visual=visual, text=text, pretrained=pretrained, freeze_visual=freeze_visual,
                      freeze_text=freeze_text, stride2=stride2, max_length=max_length,
-                     text_tokenizer=text_tokenizer, image_size=image_size)
+                     text_tokenizer=text_tokenizer, image_size=image_size, **_depth(text_depth))
     return LTS(v, t, head, image_size=image_size, config=config)
 
 
@@ -74,6 +82,7 @@ def build_sag(
     freeze_text: bool = True,
     max_length: int = 24,
     text_tokenizer: Optional[str] = None,
+    text_depth: Optional[int] = None,
     image_size: int = 320,
     levels: tuple[int, ...] = (16, 32),
     **head_kwargs,
@@ -91,13 +100,13 @@ def build_sag(
     colour_clusters, grid_stride, entity_colour).
     """
     v = build_visual(visual, frozen=freeze_visual, pretrained=pretrained)
-    t = build_text(text, frozen=freeze_text, max_length=max_length, tokenizer=text_tokenizer)
+    t = build_text(text, frozen=freeze_text, max_length=max_length, tokenizer=text_tokenizer, depth=text_depth)
     channels = dict(zip(v.strides, v.channels))
     levels = tuple(sorted(int(s) for s in levels))
     head = SaGHead([channels[s] for s in levels], levels, t.dim, **head_kwargs)
     config = _config("sag", head_kwargs, visual=visual, text=text, pretrained=pretrained, freeze_visual=freeze_visual,
                      freeze_text=freeze_text, max_length=max_length, text_tokenizer=text_tokenizer,
-                     image_size=image_size, levels=list(levels))
+                     image_size=image_size, levels=list(levels), **_depth(text_depth))
     return SaG(v, t, head, image_size=image_size, config=config)
 
 
@@ -111,6 +120,7 @@ def build_pks(
     stride2: Optional[bool] = None,
     max_length: int = 24,
     text_tokenizer: Optional[str] = None,
+    text_depth: Optional[int] = None,
     image_size: int = 320,
     **head_kwargs,
 ) -> PKS:
@@ -126,11 +136,11 @@ def build_pks(
     if stride2 is None:
         stride2 = visual == "efficientnet-lite0"
     v = build_visual(visual, frozen=freeze_visual, pretrained=pretrained, return_stride2=stride2)
-    t = build_text(text, frozen=freeze_text, max_length=max_length, tokenizer=text_tokenizer)
+    t = build_text(text, frozen=freeze_text, max_length=max_length, tokenizer=text_tokenizer, depth=text_depth)
     head = PKSHead(v.channels, v.strides, t.dim, **head_kwargs)
     config = _config("pks", head_kwargs, visual=visual, text=text, pretrained=pretrained, freeze_visual=freeze_visual,
                      freeze_text=freeze_text, stride2=stride2, max_length=max_length,
-                     text_tokenizer=text_tokenizer, image_size=image_size)
+                     text_tokenizer=text_tokenizer, image_size=image_size, **_depth(text_depth))
     return PKS(v, t, head, image_size=image_size, config=config)
 
 

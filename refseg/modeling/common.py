@@ -27,14 +27,21 @@ class FrozenMixin:
 
 @contextlib.contextmanager
 def quiet_loading():
-    """Hide transformers' "Loading weights" progress bar for one call, then restore it."""
+    """Hide transformers' "Loading weights" progress bar and its load report for one call, then restore them.
+
+    The report lists the layers a truncated text encoder (``text_depth``)
+    leaves out on purpose; real load errors still raise.
+    """
     from transformers.utils import logging
 
     enabled = logging.is_progress_bar_enabled()
+    verbosity = logging.get_verbosity()
     logging.disable_progress_bar()
+    logging.set_verbosity_error()
     try:
         yield
     finally:
+        logging.set_verbosity(verbosity)
         if enabled:
             logging.enable_progress_bar()
 
