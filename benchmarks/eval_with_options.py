@@ -26,12 +26,11 @@ def main() -> int:
 
     import torch
 
-    from refseg.engine.checkpoint import with_options
     from refseg.engine.evaluate_core import evaluate_model
     from refseg.hub import load
 
     torch.set_num_threads(args.threads)
-    model = with_options(load(args.model), args.options)
+    model = load(args.model, options=args.options)
     start = time.perf_counter()
     r = evaluate_model(model, args.data, args.split, progress=False)
     overall = {k: round(100 * r[k], 2) for k in ("oIoU", "mIoU", "P@0.5", "P@0.9", "PointM")}

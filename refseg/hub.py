@@ -9,7 +9,7 @@ and its measured scores). Nothing is ever downloaded.
 import hashlib
 import json
 from pathlib import Path
-from typing import List, Union
+from typing import List, Optional, Union
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -34,8 +34,14 @@ def sha256_of(path: Union[str, Path]) -> str:
     return h.hexdigest()
 
 
-def load(name_or_path: Union[str, Path], device: str = "cpu") -> "torch.nn.Module":  # noqa: F821
+def load(name_or_path: Union[str, Path], device: str = "cpu", options: Optional[dict] = None
+         ) -> "torch.nn.Module":  # noqa: F821
     """Load a shipped model by name, or a checkpoint / run folder by path.
+
+    options: inference options merged into the model's config before its
+    weights are loaded, e.g. ``{"mask_refine": 2}`` for SaG (finer masks,
+    see SaGHead). Only options that leave the weights as they are: one
+    that adds, drops or reshapes a tensor is refused (CheckpointError).
 
     A name is looked up only among ``available_models()`` (files directly in
     ``WEIGHTS_DIR``), so no name reaches a file elsewhere; anything else is
@@ -62,4 +68,10 @@ def load(name_or_path: Union[str, Path], device: str = "cpu") -> "torch.nn.Modul
         raise FileNotFoundError(
             f"{name!r} is neither a shipped model ({', '.join(available_models()) or 'none'}) nor an existing path"
         )
+    if options:
+        from refseg.engine.checkpoint import with_options
+
+        if not isinstance(options, dict):
+            raise ValueError(f"options must be a dict of config fields, got {options!r}")
+        model = with_options(model, options)
     return model.to(device).eval()

@@ -36,6 +36,9 @@ from PIL import Image
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="lts-synthref", help="a shipped model name or a checkpoint/run path")
+    p.add_argument("--options", default=None,
+                   help='JSON of inference options merged into the model config, e.g. \'{"mask_refine": 2}\' '
+                        "for SaG's finer masks (only options that keep the weights)")
     p.add_argument("--image", help="one input image")
     p.add_argument("--text", action="append", default=[], help="an expression; repeat for several")
     p.add_argument("--out", help="overlay PNG for --image (all expressions, one colour each)")
@@ -217,8 +220,16 @@ def main(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    options = None
+    if args.options:
+        try:
+            options = json.loads(args.options)
+        except json.JSONDecodeError as e:
+            return _fail(f"--options is not JSON ({e}): {args.options!r}")
+        if not isinstance(options, dict):
+            return _fail(f"--options must be a JSON object of config fields, got {args.options!r}")
     try:
-        model = refseg.load(args.model, device=args.device)
+        model = refseg.load(args.model, device=args.device, options=options)
         predictor = Predictor(model, mask_threshold=args.threshold)
         return _single(args, predictor) if args.image else _batch(args, predictor)
     except (FileNotFoundError, ValueError, KeyError) as e:

@@ -451,3 +451,18 @@ def test_cli_predict_queries_file_errors_name_the_line(tmp_path, capsys, weights
     assert cli(argv) == 2
     _one_line_error(capsys, "predict", "q.csv:3", "not UTF-8")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options, names", [
+    ("{mask_refine: 2", ["--options", "not JSON"]),
+    ("[2]", ["--options", "JSON object"]),
+    ('{"dim": 999}', ["shape"]),
+    ('{"no_such_option": 1}', ["no_such_option"]),
+], ids=["not-json", "not-an-object", "changes-weights", "unknown-option"])
+def test_cli_predict_bad_options_write_nothing(tmp_path, capsys, weights, options, names):
+    write(tmp_path, "good.png", png_bytes(red_square_image()))
+    argv = ["predict", "--model", str(weights), "--options", options, "--image", str(tmp_path / "good.png"),
+            "--text", "the red square", "--out", str(tmp_path / "out.png")]
+    assert cli(argv) == 2
+    _one_line_error(capsys, "predict", *names)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.png"]

@@ -56,3 +56,21 @@ def test_default_model_segments_synthref(synthref_tiny):
     figures = metrics.compute()
     assert figures["n"] == 40
     assert figures["mIoU"] > 0.6 and figures["PointM"] > 0.6, figures
+
+
+def test_load_with_inference_options():
+    """options rebuild the model with the same weights; ones that change the weights or the kind are refused."""
+    from refseg.engine.checkpoint import CheckpointError
+
+    base = refseg.load("sag-synthref")
+    fine = refseg.load("sag-synthref", options={"mask_refine": 2})
+    assert base.config["mask_refine"] == 4 and fine.config["mask_refine"] == 2 and fine.head.mask_refine == 2
+    assert not fine.training
+    a, b = base.state_dict(), fine.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointError, match="shape"):
+        refseg.load("lts-synthref", options={"dim": 64})
+    with pytest.raises(ValueError, match="no_such_option"):
+        refseg.load("lts-synthref", options={"no_such_option": 1})
+    with pytest.raises(ValueError, match="kind"):
+        refseg.load("lts-synthref", options={"text": "hf:bert-base-uncased"})

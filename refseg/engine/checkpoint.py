@@ -458,8 +458,19 @@ def with_options(model: nn.Module, options: Dict[str, Any]) -> nn.Module:
     Returns the new model in eval mode (``model`` itself when ``options`` is empty)."""
     if not options:
         return model
-    rebuilt = build_model({**model.config, **options}).eval()
-    load_weights(rebuilt, dict(model.state_dict()), source=f"{type(model).__name__} + {options}")
+    fixed = sorted(set(options) & {"model", "visual", "text"})
+    if fixed:
+        raise ValueError(f"options may not change the model's kind {fixed}: load another model instead")
+    try:
+        rebuilt = build_model({**model.config, **options}).eval()
+    except TypeError as e:  # an argument no factory or head takes
+        raise ValueError(f"options {options}: {e}") from None
+    try:
+        load_weights(rebuilt, dict(model.state_dict()), source=f"{type(model).__name__} + {options}")
+    except CheckpointError as e:  # one line: the problems after the header, e.g. "shape mismatch 3: ..."
+        problems = " | ".join(line.strip() for line in str(e).splitlines()[1:])
+        raise CheckpointError(f"options {options} would change {type(model).__name__}'s weights, "
+                              f"only options that keep every tensor can be given: {problems}") from None
     return rebuilt
 
 
