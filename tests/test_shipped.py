@@ -72,5 +72,6 @@ def test_load_with_inference_options():
         refseg.load("lts-synthref", options={"dim": 64})
     with pytest.raises(ValueError, match="no_such_option"):
         refseg.load("lts-synthref", options={"no_such_option": 1})
-    with pytest.raises(ValueError, match="kind"):
-        refseg.load("lts-synthref", options={"text": "hf:bert-base-uncased"})
+    for changes_the_encoders in ({"text": "hf:bert-base-uncased"}, {"text_depth": 1}):
+        with pytest.raises(ValueError, match="kind or encoders"):
+            refseg.load("lts-synthref", options=changes_the_encoders)

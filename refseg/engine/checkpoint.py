@@ -458,9 +458,11 @@ def with_options(model: nn.Module, options: Dict[str, Any]) -> nn.Module:
     Returns the new model in eval mode (``model`` itself when ``options`` is empty)."""
     if not options:
         return model
-    fixed = sorted(set(options) & {"model", "visual", "text"})
+    # the kind, and what the head's weights were trained on (the encoders' features): not options
+    fixed = sorted(set(options) & {"model", "visual", "text", "text_depth", "text_tokenizer", "pretrained", "stride2",
+                                   "levels"})
     if fixed:
-        raise ValueError(f"options may not change the model's kind {fixed}: load another model instead")
+        raise ValueError(f"options may not change the model's kind or encoders {fixed}: load another model instead")
     try:
         rebuilt = build_model({**model.config, **options}).eval()
     except TypeError as e:  # an argument no factory or head takes
