@@ -94,8 +94,6 @@ def encoder_fingerprint(model: nn.Module) -> str:
         h.update(b"rgb=1")
         if config.get("grid_stride", 16) != 16:  # ... at the grid's resolution
             h.update(f"grid_stride={config['grid_stride']}".encode())
-    if config.get("text_depth") is not None:  # a truncated text encoder (hashed only when set: old keys hold)
-        h.update(f"text_depth={config['text_depth']}".encode())
     if config.get("mask_refine"):  # SaG's fine colour map for the mask refinement
         h.update(f"mask_refine={config['mask_refine']}".encode())
     for attr in ("max_length",):  # tokenisation length changes the text features' shape
