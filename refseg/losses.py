@@ -198,6 +198,8 @@ def sag_text_loss(
     w_hard: float | None = None,
     w_no_target: float = 0.1,
     w_agree: float = 0.0,
+    w_distill: float = 0.0,
+    w_distill_neg: float = 0.0,
 ) -> Dict[str, torch.Tensor]:
     """The SaG training loss, from (image, expression) pairs alone.
 
@@ -234,12 +236,30 @@ def sag_text_loss(
                  sentence-specific output can satisfy it; what it reads is
                  the refer format's grouping of expressions into refs, no
                  location. Averaged over such pairs (0 when none; eps 1e-6).
+      distill    Selection transfer between the expressions of one image, one
+                 way: for sentences t, t' of the same image, t' teaches t when
+                 its selection is the sharper one (max_k rel_t',k > max_k
+                 rel_t,k); the teacher's relevance T = rel_t' is detached.
+                 Same ref_id: cross-entropy -sum_k T_k log rel_t,k (the
+                 easily grounded "the purple hexagon" shows "the leftmost
+                 hexagon" which entity it names, so the ordinal or relation
+                 words learn from the selection, not from the image-level
+                 contrast, which cannot tell the leftmost hexagon from any
+                 other: every image with hexagons has one). Another ref_id
+                 (``distill_neg``): -log(1 - sum_k T_k rel_t,k), t must not
+                 pick what another expression of its image names. Each is
+                 averaged over its pairs (0 when none). Unlike ``agree`` the
+                 teacher gets no gradient, so the pair cannot meet on a
+                 fragment that suits neither; what it reads is the refer
+                 format's grouping of expressions into refs, no location.
+                 Train with ``group_refs`` so that such pairs share batches.
       recon      mean slot-decoder reconstruction MSE over the batch's images.
       no_target  BCE of no_target_logits against no_target (calibrates its
                  scale and bias only; the similarity it reads is detached).
       acc_image, acc_hard  (logged only) share of anchors whose positive
                  beats every image / every hard negative.
-    loss = c * (infonce + w_hard * hard + w_agree * agree + w_no_target * no_target) + w_recon * recon, with
+    loss = c * (infonce + w_hard * hard + w_agree * agree + w_distill * distill + w_distill_neg * distill_neg
+                + w_no_target * no_target) + w_recon * recon, with
     c = out["contrast_weight"] (0 while the model pre-trains its shatter stage on
     reconstruction alone, see SaGHead ``pretrain_steps``; 1 after, and when absent);
     w_hard None reads out["hard_negative_weight"] (1.0 when absent).
@@ -287,12 +307,29 @@ def sag_text_loss(
             terms = torch.where(same_ref, -torch.log(same + 1e-6), -torch.log((1 - same).clamp(min=0) + 1e-6))
             agree = terms[pairs].mean().to(e.dtype)
 
+    distill = distill_neg = e.new_zeros(())
+    if relevance is not None and ref_id is not None and (w_distill or w_distill_neg):
+        rel = relevance.float()
+        sharp = rel.detach().amax(1)  # (B,)
+        teaches = (index[:, None] == index[None, :]) & anchor[:, None] & anchor[None, :] & (sharp[None, :] > sharp[:, None])
+        same_ref = ref_id[:, None] == ref_id[None, :]
+        teacher = rel.detach()
+        pos, neg = teaches & same_ref, teaches & ~same_ref  # [t, t']: t' teaches t
+        if pos.any():
+            cross = -(torch.log(rel + 1e-6) @ teacher.T)  # [t, t'] = -sum_k T_t',k log rel_t,k
+            distill = cross[pos].mean().to(e.dtype)
+        if neg.any():
+            overlap = rel @ teacher.T  # [t, t'] = sum_k rel_t,k T_t',k
+            distill_neg = -torch.log((1 - overlap[neg]).clamp(min=0) + 1e-6).mean().to(e.dtype)
+
     recon = out["recon_mse"].mean()
     nt = F.binary_cross_entropy_with_logits(out["no_target_logits"], no_target.to(e.dtype))
     contrast = out.get("contrast_weight")  # 0 during the model's shatter pre-training (pretrain_steps)
     contrast = 1.0 if contrast is None else contrast.to(e.dtype)
-    loss = contrast * (infonce + w_hard * hard + w_agree * agree + w_no_target * nt) + w_recon * recon
-    parts = {"infonce": infonce, "hard": hard, "agree": agree, "recon": recon, "no_target": nt,
+    loss = contrast * (infonce + w_hard * hard + w_agree * agree + w_distill * distill + w_distill_neg * distill_neg
+                       + w_no_target * nt) + w_recon * recon
+    parts = {"infonce": infonce, "hard": hard, "agree": agree, "distill": distill, "distill_neg": distill_neg,
+             "recon": recon, "no_target": nt,
              "acc_image": acc_image, "acc_hard": acc_hard}
     return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
 

@@ -77,6 +77,38 @@ def test_group_sampler_covers_each_sentence_once_and_groups_images():
         assert a + b == g.tolist() and len(a) == len(b) == 6
 
 
+def _split_refs(batches, ref_ids):
+    """Refs whose sentences are not contiguous in the epoch's sentence order."""
+    flat = np.concatenate(batches)
+    pos = {int(i): k for k, i in enumerate(flat)}
+    split = []
+    for ref in np.unique(ref_ids):
+        where = sorted(pos[int(i)] for i in np.flatnonzero(ref_ids == ref))
+        if where[-1] - where[0] != len(where) - 1:
+            split.append(int(ref))
+    return split
+
+
+def test_group_sampler_keeps_refs_together():
+    image_ids = np.repeat(np.arange(10), 6)  # 10 images x 6 sentences: refs of 1, 2 and 3 sentences each
+    ref_ids = np.concatenate([[3 * i, 3 * i + 1, 3 * i + 1, 3 * i + 2, 3 * i + 2, 3 * i + 2] for i in range(10)])
+    plain = GroupBatchSampler(image_ids, batch_size=12, images_per_batch=3, seed=1)
+    assert _split_refs(plain.global_batches(0), ref_ids)  # the plain shuffle separates some refs
+    s = GroupBatchSampler(image_ids, batch_size=12, images_per_batch=3, seed=1, ref_ids=ref_ids)
+    for epoch in range(3):
+        batches = s.global_batches(epoch)
+        assert sorted(np.concatenate(batches).tolist()) == list(range(60))  # each sentence once
+        assert _split_refs(batches, ref_ids) == []  # chunks of 4 hold whole refs of <= 3
+        assert max(len(set(image_ids[b])) for b in batches) <= 6  # still grouped by image
+    assert [b.tolist() for b in s.global_batches(0)] != [b.tolist() for b in s.global_batches(1)]
+    # a ref longer than a chunk is cut into chunk-sized parts; nothing is lost
+    long = GroupBatchSampler(np.zeros(10, dtype=int), batch_size=5, images_per_batch=2, seed=0,
+                             ref_ids=[0] * 7 + [1] * 3)
+    assert sorted(np.concatenate(long.global_batches(0)).tolist()) == list(range(10))
+    with pytest.raises(ValueError, match="ref_ids has 3 entries for 60 sentences"):
+        GroupBatchSampler(image_ids, 12, 3, ref_ids=[1, 2, 3])
+
+
 def test_lr_schedule():
     cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
     assert lr_at(0, cfg, 110) == pytest.approx(0.1)

@@ -293,6 +293,36 @@ def test_agree_hand_computed():
     assert r.grad.abs().sum() > 0 and (r.grad[3] == 0).all()  # sentence 3 has no partner in its image
 
 
+def test_distill_hand_computed():
+    # image 0: sentences 0 and 1 name one object (ref 7), sentence 2 another (ref 8); 3 is alone on image 1
+    e = torch.eye(4)
+    g = e[:, None, :].expand(4, 2, 4).contiguous()
+    rel = torch.tensor([[0.9, 0.1, 0.0], [0.4, 0.3, 0.3], [0.0, 0.05, 0.95], [1.0, 0.0, 0.0]])
+    batch = {"image_index": torch.tensor([0, 0, 0, 1]), "ref_id": torch.tensor([7, 7, 8, 9])}
+    out = {**_loss_out(e, g), "relevance": rel}
+    eps = 1e-6
+    # same ref: 0 (max 0.9) teaches 1 (max 0.4)
+    pos = -(0.9 * math.log(0.4 + eps) + 0.1 * math.log(0.3 + eps))
+    # other ref: 2 (max 0.95) teaches 1 (overlap 0.3 * 0.05 + 0.3 * 0.95 = 0.3) and 0 (overlap 0.1 * 0.05)
+    neg = (-math.log(1 - 0.3 + eps) - math.log(1 - 0.005 + eps)) / 2
+    base = sag_text_loss(out, batch)
+    got = sag_text_loss(out, batch, w_distill=1.0, w_distill_neg=0.5)
+    assert got["distill"].item() == pytest.approx(pos, rel=1e-5)
+    assert got["distill_neg"].item() == pytest.approx(neg, rel=1e-5)
+    assert base["distill"].item() == 0.0  # off by default: not computed
+    assert got["loss"].item() == pytest.approx(base["loss"].item() + pos + 0.5 * neg, rel=1e-5)
+    # the teacher gets no gradient: sentence 2 is the sharpest of its image, 3 has no partner
+    r = rel.clone().requires_grad_(True)
+    sag_text_loss({**out, "relevance": r}, batch, w_distill=1.0, w_distill_neg=1.0)["loss"].backward()
+    assert (r.grad[2] == 0).all() and (r.grad[3] == 0).all()
+    assert r.grad[1].abs().sum() > 0 and r.grad[0].abs().sum() > 0  # 0 learns from 2 (another ref)
+    # a student that already picks its teacher's entity, and nothing of the other ref's, pays ~nothing
+    agreed = torch.tensor([[1.0, 0.0, 0.0], [0.99, 0.01, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    done = sag_text_loss({**out, "relevance": agreed}, batch, w_distill=1.0, w_distill_neg=1.0)
+    assert done["distill"].item() == pytest.approx(-math.log(0.99 + eps), abs=1e-5)
+    assert done["distill_neg"].item() == pytest.approx(0.0, abs=1e-5)
+
+
 # ---- training from text alone -----------------------------------------------------------
 
 

@@ -57,6 +57,7 @@ class TrainConfig:
     # batching and length
     batch_size: int = 32  # sentences per optimiser step, summed over all processes
     images_per_batch: int = 8  # distinct images per batch; their sentences share one visual encoding (0 = sentences drawn independently)
+    group_refs: bool = False  # keep the sentences of one ref in the same batch (whole refs per image chunk; see engine/sampler.py): SaG's w_distill term learns from such pairs
     epochs: int = 10  # passes over the training sentences (ignored when max_steps > 0)
     max_steps: int = 0  # optimiser steps to run (0 = epochs x steps per epoch)
     time_budget: float = 0.0  # wall-clock seconds from the start of the run (cache building included) to its last step (0 = none): the run measures its step rate during warm-up, shortens the schedule to fit, and stops at the budget in any case

@@ -8,6 +8,12 @@ shuffled together, and the resulting sentence sequence is cut into batches.
 Every sentence appears exactly once per epoch; `images_per_batch=0` gives
 chunks of one sentence (an ordinary shuffle).
 
+With `ref_ids` (one per sentence; the train option `group_refs`) the
+sentences of one ref stay together: each image's refs are shuffled, then each
+ref's sentences, and the chunks are packed from whole refs (a ref longer than
+a chunk is cut), so the expressions of one object meet in the same batch;
+SaG's ``w_distill`` loss term reads such pairs.
+
 The order is a pure function of (seed, epoch), so the position in training
 is (epoch, batch index), which checkpoints store for an exact resume. With
 several processes every global batch is split into equal contiguous parts,
@@ -17,14 +23,15 @@ one per rank (batch_size must divide by the world size).
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
 
 class GroupBatchSampler:
     def __init__(self, image_ids: Sequence[int], batch_size: int, images_per_batch: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = True):
+                 rank: int = 0, world_size: int = 1, drop_last: bool = True,
+                 ref_ids: Optional[Sequence[int]] = None):
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} must be a multiple of the number of processes {world_size}")
         self.batch_size = batch_size
@@ -37,6 +44,11 @@ class GroupBatchSampler:
         order = np.argsort(inverse, kind="stable")
         bounds = np.flatnonzero(np.diff(inverse[order])) + 1
         self.groups: List[np.ndarray] = np.split(order, bounds) if self.n else []
+        self.ref_ids = None
+        if ref_ids is not None:
+            self.ref_ids = np.asarray(ref_ids, dtype=np.int64)
+            if self.ref_ids.shape != image_ids.shape:
+                raise ValueError(f"ref_ids has {len(self.ref_ids)} entries for {self.n} sentences")
 
     def __len__(self) -> int:
         """Batches per epoch (the same on every rank)."""
@@ -49,7 +61,26 @@ class GroupBatchSampler:
         chunks = []
         for g in self.groups:
             g = g[rng.permutation(len(g))]
-            chunks.extend(g[i:i + self.chunk] for i in range(0, len(g), self.chunk))
+            if self.ref_ids is None:
+                chunks.extend(g[i:i + self.chunk] for i in range(0, len(g), self.chunk))
+                continue
+            refs = np.unique(self.ref_ids[g])
+            rank = np.empty(len(refs), dtype=np.int64)
+            rank[rng.permutation(len(refs))] = np.arange(len(refs))  # a random order of the refs
+            g = g[np.argsort(rank[np.searchsorted(refs, self.ref_ids[g])], kind="stable")]
+            chunk: List[int] = []
+            for ref in np.split(g, np.flatnonzero(np.diff(self.ref_ids[g])) + 1):
+                if chunk and len(chunk) + len(ref) > self.chunk:
+                    chunks.append(np.asarray(chunk, dtype=np.int64))
+                    chunk = []
+                for i in range(0, len(ref), self.chunk):  # a ref longer than a chunk is cut
+                    part = ref[i:i + self.chunk].tolist()
+                    if len(part) == self.chunk:
+                        chunks.append(np.asarray(part, dtype=np.int64))
+                    else:
+                        chunk.extend(part)
+            if chunk:
+                chunks.append(np.asarray(chunk, dtype=np.int64))
         chunks = [chunks[i] for i in rng.permutation(len(chunks))]
         flat = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
         return [flat[i * self.batch_size:(i + 1) * self.batch_size] for i in range(len(self))]

@@ -410,7 +410,8 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16 and device.type == "cuda")
     rows = subset_rows(train_ds.samples, cfg.train_subset)  # data set indices trained on
     sampler = GroupBatchSampler([train_ds.samples[r].image_id for r in rows], cfg.batch_size, cfg.images_per_batch,
-                                seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+                                seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                                ref_ids=[train_ds.samples[r].ref_id for r in rows] if cfg.group_refs else None)
     steps_per_epoch = len(sampler)
     if steps_per_epoch == 0:
         raise TrainError(f"split {cfg.train_split!r} has no sentences"
