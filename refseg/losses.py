@@ -200,6 +200,7 @@ def sag_text_loss(
     w_agree: float = 0.0,
     w_distill: float = 0.0,
     w_distill_neg: float = 0.0,
+    distill_temperature: float = 1.0,
 ) -> Dict[str, torch.Tensor]:
     """The SaG training loss, from (image, expression) pairs alone.
 
@@ -239,7 +240,8 @@ def sag_text_loss(
       distill    Selection transfer between the expressions of one image, one
                  way: for sentences t, t' of the same image, t' teaches t when
                  its selection is the sharper one (max_k rel_t',k > max_k
-                 rel_t,k); the teacher's relevance T = rel_t' is detached.
+                 rel_t,k); the teacher's relevance, sharpened, T ~ rel_t'^(1/tau)
+                 (tau = ``distill_temperature``, 1 = as it is), is detached.
                  Same ref_id: cross-entropy -sum_k T_k log rel_t,k (the
                  easily grounded "the purple hexagon" shows "the leftmost
                  hexagon" which entity it names, so the ordinal or relation
@@ -314,6 +316,9 @@ def sag_text_loss(
         teaches = (index[:, None] == index[None, :]) & anchor[:, None] & anchor[None, :] & (sharp[None, :] > sharp[:, None])
         same_ref = ref_id[:, None] == ref_id[None, :]
         teacher = rel.detach()
+        if distill_temperature != 1.0:  # sharpen: T ~ rel^(1/tau), in log space (exact zeros stay zero)
+            teacher = torch.softmax(torch.log(teacher + 1e-12) / distill_temperature, dim=1) * (teacher > 0)
+            teacher = teacher / teacher.sum(1, keepdim=True).clamp(min=1e-12)
         pos, neg = teaches & same_ref, teaches & ~same_ref  # [t, t']: t' teaches t
         if pos.any():
             cross = -(torch.log(rel + 1e-6) @ teacher.T)  # [t, t'] = -sum_k T_t',k log rel_t,k

@@ -316,6 +316,10 @@ def test_distill_hand_computed():
     sag_text_loss({**out, "relevance": r}, batch, w_distill=1.0, w_distill_neg=1.0)["loss"].backward()
     assert (r.grad[2] == 0).all() and (r.grad[3] == 0).all()
     assert r.grad[1].abs().sum() > 0 and r.grad[0].abs().sum() > 0  # 0 learns from 2 (another ref)
+    # a sharpened teacher: T ~ rel^(1/tau), tau 0.5 -> row 0 is (0.81, 0.01, 0) / 0.82
+    hot = sag_text_loss(out, batch, w_distill=1.0, distill_temperature=0.5)
+    sharp = -(0.81 * math.log(0.4 + eps) + 0.01 * math.log(0.3 + eps)) / 0.82
+    assert hot["distill"].item() == pytest.approx(sharp, rel=1e-5)
     # a student that already picks its teacher's entity, and nothing of the other ref's, pays ~nothing
     agreed = torch.tensor([[1.0, 0.0, 0.0], [0.99, 0.01, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
     done = sag_text_loss({**out, "relevance": agreed}, batch, w_distill=1.0, w_distill_neg=1.0)
