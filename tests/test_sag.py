@@ -360,8 +360,12 @@ def _read_log(run):
 OBJECT_CENTRIC = dict(rgb=True, slot_init="gaussian", iters=3, pretrain_steps=2, detach_slots=True)
 
 
-@pytest.mark.parametrize("extra", [{}, OBJECT_CENTRIC], ids=["default", "object-centric"])
-def test_trains_from_text_alone_through_the_engine(synthref_tiny, tmp_path, monkeypatch, extra):
+DISTILL = ["--group-refs", "--loss-kwargs", json.dumps({"w_distill": 1.0, "w_distill_neg": 1.0})]
+
+
+@pytest.mark.parametrize("extra, args", [({}, []), (OBJECT_CENTRIC, []), ({"gather": "relational"}, DISTILL)],
+                         ids=["default", "object-centric", "relational-distill"])
+def test_trains_from_text_alone_through_the_engine(synthref_tiny, tmp_path, monkeypatch, extra, args):
     from refseg.cli import main as cli
     from refseg.data.refer import ReferData
 
@@ -383,9 +387,11 @@ def test_trains_from_text_alone_through_the_engine(synthref_tiny, tmp_path, monk
     rc = cli(["train", "--data", str(data), "--model", "sag", "--supervision", "text",
               "--model-kwargs", json.dumps({**TINY_SAG, **extra}), "--size", str(S), "--batch-size", "8",
               "--images-per-batch", "2", "--max-steps", "3", "--warmup-steps", "1", "--log-every", "1",
-              "--val-max-samples", "16", "--threads", "1", "--no-progress", "--out", str(run)])
+              "--val-max-samples", "16", "--threads", "1", "--no-progress", "--out", str(run), *args])
     assert rc == 0
     log = _read_log(run)
+    if args:  # the ref-grouped batches hold pairs of one ref's expressions, so the term is live
+        assert max(log["train/distill"]) > 0 and all(math.isfinite(v) for v in log["train/distill_neg"])
     assert len(log["train/loss"]) == 3 and all(math.isfinite(v) for v in log["train/loss"])
     assert {"train/infonce", "train/hard", "train/recon", "train/acc_hard"} <= set(log)
     assert "val/mIoU" in log and "val/PointM" in log  # validation reads val masks only
