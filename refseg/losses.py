@@ -286,46 +286,43 @@ def sag_text_loss(
     # hard[t, t'] = scale * e_t . g[t', image of t]
     own = g[:, index]  # (B_t', B_t, D): own[t', t] = g[t', index[t]]
     hard_logits = scale * torch.einsum("td,std->ts", e, own)  # (B_t, B_t')
+    same_image = index[:, None] == index[None, :]  # (B, B)
     ref_id = batch.get("ref_id")
     if ref_id is None:
         negative = torch.zeros(B, B, dtype=torch.bool, device=device)
     else:
         ref_id = torch.as_tensor(ref_id).to(device).view(B)
-        negative = (index[:, None] == index[None, :]) & (ref_id[:, None] != ref_id[None, :]) & anchor[None, :]
+        same_ref = ref_id[:, None] == ref_id[None, :]  # (B, B)
+        negative = same_image & ~same_ref & anchor[None, :]
     has_neg = anchor & negative.any(1)  # (B,)
     valid = negative | torch.eye(B, dtype=torch.bool, device=device)  # the diagonal is the positive
     hard = info_nce(hard_logits[has_neg], rows[has_neg], valid[has_neg])
     neg_max = hard_logits.masked_fill(~negative, float("-inf")).amax(1)  # (B,)
     acc_hard = (pos[has_neg] > neg_max[has_neg]).float().mean() if has_neg.any() else pos.new_zeros(())
 
-    agree = e.new_zeros(())
+    agree = distill = distill_neg = e.new_zeros(())
     relevance = out.get("relevance")
     if relevance is not None and ref_id is not None:
-        pairs = (index[:, None] == index[None, :]) & anchor[:, None] & anchor[None, :]
-        pairs &= ~torch.eye(B, dtype=torch.bool, device=device)
+        rel = relevance.float()
+        both = same_image & anchor[:, None] & anchor[None, :]  # two sentences with a target, one image
+        pairs = both & ~torch.eye(B, dtype=torch.bool, device=device)
         if pairs.any():
-            same = relevance.float() @ relevance.float().T  # (B, B): chance that t and t' pick one entity
-            same_ref = ref_id[:, None] == ref_id[None, :]
+            same = rel @ rel.T  # (B, B): chance that t and t' pick one entity
             terms = torch.where(same_ref, -torch.log(same + 1e-6), -torch.log((1 - same).clamp(min=0) + 1e-6))
             agree = terms[pairs].mean().to(e.dtype)
 
-    distill = distill_neg = e.new_zeros(())
-    if relevance is not None and ref_id is not None and (w_distill or w_distill_neg):
-        rel = relevance.float()
-        sharp = rel.detach().amax(1)  # (B,)
-        teaches = (index[:, None] == index[None, :]) & anchor[:, None] & anchor[None, :] & (sharp[None, :] > sharp[:, None])
-        same_ref = ref_id[:, None] == ref_id[None, :]
-        teacher = rel.detach()
-        if distill_temperature != 1.0:  # sharpen: T ~ rel^(1/tau), in log space (exact zeros stay zero)
-            teacher = torch.softmax(torch.log(teacher + 1e-12) / distill_temperature, dim=1) * (teacher > 0)
+        if w_distill or w_distill_neg:
+            sharp = rel.detach().amax(1)  # (B,)
+            teaches = both & (sharp[None, :] > sharp[:, None])
+            teacher = rel.detach() ** (1.0 / distill_temperature)  # sharpened: T ~ rel^(1/tau)
             teacher = teacher / teacher.sum(1, keepdim=True).clamp(min=1e-12)
-        pos, neg = teaches & same_ref, teaches & ~same_ref  # [t, t']: t' teaches t
-        if pos.any():
-            cross = -(torch.log(rel + 1e-6) @ teacher.T)  # [t, t'] = -sum_k T_t',k log rel_t,k
-            distill = cross[pos].mean().to(e.dtype)
-        if neg.any():
-            overlap = rel @ teacher.T  # [t, t'] = sum_k rel_t,k T_t',k
-            distill_neg = -torch.log((1 - overlap[neg]).clamp(min=0) + 1e-6).mean().to(e.dtype)
+            one_ref, other_ref = teaches & same_ref, teaches & ~same_ref  # [t, t']: t' teaches t
+            if one_ref.any():
+                cross = -(torch.log(rel + 1e-6) @ teacher.T)  # [t, t'] = -sum_k T_t',k log rel_t,k
+                distill = cross[one_ref].mean().to(e.dtype)
+            if other_ref.any():
+                overlap = rel @ teacher.T  # [t, t'] = sum_k rel_t,k T_t',k
+                distill_neg = -torch.log((1 - overlap[other_ref]).clamp(min=0) + 1e-6).mean().to(e.dtype)
 
     recon = out["recon_mse"].mean()
     nt = F.binary_cross_entropy_with_logits(out["no_target_logits"], no_target.to(e.dtype))
