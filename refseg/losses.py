@@ -201,6 +201,7 @@ def sag_text_loss(
     w_distill: float = 0.0,
     w_distill_neg: float = 0.0,
     distill_temperature: float = 1.0,
+    w_word: float = 1.0,
 ) -> Dict[str, torch.Tensor]:
     """The SaG training loss, from (image, expression) pairs alone.
 
@@ -255,13 +256,26 @@ def sag_text_loss(
                  fragment that suits neither; what it reads is the refer
                  format's grouping of expressions into refs, no location.
                  Train with ``group_refs`` so that such pairs share batches.
+      word       Text-side hard negatives (present when the model embeds them,
+                 SaGHead ``word_negatives`` > 0): for sentence t, the one-word
+                 swaps of its expression ("the purple hexagon" -> "the orange
+                 hexagon", "leftmost" -> "rightmost"; out["word_negative_embedding"]
+                 (M, D) unit, out["word_negative_of"] (M,) the sentence row of
+                 each) compete with e_t for what t gathered from its own image:
+                 InfoNCE over [scale * e_t . g[t, i], scale * e_n . g[t, i] for
+                 t's negatives n]. Where the image holds both hexagons no image
+                 cue separates the two sentences; only what t's query selected
+                 does, and g[t, i] depends on the query only through that
+                 selection (unlike ``hard``, whose candidates are other queries'
+                 outputs, so a query-specific output could win). Averaged over
+                 anchors that have negatives (0 when none); weight ``w_word``.
       recon      mean slot-decoder reconstruction MSE over the batch's images.
       no_target  BCE of no_target_logits against no_target (calibrates its
                  scale and bias only; the similarity it reads is detached).
-      acc_image, acc_hard  (logged only) share of anchors whose positive
-                 beats every image / every hard negative.
+      acc_image, acc_hard, acc_word  (logged only) share of anchors whose
+                 positive beats every image / hard negative / word negative.
     loss = c * (infonce + w_hard * hard + w_agree * agree + w_distill * distill + w_distill_neg * distill_neg
-                + w_no_target * no_target) + w_recon * recon, with
+                + w_word * word + w_no_target * no_target) + w_recon * recon, with
     c = out["contrast_weight"] (0 while the model pre-trains its shatter stage on
     reconstruction alone, see SaGHead ``pretrain_steps``; 1 after, and when absent);
     w_hard None reads out["hard_negative_weight"] (1.0 when absent).
@@ -324,15 +338,27 @@ def sag_text_loss(
                 overlap = rel @ teacher.T  # [t, t'] = sum_k rel_t,k T_t',k
                 distill_neg = -torch.log((1 - overlap[other_ref]).clamp(min=0) + 1e-6).mean().to(e.dtype)
 
+    word, acc_word = e.new_zeros(()), e.new_zeros(())
+    if "word_negative_embedding" in out:
+        en, of = out["word_negative_embedding"], out["word_negative_of"].to(device).long()  # (M, D), (M,)
+        own_g = g[rows, index]  # (B, D): what each sentence gathered from its own image
+        mine = (of[None, :] == rows[:, None]) & anchor[:, None]  # (B, M): t's negatives
+        has_word = mine.any(1)
+        if has_word.any():
+            neg_logits = (scale * own_g @ en.T).masked_fill(~mine, float("-inf"))  # (B, M)
+            both = torch.cat([pos[:, None], neg_logits], 1)[has_word]  # (A, 1 + M), column 0 the positive
+            word = (torch.logsumexp(both, 1) - both[:, 0]).mean()
+            acc_word = (both[:, 0] > both[:, 1:].amax(1)).float().mean()
+
     recon = out["recon_mse"].mean()
     nt = F.binary_cross_entropy_with_logits(out["no_target_logits"], no_target.to(e.dtype))
     contrast = out.get("contrast_weight")  # 0 during the model's shatter pre-training (pretrain_steps)
     contrast = 1.0 if contrast is None else contrast.to(e.dtype)
     loss = contrast * (infonce + w_hard * hard + w_agree * agree + w_distill * distill + w_distill_neg * distill_neg
-                       + w_no_target * nt) + w_recon * recon
+                       + w_word * word + w_no_target * nt) + w_recon * recon
     parts = {"infonce": infonce, "hard": hard, "agree": agree, "distill": distill, "distill_neg": distill_neg,
-             "recon": recon, "no_target": nt,
-             "acc_image": acc_image, "acc_hard": acc_hard}
+             "word": word, "recon": recon, "no_target": nt,
+             "acc_image": acc_image, "acc_hard": acc_hard, "acc_word": acc_word}
     return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
 
 

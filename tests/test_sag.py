@@ -327,6 +327,79 @@ def test_distill_hand_computed():
     assert done["distill_neg"].item() == pytest.approx(0.0, abs=1e-5)
 
 
+def test_word_swaps_by_hand():
+    from refseg.data.word_negatives import COLOURS, word_negatives, word_swaps
+
+    others = [c for c in COLOURS if c != "purple"]
+    assert word_swaps("the purple hexagon") == [f"the {c} hexagon" for c in others]
+    assert word_swaps("The leftmost star") == ["The rightmost star"]
+    assert word_swaps("Left of it") == ["Right of it"]  # the first letter's case is kept
+    # every replaceable word, in order: size, colour, relation
+    swaps = word_swaps("the small red star left of the cross")
+    assert swaps[0] == "the large red star left of the cross"
+    assert swaps[-1] == "the small red star right of the cross"
+    assert len(swaps) == 1 + (len(COLOURS) - 1) + 1
+    assert "gray" not in " ".join(word_swaps("the gray ship")) and "grey ship" not in word_swaps("the gray ship")
+    assert word_swaps("the hexagon") == [] and word_swaps("") == []
+    assert word_swaps("redo the bluebird") == []  # whole words only
+    # draws: distinct, from the swaps, at most n, reproducible from the generator
+    negs = word_negatives("the small red star", 3, torch.Generator().manual_seed(0))
+    assert len(negs) == 3 == len(set(negs)) and set(negs) <= set(word_swaps("the small red star"))
+    assert negs == word_negatives("the small red star", 3, torch.Generator().manual_seed(0))
+    assert word_negatives("the leftmost star", 5) == ["the rightmost star"]
+    assert word_negatives("the star", 2) == [] and word_negatives("the red star", 0) == []
+
+
+def test_word_negative_loss_hand_computed():
+    # sentences 0, 1 on image 0, sentence 2 on image 1; scale 2; own gathered g[t, own image]
+    e = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    g = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.6, 0.8], [1.0, 0.0]], [[0.0, 1.0], [0.8, 0.6]]])
+    batch = {"image_index": torch.tensor([0, 0, 1]), "ref_id": torch.tensor([1, 2, 3])}
+    en = torch.tensor([[0.0, 1.0], [0.6, 0.8], [0.8, 0.6]])  # negatives 0, 1 of sentence 0; 2 of sentence 2
+    out = {**_loss_out(e, g, scale=2.0), "word_negative_embedding": en, "word_negative_of": torch.tensor([0, 0, 2])}
+    # sentence 0 (own g (1, 0)): positive 2 * 1, negatives 2 * 0 and 2 * 0.6
+    t0 = math.log(math.exp(2.0) + math.exp(0.0) + math.exp(1.2)) - 2.0
+    # sentence 2 (own g = g[2, 1] = (0.8, 0.6)): positive 2 * 0.8, negative 2 * (0.64 + 0.36) = 2
+    t2 = math.log(math.exp(1.6) + math.exp(2.0)) - 1.6
+    got = sag_text_loss(out, batch)
+    assert got["word"].item() == pytest.approx((t0 + t2) / 2, rel=1e-5)
+    assert got["acc_word"].item() == pytest.approx(0.5)  # sentence 0 wins, sentence 2 loses
+    base = sag_text_loss(_loss_out(e, g, scale=2.0), batch)
+    assert base["word"].item() == 0.0 and base["acc_word"].item() == 0.0  # no negatives: no term
+    half = sag_text_loss(out, batch, w_word=0.5)
+    assert half["loss"].item() == pytest.approx(base["loss"].item() + 0.5 * (t0 + t2) / 2, rel=1e-5)
+    # a no-target sentence is no anchor; its negatives are ignored
+    nt = sag_text_loss(out, {**batch, "no_target": torch.tensor([False, False, True])})
+    assert nt["word"].item() == pytest.approx(t0, rel=1e-5)
+
+
+def test_word_negatives_reach_the_head():
+    model = _tiny(word_negatives=2)
+    batch = {"text": ["the large red star", "the star", "the blue circle on the left"],
+             "no_target": torch.tensor([False, False, True])}
+    extra = model.teacher_forcing(batch)
+    of = extra["word_negative_of"].tolist()
+    assert of == [0, 0]  # 2 for the first; "the star" has no word to swap; the no-target one gets none
+    assert extra["word_negatives"].tokens.shape[0] == 2
+    with torch.no_grad():
+        vis = model.encode_image(_images(2))
+        txt = model.encode_text(batch["text"])
+        out = model.decode(vis, txt, torch.tensor([0, 0, 1]), **extra)
+        plain = model.decode(vis, txt, torch.tensor([0, 0, 1]))
+    assert out["word_negative_embedding"].shape == (2, TINY_SAG["dim"])
+    assert torch.allclose(out["word_negative_embedding"].norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert torch.equal(out["mask_logits"], plain["mask_logits"])  # no effect on prediction
+    # embedded exactly as the sentence the swap came from would be
+    same = model.decode(vis, model.encode_text(["the small red star"]), torch.tensor([0]))
+    swaps = [model.encode_text([t]) for t in ["the small red star"]]
+    again = model.decode(vis, txt, torch.tensor([0, 0, 1]), swaps[0], torch.tensor([0]))
+    assert torch.allclose(again["word_negative_embedding"][0], same["text_embedding"][0], atol=1e-5)
+    assert _tiny().teacher_forcing(batch) == {}  # off by default
+    assert model.teacher_forcing({"no_target": batch["no_target"]}) == {}  # no texts
+    with pytest.raises(ValueError, match="word_negatives"):
+        _tiny(word_negatives=-1)
+
+
 # ---- training from text alone -----------------------------------------------------------
 
 
@@ -363,8 +436,9 @@ OBJECT_CENTRIC = dict(rgb=True, slot_init="gaussian", iters=3, pretrain_steps=2,
 DISTILL = ["--group-refs", "--loss-kwargs", json.dumps({"w_distill": 1.0, "w_distill_neg": 1.0})]
 
 
-@pytest.mark.parametrize("extra, args", [({}, []), (OBJECT_CENTRIC, []), ({"gather": "relational"}, DISTILL)],
-                         ids=["default", "object-centric", "relational-distill"])
+@pytest.mark.parametrize("extra, args", [({}, []), (OBJECT_CENTRIC, []), ({"gather": "relational"}, DISTILL),
+                                         ({"gather": "relational", "word_negatives": 2}, [])],
+                         ids=["default", "object-centric", "relational-distill", "word-negatives"])
 def test_trains_from_text_alone_through_the_engine(synthref_tiny, tmp_path, monkeypatch, extra, args):
     from refseg.cli import main as cli
     from refseg.data.refer import ReferData
@@ -392,6 +466,10 @@ def test_trains_from_text_alone_through_the_engine(synthref_tiny, tmp_path, monk
     log = _read_log(run)
     if args:  # the ref-grouped batches hold pairs of one ref's expressions, so the term is live
         assert max(log["train/distill"]) > 0 and all(math.isfinite(v) for v in log["train/distill_neg"])
+    if extra.get("word_negatives"):  # SynthRef expressions have colour / place words: the term is live
+        assert min(log["train/word"]) > 0 and all(math.isfinite(v) for v in log["train/acc_word"])
+    else:
+        assert max(log["train/word"]) == 0.0
     assert len(log["train/loss"]) == 3 and all(math.isfinite(v) for v in log["train/loss"])
     assert {"train/infonce", "train/hard", "train/recon", "train/acc_hard"} <= set(log)
     assert "val/mIoU" in log and "val/PointM" in log  # validation reads val masks only

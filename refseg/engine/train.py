@@ -409,6 +409,7 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
     amp_dtype = resolve_amp(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16 and device.type == "cuda")
     rows = subset_rows(train_ds.samples, cfg.train_subset)  # data set indices trained on
+    texts = [s.text for s in train_ds.samples]  # cache rows are data set rows
     sampler = GroupBatchSampler([train_ds.samples[r].image_id for r in rows], cfg.batch_size, cfg.images_per_batch,
                                 seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                                 ref_ids=[train_ds.samples[r].ref_id for r in rows] if cfg.group_refs else None)
@@ -500,7 +501,8 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
     while step < total_steps:
         batches = [rows[b].tolist() for b in sampler.batches(epoch)]
         if use_cache:
-            source = (train_cache.batch(b, device) for b in batches[position:])
+            # the expressions too (a model's teacher_forcing may read them, e.g. SaG's word negatives)
+            source = (dict(train_cache.batch(b, device), text=[texts[r] for r in b]) for b in batches[position:])
         else:
             loader = torch.utils.data.DataLoader(
                 train_ds, batch_sampler=batches[position:], collate_fn=collate, num_workers=cfg.workers,

@@ -161,7 +161,7 @@ engine's ``loss(out, batch)``; decode echoes it as
 """
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -423,7 +423,11 @@ class SaGHead(nn.Module):
       (refine_sigma: colour scale of the entity shares, refine_iters: their
       rounds; module docstring, 4); gather: "single" (the paper's) or
       "relational" (module docstring, 3); relation_tau: the scale, in image
-      widths, of "left of" in the relational features.
+      widths, of "left of" in the relational features; word_negatives: in
+      training, this many one-word swaps of each expression
+      (refseg.data.word_negatives) are embedded as its text-side hard
+      negatives (SaG.teacher_forcing; the ``word`` term of sag_text_loss;
+      0 = off; no parameter, no effect on prediction).
       The defaults are the first version's except hard_negatives (1.0
       before; only the loss reads it, so an older checkpoint predicts the
       same, and resuming one without the key in its config trains without
@@ -462,8 +466,12 @@ class SaGHead(nn.Module):
         refine_iters: int = 2,
         gather: str = "single",
         relation_tau: float = 0.05,
+        word_negatives: int = 0,
     ):
         super().__init__()
+        if int(word_negatives) < 0:
+            raise ValueError(f"word_negatives must be >= 0, got {word_negatives}")
+        self.word_negatives = int(word_negatives)
         self.strides = tuple(int(s) for s in visual_strides)
         if 16 not in self.strides or not set(self.strides) <= {4, 8, 16, 32} or list(self.strides) != sorted(self.strides):
             raise ValueError(f"SaGHead needs the stride-16 map (plus any of 4, 8, 32), finest first; got {self.strides}")
@@ -629,7 +637,11 @@ class SaGHead(nn.Module):
         logits = base + torch.einsum("br,bjkr->bjk", self.relation_q(s), rel) / math.sqrt(rel.shape[-1])
         return logits, rel
 
-    def forward(self, vis: List[torch.Tensor], txt: TextFeatures, image_index: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, vis: List[torch.Tensor], txt: TextFeatures, image_index: torch.Tensor,
+                word_negatives: Optional[TextFeatures] = None, word_negative_of: Optional[torch.Tensor] = None
+                ) -> Dict[str, torch.Tensor]:
+        """word_negatives (M rows) / word_negative_of (M,) long: training only, the text-side negatives
+        and the sentence row each belongs to; their embeddings come back as word_negative_embedding."""
         idx = image_index
         S = vis[0].shape[-1] * self.strides[0]
 
@@ -684,7 +696,14 @@ class SaGHead(nn.Module):
             if self.training and torch.is_grad_enabled():
                 self.steps_seen += 1
 
+        extra = {}
+        if word_negatives is not None:  # embedded like the sentences: the text side of the contrast
+            s_neg, _ = self.encode_sentence(word_negatives)  # (M, D)
+            extra = {"word_negative_embedding": F.normalize(self.text_embed(s_neg), dim=-1),
+                     "word_negative_of": word_negative_of.to(s.device).long()}
+
         return {
+            **extra,
             "mask_logits": mask,
             "prior_logits": prior,
             "no_target_logits": no_target,
@@ -729,3 +748,40 @@ class SaG(LTS):
         if r:  # the colour map the mask is refined on (mean RGB per r x r block)
             out.append(F.adaptive_avg_pool2d(rgb, (rgb.shape[-2] // r, rgb.shape[-1] // r)))
         return out
+
+    def decode(self, vis: List[torch.Tensor], txt: TextFeatures, image_index: torch.Tensor,
+               word_negatives: Optional[TextFeatures] = None, word_negative_of: Optional[torch.Tensor] = None
+               ) -> Dict[str, torch.Tensor]:
+        """LTS's decode; word_negatives / word_negative_of (training, from ``teacher_forcing``) are
+        passed to the head, which returns their embeddings (``word_negative_embedding``)."""
+        if word_negatives is None:
+            return super().decode(vis, txt, image_index)
+        dtype = next(self.head.parameters()).dtype
+        vis = [m.to(dtype) for m in vis]
+        txt, neg = (TextFeatures(t.tokens.to(dtype), t.mask.bool(), t.sentence.to(dtype)) for t in (txt, word_negatives))
+        return self.head(vis, txt, image_index.to(vis[0].device), neg, word_negative_of)
+
+    def teacher_forcing(self, batch: Dict) -> Dict:
+        """Training-time decode arguments: with ``head.word_negatives`` n > 0, up to n one-word swaps of
+        each expression of ``batch["text"]`` (refseg.data.word_negatives; no-target sentences get none),
+        encoded by the frozen text encoder: {"word_negatives": TextFeatures (M rows), "word_negative_of":
+        (M,) long}. {} when off, without texts, or when no expression has a word to swap."""
+        from refseg.data.word_negatives import word_negatives
+
+        n = getattr(self.head, "word_negatives", 0)
+        if not n or "text" not in batch:
+            return {}
+        no_target = batch.get("no_target")
+        texts, of = [], []
+        for i, text in enumerate(batch["text"]):
+            if no_target is not None and bool(no_target[i]):
+                continue
+            negs = word_negatives(text, n)
+            texts += negs
+            of += [i] * len(negs)
+        if not texts:
+            return {}
+        trainable_text = any(p.requires_grad for p in self.text.parameters())
+        with torch.set_grad_enabled(trainable_text and torch.is_grad_enabled()):
+            neg = self.encode_text(texts)
+        return {"word_negatives": neg, "word_negative_of": torch.tensor(of, dtype=torch.long)}
