@@ -10,6 +10,16 @@ referent's colour and shape (SynthRef's ``attributes.colour`` and category in
 instances.json). Prints the counts overall and per form. Works for any model
 on any SynthRef natural split; written for SaG (issue 5), whose first shipped
 model mostly picked the right shape in the wrong colour.
+
+Two more tables read the words:
+- hit rate per form and by the optional words the sentence carries (SynthRef
+  adds a size or colour word exactly when another object shares the shape, so
+  these are the sentences that need the word);
+- the colour swap: every sentence with one colour word whose image holds an
+  object of the same shape in another colour is also run with its colour word
+  replaced by that object's colour; counted by where the two points land
+  (referent / that object / elsewhere). A model that reads the colour word
+  moves from the referent to the other object.
 """
 
 import argparse
@@ -18,6 +28,22 @@ import json
 from pathlib import Path
 
 import torch
+
+
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")  # SynthRef natural
+SIZES = ("small", "large")
+
+
+def where(point, ref_mask, other_mask) -> str:
+    x, y = (int(v) for v in point)
+    return "referent" if ref_mask[y, x] else ("other object" if other_mask[y, x] else "elsewhere")
+
+
+def word_key(sample) -> tuple:
+    """(form, which optional words the sentence has: "shape only", "size", "colour", "size + colour")."""
+    words = sample.text.split()
+    kinds = [k for k, vocab in (("size", SIZES), ("colour", COLOURS)) if any(w in vocab for w in words)]
+    return sample.form or "-", " + ".join(kinds) or "shape only"
 
 
 def main() -> None:
@@ -40,14 +66,33 @@ def main() -> None:
     predictor = refseg.Predictor(refseg.load(args.model))
     samples = [s for s in data.samples(args.split) if not s.no_target]
     counts = collections.defaultdict(collections.Counter)  # form -> kind -> sentences
+    worded = collections.defaultdict(lambda: [0, 0])  # (form, words) -> [hits, sentences]
+    swapped = collections.Counter()  # (where the sentence points, where its colour swap points) -> sentences
     for image_id in dict.fromkeys(s.image_id for s in samples):
         group = [s for s in samples if s.image_id == image_id]
         predictor.set_image(data.load_image(image_id))
         result = predictor.predict([s.text for s in group])
         masks = {aid: data.get_mask(aid).astype(bool) for aid in objects[image_id]}
+        swaps = []  # (sentence index in group, the other object, the swapped text)
+        for i, s in enumerate(group):
+            words = s.text.split()
+            named = [w for w in words if w in COLOURS]
+            worded[word_key(s)][1] += 1
+            ref = anns[s.ann_id]
+            others = [aid for aid in objects[image_id] if aid != s.ann_id
+                      and anns[aid]["category_id"] == ref["category_id"]
+                      and anns[aid]["attributes"].get("colour") not in (None, ref["attributes"].get("colour"))]
+            if len(named) == 1 and others:
+                new_colour = anns[others[0]]["attributes"]["colour"]
+                swaps.append((i, others[0], " ".join(new_colour if w == named[0] else w for w in words)))
+        moved = predictor.predict([t for _, _, t in swaps]).points if swaps else []
+        for (i, other, _), point in zip(swaps, moved):
+            ref_mask, other_mask = masks[group[i].ann_id], masks[other]
+            swapped[(where(result.points[i], ref_mask, other_mask), where(point, ref_mask, other_mask))] += 1
         for s, (x, y) in zip(group, result.points):
             inside = [aid for aid, m in masks.items() if m[int(y), int(x)]]
             if s.ann_id in inside:
+                worded[word_key(s)][0] += 1
                 kind = "hit"
             elif not inside:
                 kind = "background"
@@ -65,6 +110,14 @@ def main() -> None:
     for k in kinds:
         print(f"{k:36s}" + "".join(f"{100 * counts[f][k] / sum(counts[f].values()):11.1f}" for f in forms))
     print(f"{'n':36s}" + "".join(f"{sum(counts[f].values()):11d}" for f in forms))
+    print("\nhit rate (%) by the optional words of the sentence")
+    for (form, words), (hits, n) in sorted(worded.items()):
+        print(f"  {form:10s} {words:16s} {100 * hits / n:6.1f}  (n {n})")
+    n_swap = sum(swapped.values())
+    print(f"\ncolour swap ({n_swap} sentences with one colour word and a same-shape object of another colour):"
+          " sentence -> swapped sentence")
+    for (a, b), n in sorted(swapped.items(), key=lambda kv: -kv[1]):
+        print(f"  {a:13s} -> {b:13s} {n:5d}  ({100 * n / n_swap:.1f} %)")
 
 
 if __name__ == "__main__":

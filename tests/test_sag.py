@@ -390,10 +390,10 @@ def test_word_negatives_reach_the_head():
     assert torch.allclose(out["word_negative_embedding"].norm(dim=-1), torch.ones(2), atol=1e-5)
     assert torch.equal(out["mask_logits"], plain["mask_logits"])  # no effect on prediction
     # embedded exactly as the sentence the swap came from would be
-    same = model.decode(vis, model.encode_text(["the small red star"]), torch.tensor([0]))
-    swaps = [model.encode_text([t]) for t in ["the small red star"]]
-    again = model.decode(vis, txt, torch.tensor([0, 0, 1]), swaps[0], torch.tensor([0]))
-    assert torch.allclose(again["word_negative_embedding"][0], same["text_embedding"][0], atol=1e-5)
+    neg = model.encode_text(["the small red star"])
+    as_negative = model.decode(vis, txt, torch.tensor([0, 0, 1]), neg, torch.tensor([0]))
+    as_sentence = model.decode(vis, neg, torch.tensor([0]))
+    assert torch.allclose(as_negative["word_negative_embedding"][0], as_sentence["text_embedding"][0], atol=1e-5)
     assert _tiny().teacher_forcing(batch) == {}  # off by default
     assert model.teacher_forcing({"no_target": batch["no_target"]}) == {}  # no texts
     with pytest.raises(ValueError, match="word_negatives"):
