@@ -346,9 +346,9 @@ def sag_text_loss(
         has_word = mine.any(1)
         if has_word.any():
             neg_logits = (scale * own_g @ en.T).masked_fill(~mine, float("-inf"))  # (B, M)
-            both = torch.cat([pos[:, None], neg_logits], 1)[has_word]  # (A, 1 + M), column 0 the positive
-            word = (torch.logsumexp(both, 1) - both[:, 0]).mean()
-            acc_word = (both[:, 0] > both[:, 1:].amax(1)).float().mean()
+            word_logits = torch.cat([pos[:, None], neg_logits], 1)[has_word]  # (A, 1 + M), column 0 the positive
+            word = (torch.logsumexp(word_logits, 1) - word_logits[:, 0]).mean()
+            acc_word = (word_logits[:, 0] > word_logits[:, 1:].amax(1)).float().mean()
 
     recon = out["recon_mse"].mean()
     nt = F.binary_cross_entropy_with_logits(out["no_target_logits"], no_target.to(e.dtype))

@@ -307,7 +307,7 @@ class LTS(nn.Module):
         """
         dtype = next(self.head.parameters()).dtype  # cached features may be stored in fp16
         vis = [m.to(dtype) for m in vis]
-        txt = TextFeatures(txt.tokens.to(dtype), txt.mask.bool(), txt.sentence.to(dtype))
+        txt = txt.to(dtype)
         return self.head(vis, txt, image_index.to(vis[0].device))
 
     def image_context(self, vis: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -328,7 +328,7 @@ class LTS(nn.Module):
         if not hasattr(self.head, "decode_context"):
             return self.decode(ctx, txt, image_index)
         dtype = next(self.head.parameters()).dtype
-        txt = TextFeatures(txt.tokens.to(dtype), txt.mask.bool(), txt.sentence.to(dtype))
+        txt = txt.to(dtype)
         return self.head.decode_context(ctx, txt, image_index.to(ctx[0].device))
 
     def for_inference(self) -> "LTS":

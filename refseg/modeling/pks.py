@@ -378,7 +378,7 @@ class PKS(LTS):
         """
         dtype = next(self.head.parameters()).dtype
         vis = [m.to(dtype) for m in vis]
-        txt = TextFeatures(txt.tokens.to(dtype), txt.mask.bool(), txt.sentence.to(dtype))
+        txt = txt.to(dtype)
         index = image_index.to(vis[0].device)
         return self.head(vis, txt, index, None if centers is None else centers.to(vis[0].device))
 

@@ -775,8 +775,7 @@ class SaG(LTS):
             return super().decode(vis, txt, image_index)
         dtype = next(self.head.parameters()).dtype
         vis = [m.to(dtype) for m in vis]
-        txt, neg = (TextFeatures(t.tokens.to(dtype), t.mask.bool(), t.sentence.to(dtype)) for t in (txt, word_negatives))
-        return self.head(vis, txt, image_index.to(vis[0].device), neg, word_negative_of)
+        return self.head(vis, txt.to(dtype), image_index.to(vis[0].device), word_negatives.to(dtype), word_negative_of)
 
     def teacher_forcing(self, batch: Dict) -> Dict:
         """Training-time decode arguments: with ``head.word_negatives`` n > 0, up to n one-word swaps of

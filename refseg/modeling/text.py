@@ -36,6 +36,10 @@ class TextFeatures(NamedTuple):
     mask: torch.Tensor
     sentence: torch.Tensor
 
+    def to(self, dtype: torch.dtype) -> "TextFeatures":
+        """The float features as ``dtype`` (e.g. a head's, from an fp16 cache), the mask as bool."""
+        return TextFeatures(self.tokens.to(dtype), self.mask.bool(), self.sentence.to(dtype))
+
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, L, D), (B, L) -> (B, D): mean over positions where ``mask`` is set."""
