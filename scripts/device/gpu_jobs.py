@@ -81,7 +81,8 @@ NAT_EVAL = [("", D_NAT_SMALL, "test", "test")]
 AER_EVAL = [("", D_AER, "test", "test")]
 AER_EVAL_STUDENT = AER_EVAL + [("last", D_AER, "test", "test-student")]
 # stage 1 gets half of the budget (teacher steps = max steps): with BIG // 3 (a quarter) it got only ~280 steps on 2026-12-04
-WREL_ARGS = ["--images-per-batch", 16, "--method", "wrel", "--wrel-bank-lr", "0.1", "--wrel-bank-batch", 256, "--wrel-teacher-steps", BIG]
+WREL_BASE = ["--method", "wrel", "--wrel-bank-lr", "0.1", "--wrel-bank-batch", 256]
+WREL_ARGS = ["--images-per-batch", 16, *WREL_BASE, "--wrel-teacher-steps", BIG]
 JOBS = [
     ("pks-full", "nat_full", ["--model", "pks", "--supervision", "full", "--images-per-batch", 8, "--seed", 0, "--workers", 5], NAT_EVAL),
     ("pks-click", "nat_full", ["--model", "pks", "--supervision", "click", "--images-per-batch", 8, "--seed", 0, "--workers", 5], NAT_EVAL),
@@ -98,8 +99,27 @@ JOBS = [
     ("naive-p0.5-s0", "aerial", ["--accurate-fraction", 0.5, "--seed", 0, "--images-per-batch", 16], AER_EVAL),
     ("wrel-p0.5-s0", "aerial", ["--accurate-fraction", 0.5, "--seed", 0, *WREL_ARGS], AER_EVAL_STUDENT),
 ]
+# SET=wrel-eq: issue 6's equal-steps comparison instead of the list above. Fixed schedules (the time budget
+# only guards the call): upper bound, naive and LRB-WREL at p = 0.1, two seeds, two lengths; the WREL
+# student gets the naive run's steps, its stage-1 teacher half as many on the accurate refs; warm-up 50; and
+# naive at about WREL's compute.
+# The CPU run of the same design at 500 steps of 32 (benchmarks/wrel_aerial.py, session 13) is in issue 6's note.
+if os.environ.get("SET") == "wrel-eq":
+    JOBS = []
+    for n in ((60, 120) if DRY else (600, 1500)):
+        fixed = ["--max-steps", n, "--warmup-steps", 50, "--images-per-batch", 16]
+        JOBS.append((f"upper-n{n}-s0", "aerial", [*fixed, "--seed", 0], AER_EVAL))
+        for seed in (0, 1):
+            weak = [*fixed, "--accurate-fraction", 0.1, "--seed", seed]
+            JOBS.append((f"naive-p0.1-n{n}-s{seed}", "aerial", weak, AER_EVAL))
+            JOBS.append((f"wrel-p0.1-n{n}-s{seed}", "aerial", [*weak, *WREL_BASE, "--wrel-teacher-steps", n // 2],
+                         AER_EVAL_STUDENT))
+    for seed in (0, 1):  # naive at about WREL's compute at 600 steps (teacher + bank + student: ~3.4x on the CPU)
+        n = 180 if DRY else 1800
+        JOBS.append((f"naive-p0.1-n{n}-s{seed}", "aerial", ["--max-steps", n, "--warmup-steps", 50, "--images-per-batch", 16,
+                                                            "--accurate-fraction", 0.1, "--seed", seed], AER_EVAL))
 SAG_FILE = Path("scripts/device/sag_jobs.json")  # [[name, data key, [args...]], ...] from the SaG work
-if SAG_FILE.exists():
+if SAG_FILE.exists() and os.environ.get("SET") != "wrel-eq":
     for name, key, args in json.loads(SAG_FILE.read_text()):
         JOBS.append((name, key, args, NAT_EVAL))
 if ONLY:
