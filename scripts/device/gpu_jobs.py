@@ -56,15 +56,16 @@ def start(name, command):
 D_NAT_FULL = Path("data/natural-full-s1")
 D_NAT_SMALL = Path("data/natural-small-s0")
 D_AER = Path("data/aerial-small-s0")
-data_jobs = {
-    "nat_small": start("data-nat-small", cli("make-data", "--domain", "natural", "--preset", PRESET_SMALL, "--seed", 0,
-                                             "--out", D_NAT_SMALL, "--workers", 3)),
-    "aerial": start("data-aerial", cli("make-data", "--domain", "aerial", "--preset", PRESET_SMALL, "--seed", 0,
-                                       "--out", D_AER, "--workers", 4)),
-    "nat_full": start("data-nat-full", cli("make-data", "--domain", "natural", "--preset", PRESET_FULL, "--seed", 1,
-                                           "--out", D_NAT_FULL, "--workers", 8)),
+DATA = {  # key: (log name, command), started below for the keys the chosen jobs use
+    "nat_small": ("data-nat-small", cli("make-data", "--domain", "natural", "--preset", PRESET_SMALL, "--seed", 0,
+                                        "--out", D_NAT_SMALL, "--workers", 3)),
+    "aerial": ("data-aerial", cli("make-data", "--domain", "aerial", "--preset", PRESET_SMALL, "--seed", 0,
+                                  "--out", D_AER, "--workers", 4)),
+    "nat_full": ("data-nat-full", cli("make-data", "--domain", "natural", "--preset", PRESET_FULL, "--seed", 1,
+                                      "--out", D_NAT_FULL, "--workers", 8)),
 }
 data_of = {"nat_small": D_NAT_SMALL, "aerial": D_AER, "nat_full": D_NAT_FULL}
+key_of = {str(path): key for key, path in data_of.items()}
 
 COMMON = ["--device", DEV, "--amp", "off", "--threads", 1, "--workers", 2, "--no-progress", "--batch-size", 64,
           "--lr", "4e-4", "--warmup-steps", 200, "--val-every", 0, "--val-max-samples", 600, "--save-every", 1000,
@@ -104,26 +105,30 @@ JOBS = [
 # student gets the naive run's steps, its stage-1 teacher half as many on the accurate refs; warm-up 50; and
 # naive at about WREL's compute.
 # The CPU run of the same design at 500 steps of 32 (benchmarks/wrel_aerial.py, session 13) is in issue 6's note.
-if os.environ.get("SET") == "wrel-eq":
+WREL_EQ = os.environ.get("SET") == "wrel-eq"
+if WREL_EQ:
+    def fixed(n):
+        return ["--max-steps", n, "--warmup-steps", 50, "--images-per-batch", 16]
+
     JOBS = []
     for n in ((60, 120) if DRY else (600, 1500)):
-        fixed = ["--max-steps", n, "--warmup-steps", 50, "--images-per-batch", 16]
-        JOBS.append((f"upper-n{n}-s0", "aerial", [*fixed, "--seed", 0], AER_EVAL))
+        JOBS.append((f"upper-n{n}-s0", "aerial", [*fixed(n), "--seed", 0], AER_EVAL))
         for seed in (0, 1):
-            weak = [*fixed, "--accurate-fraction", 0.1, "--seed", seed]
+            weak = [*fixed(n), "--accurate-fraction", 0.1, "--seed", seed]
             JOBS.append((f"naive-p0.1-n{n}-s{seed}", "aerial", weak, AER_EVAL))
             JOBS.append((f"wrel-p0.1-n{n}-s{seed}", "aerial", [*weak, *WREL_BASE, "--wrel-teacher-steps", n // 2],
                          AER_EVAL_STUDENT))
     for seed in (0, 1):  # naive at about WREL's compute at 600 steps (teacher + bank + student: ~3.4x on the CPU)
         n = 180 if DRY else 1800
-        JOBS.append((f"naive-p0.1-n{n}-s{seed}", "aerial", ["--max-steps", n, "--warmup-steps", 50, "--images-per-batch", 16,
-                                                            "--accurate-fraction", 0.1, "--seed", seed], AER_EVAL))
+        JOBS.append((f"naive-p0.1-n{n}-s{seed}", "aerial", [*fixed(n), "--accurate-fraction", 0.1, "--seed", seed], AER_EVAL))
 SAG_FILE = Path("scripts/device/sag_jobs.json")  # [[name, data key, [args...]], ...] from the SaG work
-if SAG_FILE.exists() and os.environ.get("SET") != "wrel-eq":
+if SAG_FILE.exists() and not WREL_EQ:
     for name, key, args in json.loads(SAG_FILE.read_text()):
         JOBS.append((name, key, args, NAT_EVAL))
 if ONLY:
     JOBS = [j for j in JOBS if j[0] in ONLY]
+used = dict.fromkeys(k for _, key, _, evals in JOBS for k in [key, *(key_of[str(e[1])] for e in evals)])
+data_jobs = {key: start(*DATA[key]) for key in used}
 
 jobs = {}
 pending = list(JOBS)
