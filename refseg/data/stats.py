@@ -2,7 +2,13 @@
 
 Per split: images, refs, sentences, no-target sentences, weak refs, mean
 sentence length (whitespace tokens of the expression), mean objects per
-image (annotations in instances.json on the split's images). Then the refs
+image (annotations in instances.json on the split's images), and how much
+the class name alone says: per target ref, the objects of its category on
+its image (the referent included; mean over the split's target refs) and
+the share of target refs that are the only object of their category there
+(where a class name such as "vehicle" already names the referent; this
+bounds what a weak, class-name-only expression can say); both None for a
+split with no target ref. Then the refs
 per category and the sentences per form (`form` of each sentence, or
 "unknown"), per split.
 """
@@ -32,11 +38,14 @@ def compute_stats(data: ReferData) -> dict:
     "categories": {name: {split: refs}}, "forms": {form: {split: sentences}}}.
     """
     anns_per_image = Counter(a["image_id"] for a in data.anns.values())
+    same_category = Counter((a["image_id"], a["category_id"]) for a in data.anns.values())
     splits, categories, forms = {}, {}, {}
     for split in data.splits():
         samples = data.samples(split)
         ref_ids = {s.ref_id for s in samples}
         image_ids = {s.image_id for s in samples}
+        targets = [data.refs_by_id[r] for r in ref_ids if not data.refs_by_id[r]["no_target"]]
+        alike = [same_category[(r["image_id"], r["category_id"])] for r in targets]
         splits[split] = {
             "images": len(image_ids),
             "refs": len(ref_ids),
@@ -45,6 +54,8 @@ def compute_stats(data: ReferData) -> dict:
             "weak_refs": sum(data.refs_by_id[r]["weak"] for r in ref_ids),
             "mean_sentence_length": sum(len(s.text.split()) for s in samples) / len(samples),
             "mean_objects_per_image": sum(anns_per_image[i] for i in image_ids) / len(image_ids),
+            "mean_same_category_objects": sum(alike) / len(alike) if alike else None,
+            "unique_category_refs": sum(n == 1 for n in alike) / len(alike) if alike else None,
         }
         for r in ref_ids:
             name = data.refs_by_id[r]["class_name"]
@@ -70,11 +81,13 @@ def format_stats(stats: dict) -> str:
     """Three aligned tables: per split, refs per category, sentences per form."""
     split_names = list(stats["splits"])
     keys = ["images", "refs", "sentences", "no_target_sentences", "weak_refs",
-            "mean_sentence_length", "mean_objects_per_image"]
-    labels = ["images", "refs", "sentences", "no-target", "weak refs", "words/sent", "objects/image"]
+            "mean_sentence_length", "mean_objects_per_image", "mean_same_category_objects", "unique_category_refs"]
+    labels = ["images", "refs", "sentences", "no-target", "weak refs", "words/sent", "objects/image",
+              "same-class/ref", "class unique"]
     rows = []
     for split, st in stats["splits"].items():
-        rows.append([split] + [f"{st[k]:.2f}" if isinstance(st[k], float) else str(st[k]) for k in keys])
+        rows.append([split] + ["-" if st[k] is None else f"{st[k]:.2f}" if isinstance(st[k], float) else str(st[k])
+                              for k in keys])
     parts = [f"split_by: {stats['split_by']}", _table(["split", *labels], rows)]
     for title, hist in (("category", stats["categories"]), ("form", stats["forms"])):
         hrows = [[name] + [str(counts.get(s, 0)) for s in split_names] + [str(sum(counts.values()))]
