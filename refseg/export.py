@@ -509,6 +509,9 @@ class OnnxModel(nn.Module):
                 ("decoder_graph", sentence_threads, ["SkipLayerNormFusion"])))
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder / self.meta["tokenizer"]), local_files_only=True)
         self._backend = _backend_tokenizer(self.tokenizer, self.max_length)
+        # the exporters drop graph inputs no output depends on (PKS's pooled-image map, read only by its
+        # click loss): feed the decoder only the inputs its graph kept
+        self._decoder_inputs = {i.name for i in self.decoder_session.get_inputs()}
 
     def encode_image(self, images: torch.Tensor) -> List[torch.Tensor]:
         """(B, 3, S, S) uint8 RGB in [0, 255] -> list of per-image tensors (B, ...), ``meta["image_outputs"]``."""
@@ -547,6 +550,7 @@ class OnnxModel(nn.Module):
         feeds["sentence"] = txt.sentence.float().cpu().numpy()
         feeds["attention_mask"] = txt.mask.to(torch.int64).cpu().numpy()
         feeds["image_index"] = image_index.to(torch.int64).cpu().numpy()
+        feeds = {name: v for name, v in feeds.items() if name in self._decoder_inputs}
         outs = self.decoder_session.run(self.meta["decoder_outputs"], feeds)
         return {name: torch.from_numpy(v) for name, v in zip(self.meta["decoder_outputs"], outs)}
 

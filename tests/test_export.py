@@ -273,3 +273,32 @@ def test_tokenize_matches_the_hugging_face_tokenizer(exported):
         for key in ("input_ids", "attention_mask"):
             assert got[key].dtype == torch.int64
             assert np.array_equal(got[key].numpy(), ref[key]), (texts, key)
+
+
+def test_pks_with_region_map_exports_and_matches(tmp_path):
+    """A PKS click-mode model (region map, joint peak): its decoder graph drops the pooled-image input that only
+    the click loss reads, and the ONNX predictor must still feed it the right inputs and match PyTorch."""
+    from _engine_fixtures import SIZE, TINY_LTS
+
+    from refseg.modeling import MODELS
+
+    torch.manual_seed(0)
+    kwargs = {k: v for k, v in TINY_LTS.items() if k in ("visual", "text", "max_length", "dim", "depth", "heads")}
+    model = MODELS["pks"](image_size=SIZE, region_head=True, peak_source="joint", fpn_width=16, **kwargs).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a fresh head's last layers start at zero: perturb so that logits vary
+        for p in model.head.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    out = tmp_path / "pks.onnx"
+    export_onnx(model, out)
+    meta = json.loads(export_paths(out)["meta"].read_text())
+    assert len(meta["image_outputs"]) == len(model.encode_image(torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8)))
+    assert meta["parity"]["max_abs_diff"]["mask_logits"] < TOL
+    onnx_model = OnnxModel(out)
+    images = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8, generator=gen)
+    index = torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        ref = model.decode(model.encode_image(images), model.encode_text(TEXTS), index)
+    got = onnx_model.decode(onnx_model.encode_image(images), onnx_model.encode_text(TEXTS), index)
+    assert float(ref["mask_logits"].std()) > 1e-3
+    assert float((ref["mask_logits"] - got["mask_logits"]).abs().max()) < TOL
