@@ -15,9 +15,10 @@ import sys
 import time
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="shipped model name, run or checkpoint folder")
+def parse_model_args(description: str, help_model: str = "shipped model name, run or checkpoint folder"):
+    """The arguments this script shares with the other evaluation benchmarks -> (args, model loaded with them)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", required=True, help=help_model)
     ap.add_argument("--options", type=json.loads, default={}, help="JSON merged into the model config")
     ap.add_argument("--data", default="data/natural-small-s0")
     ap.add_argument("--split", default="val")
@@ -26,11 +27,17 @@ def main() -> int:
 
     import torch
 
-    from refseg.engine.evaluate_core import evaluate_model
     from refseg.hub import load
 
     torch.set_num_threads(args.threads)
-    model = load(args.model, options=args.options)
+    return args, load(args.model, options=args.options)
+
+
+def main() -> int:
+    args, model = parse_model_args(__doc__.splitlines()[0])
+
+    from refseg.engine.evaluate_core import evaluate_model
+
     start = time.perf_counter()
     r = evaluate_model(model, args.data, args.split, progress=False)
     overall = {k: round(100 * r[k], 2) for k in ("oIoU", "mIoU", "P@0.5", "P@0.9", "PointM")}

@@ -11,28 +11,18 @@ maps the peak back to the original image; it prints PointM, the share of
 peaks inside the ground-truth mask, and the four hit/miss combinations.
 """
 
-import argparse
 import json
 import sys
 
+from eval_with_options import parse_model_args  # benchmarks/, the script's own folder
+
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="a PKS model: shipped name, run or checkpoint folder")
-    ap.add_argument("--options", type=json.loads, default={}, help="JSON merged into the model config")
-    ap.add_argument("--data", default="data/natural-small-s0")
-    ap.add_argument("--split", default="val")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-
-    import torch
+    args, model = parse_model_args(__doc__.splitlines()[0], "a PKS model: shipped name, run or checkpoint folder")
 
     import refseg.engine.evaluate_core as core
     from refseg.data import load_refer
-    from refseg.hub import load
 
-    torch.set_num_threads(args.threads)
-    model = load(args.model, options=args.options)
     peaks = []  # per evaluated sentence, in evaluation order: the peak in original-image pixels
     predict = core.predict_masks
 
