@@ -8,9 +8,8 @@ its image (the referent included; mean over the split's target refs) and
 the share of target refs that are the only object of their category there
 (where a class name such as "vehicle" already names the referent; this
 bounds what a weak, class-name-only expression can say); both None for a
-split with no target ref. Then the refs
-per category and the sentences per form (`form` of each sentence, or
-"unknown"), per split.
+split with no target ref. Then the refs per category and the sentences per
+form (`form` of each sentence, or "unknown"), per split.
 """
 
 from __future__ import annotations
