@@ -17,7 +17,6 @@ each record's IoU and pixel counts (intersection = IoU (P + G) / (1 + IoU)).
 import argparse
 import json
 import sys
-from collections import Counter
 from pathlib import Path
 
 BUCKETS = ("1", "2", ">=3", "all")
@@ -62,10 +61,11 @@ def main() -> int:
     args = ap.parse_args()
 
     from refseg.data import load_refer
+    from refseg.data.stats import look_alikes
 
     data = load_refer(args.data)
-    same = Counter((a["image_id"], a["category_id"]) for a in data.anns.values())
-    alike = {s.ref_id: same[(s.image_id, s.category_id)] for s in data.samples(args.split) if not s.no_target}
+    in_split = {s.ref_id for s in data.samples(args.split)}
+    alike = {r: n for r, n in look_alikes(data).items() if r in in_split}
     results = {}
     for path in args.evals:
         doc = json.loads(Path(path).read_text())

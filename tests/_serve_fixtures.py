@@ -67,7 +67,11 @@ def tiny_lts(seed: int = 0) -> nn.Module:
     """
     from _engine_fixtures import tiny_model
 
-    model = tiny_model(seed).eval()
+    return perturb_head(tiny_model(seed).eval(), seed)
+
+
+def perturb_head(model: nn.Module, seed: int) -> nn.Module:
+    """Add N(0, 0.2) noise (fixed seed) to ``model.head``'s weights, in place; returns the model."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.head.parameters():

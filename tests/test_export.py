@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from _serve_fixtures import red_square_image, tiny_lts, tiny_lts_file
+from _serve_fixtures import perturb_head, red_square_image, tiny_lts, tiny_lts_file
 
 from refseg.export import PARITY_TOLERANCE, OnnxModel, OnnxPredictor, export_onnx, export_paths
 from refseg.predictor import Predictor
@@ -285,10 +285,8 @@ def test_pks_with_region_map_exports_and_matches(tmp_path):
     torch.manual_seed(0)
     kwargs = {k: v for k, v in TINY_LTS.items() if k in ("visual", "text", "max_length", "dim", "depth", "heads")}
     model = MODELS["pks"](image_size=SIZE, region_head=True, peak_source="joint", fpn_width=16, **kwargs).eval()
+    perturb_head(model, 1)  # a fresh head's last layers start at zero: perturb so that logits vary
     gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # a fresh head's last layers start at zero: perturb so that logits vary
-        for p in model.head.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
     out = tmp_path / "pks.onnx"
     export_onnx(model, out)
     meta = json.loads(export_paths(out)["meta"].read_text())

@@ -30,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the statistics as JSON instead of tables")
 
 
+def look_alikes(data: ReferData) -> dict:
+    """{ref_id: objects of the ref's category on its image, the referent included} for every target ref."""
+    same = Counter((a["image_id"], a["category_id"]) for a in data.anns.values())
+    return {r: same[(ref["image_id"], ref["category_id"])] for r, ref in data.refs_by_id.items() if not ref["no_target"]}
+
+
 def compute_stats(data: ReferData) -> dict:
     """Summary of a data set as plain JSON-able data.
 
@@ -37,14 +43,13 @@ def compute_stats(data: ReferData) -> dict:
     "categories": {name: {split: refs}}, "forms": {form: {split: sentences}}}.
     """
     anns_per_image = Counter(a["image_id"] for a in data.anns.values())
-    same_category = Counter((a["image_id"], a["category_id"]) for a in data.anns.values())
+    alike_of = look_alikes(data)
     splits, categories, forms = {}, {}, {}
     for split in data.splits():
         samples = data.samples(split)
         ref_ids = {s.ref_id for s in samples}
         image_ids = {s.image_id for s in samples}
-        targets = [data.refs_by_id[r] for r in ref_ids if not data.refs_by_id[r]["no_target"]]
-        alike = [same_category[(r["image_id"], r["category_id"])] for r in targets]
+        alike = [alike_of[r] for r in ref_ids if r in alike_of]
         splits[split] = {
             "images": len(image_ids),
             "refs": len(ref_ids),
