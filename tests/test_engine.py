@@ -294,11 +294,11 @@ def test_loss_falls_when_overfitting_two_images(tmp_path):
     assert summary["step"] == 80 and summary["best"]["step"] == 80
 
 
-@pytest.mark.parametrize("cache", ["on", "off"])
-def test_resume_continues_exactly(synthref_tiny, tmp_path, monkeypatch, cache):
+@pytest.mark.parametrize("cache, flip", [("on", "none"), ("off", "none"), ("on", "hv"), ("off", "h")])
+def test_resume_continues_exactly(synthref_tiny, tmp_path, monkeypatch, cache, flip):
     n = 6
     common = dict(max_steps=n, save_every=n // 2, cache_features=cache, val_split="", batch_size=4,
-                  images_per_batch=2, log_every=1, cache_dir=str(tmp_path / "cache"))
+                  images_per_batch=2, log_every=1, cache_dir=str(tmp_path / "cache"), flip=flip)
     train(tiny_config(synthref_tiny, tmp_path / "once", **common), model=tiny_model())
     once = load_file(str(tmp_path / "once" / "last" / "model.safetensors"))
 

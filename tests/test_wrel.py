@@ -370,3 +370,25 @@ def test_ema_rescale_default_and_choices():
     assert TrainConfig().wrel_ema_rescale == "horizon"
     with pytest.raises(ConfigError, match="wrel_ema_rescale"):
         TrainConfig(data="d", wrel_ema_rescale="steps").validate()
+
+
+def test_flip_shows_accurate_sentences_flipped_and_weak_ones_never(shapes, tmp_path):
+    """--flip hv: the teacher and the student see accurate sentences in all four views; a weak ref's bank
+    prompts were fitted to the unflipped image, so its sentences stay unflipped in stage 3."""
+    drawn = []
+    real = engine.draw_views
+
+    def draw_views(batch_rows, views, flippable, samples, key):
+        out = real(batch_rows, views, flippable, samples, key)
+        drawn.append([(samples[r].weak, v) for r, v in zip(batch_rows, out)])
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "draw_views", draw_views)
+        engine.train(tiny_config(shapes, tmp_path / "run", **{**WREL, "flip": "hv", "max_steps": 12,
+                                                              "wrel_teacher_steps": 12, "val_split": ""}),
+                     model=tiny_model())
+    seen = [pair for batch in drawn for pair in batch]
+    assert {v for weak, v in seen if not weak} == {"none", "h", "v", "hv"}
+    assert {v for weak, v in seen if weak} == {"none"}
+    assert any(weak for weak, _ in seen)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from refseg.data.augment import check_view, flip_item
 from refseg.data.refer import ReferData
 from refseg.data.transforms import Letterbox
 
@@ -45,10 +46,15 @@ class RefSegDataset(Dataset):
             (S - pad_y) x (S - pad_x) pixels.
     """
 
-    def __init__(self, data: ReferData, split: str, size: int = 320, supervision: str = "full"):
+    def __init__(self, data: ReferData, split: str, size: int = 320, supervision: str = "full",
+                 view: str = "none"):
         if supervision not in SUPERVISION:
             raise ValueError(f"supervision must be one of {SUPERVISION}, got {supervision!r}")
+        check_view(view)
+        if view != "none" and supervision == "eval":
+            raise ValueError(f"flip view {view!r} is for training; evaluation data are never flipped")
         self.data = data
+        self.view = view  # every item seen flipped this way (data/augment.py); an index (i, view) overrides it
         self.split = split
         self.supervision = supervision
         self.letterbox = Letterbox(size)
@@ -78,7 +84,12 @@ class RefSegDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index) -> dict:
+        """Item `index`, or `(index, view)`: item index flipped by view (data/augment.py)."""
+        index, view = index if isinstance(index, tuple) else (index, self.view)
+        return flip_item(self._item(index), view)
+
+    def _item(self, index: int) -> dict:
         s = self.samples[index]
         boxed, (h, w) = self._image(s.image_id)
         lb = self.letterbox.params(h, w)

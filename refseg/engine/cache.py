@@ -104,12 +104,16 @@ def encoder_fingerprint(model: nn.Module) -> str:
 
 
 def cache_key(dataset, model: nn.Module, dtype: torch.dtype) -> str:
-    """Hash of the data files, the split's sentences, letterbox size, supervision, encoder weights and dtype."""
+    """Hash of the data files, the split's sentences, letterbox size, supervision, encoder weights, dtype
+    and flip view."""
     sentences = hashlib.sha256(np.asarray([s.sent_id for s in dataset.samples], dtype=np.int64).tobytes())
-    blob = json.dumps({"version": FORMAT_VERSION, "data": data_fingerprint(dataset.data), "split": dataset.split,
-                       "sentences": sentences.hexdigest(), "size": dataset.letterbox.size,
-                       "supervision": dataset.supervision, "encoders": encoder_fingerprint(model),
-                       "dtype": str(dtype)}, sort_keys=True)
+    fields = {"version": FORMAT_VERSION, "data": data_fingerprint(dataset.data), "split": dataset.split,
+              "sentences": sentences.hexdigest(), "size": dataset.letterbox.size,
+              "supervision": dataset.supervision, "encoders": encoder_fingerprint(model), "dtype": str(dtype)}
+    view = getattr(dataset, "view", "none")
+    if view != "none":  # a flipped view of the split (data/augment.py); unflipped keys stay as they were
+        fields["view"] = view
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -168,6 +172,37 @@ class FeatureCache:
 
     def nbytes(self) -> int:
         return int(sum(a.nbytes for a in self.arrays.values()))
+
+
+def merge_batches(parts: Sequence[Dict[str, Any]], order: np.ndarray) -> Dict[str, Any]:
+    """One batch from FeatureCache.batch parts (e.g. of different flip views of a split), its rows put
+    in `order`: row i of the result is row order[i] of the parts' rows concatenated. Each part's
+    images stay separate rows of vis (a view's maps differ from another's)."""
+    from refseg.modeling.text import TextFeatures
+
+    if len(parts) == 1 and np.array_equal(order, np.arange(len(order))):
+        return parts[0]
+    idx = torch.from_numpy(np.asarray(order, dtype=np.int64))
+    offsets, total = [], 0
+    for p in parts:
+        offsets.append(total)
+        total += p["vis"][0].shape[0]
+    out: Dict[str, Any] = {
+        "vis": [torch.cat([p["vis"][k] for p in parts]) for k in range(len(parts[0]["vis"]))],
+        "image_index": torch.cat([p["image_index"] + o for p, o in zip(parts, offsets)])[idx.to(parts[0]["image_index"].device)],
+    }
+    txt = [p["txt"] for p in parts]
+    out["txt"] = TextFeatures(*[torch.cat([t[f] for t in txt])[idx.to(txt[0][f].device)] for f in range(len(txt[0]))])
+    for key, value in parts[0].items():
+        if key in out:
+            continue
+        if torch.is_tensor(value):
+            cat = torch.cat([p[key] for p in parts])
+            out[key] = cat[idx.to(cat.device)]
+        elif isinstance(value, list):
+            cat = [x for p in parts for x in p[key]]
+            out[key] = [cat[i] for i in order]
+    return out
 
 
 def _tensor(a: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -30,6 +30,7 @@ SUBSET_CHOICES = ("all", "accurate")
 WREL_FINAL_CHOICES = ("teacher", "student")
 WREL_EMA_RESCALE_CHOICES = ("horizon", "breaks")
 WREL_BANK_SITE_CHOICES = ("encoder", "features")  # modeling/bank.py SITES
+FLIP_CHOICES = ("none", "h", "hv")  # data/augment.py FLIP_CHOICES
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,7 @@ class TrainConfig:
     batch_size: int = 32  # sentences per optimiser step, summed over all processes
     images_per_batch: int = 8  # distinct images per batch; their sentences share one visual encoding (0 = sentences drawn independently)
     group_refs: bool = False  # keep the sentences of one ref in the same batch (whole refs per image chunk; see engine/sampler.py): SaG's w_distill term learns from such pairs
+    flip: str = "none"  # flip augmentation, the direction words of the expression swapped to match (data/augment.py): none, h (left-right mirrors; natural photos) or hv (also top-bottom mirrors and half turns; aerial scenes); each sentence is seen in one view drawn uniformly per epoch
     epochs: int = 10  # passes over the training sentences (ignored when max_steps > 0)
     max_steps: int = 0  # optimiser steps to run (0 = epochs x steps per epoch)
     time_budget: float = 0.0  # wall-clock seconds from the start of the run (cache building included) to its last step (0 = none): the run measures its step rate during warm-up, shortens the schedule to fit, and stops at the budget in any case
@@ -105,7 +107,8 @@ class TrainConfig:
         if self.supervision not in SUPERVISION_CHOICES:
             raise ConfigError(f"supervision must be one of {SUPERVISION_CHOICES}, got {self.supervision!r}")
         for name, choices in (("method", METHOD_CHOICES), ("train_subset", SUBSET_CHOICES),
-                              ("wrel_final", WREL_FINAL_CHOICES), ("wrel_ema_rescale", WREL_EMA_RESCALE_CHOICES), ("wrel_bank_site", WREL_BANK_SITE_CHOICES)):
+                              ("wrel_final", WREL_FINAL_CHOICES), ("wrel_ema_rescale", WREL_EMA_RESCALE_CHOICES), ("wrel_bank_site", WREL_BANK_SITE_CHOICES),
+                              ("flip", FLIP_CHOICES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.accurate_fraction is not None and not 0.0 <= self.accurate_fraction <= 1.0:
@@ -286,7 +289,8 @@ def _optional(base):
 
 CHOICES = {"amp": AMP_CHOICES, "cache_features": CACHE_CHOICES, "supervision": SUPERVISION_CHOICES,
            "method": METHOD_CHOICES, "train_subset": SUBSET_CHOICES, "wrel_final": WREL_FINAL_CHOICES,
-           "wrel_ema_rescale": WREL_EMA_RESCALE_CHOICES, "wrel_bank_site": WREL_BANK_SITE_CHOICES}
+           "wrel_ema_rescale": WREL_EMA_RESCALE_CHOICES, "wrel_bank_site": WREL_BANK_SITE_CHOICES,
+           "flip": FLIP_CHOICES}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:

@@ -19,6 +19,9 @@ What a run does:
    linear warm-up then cosine decay to min_lr, gradient clipping, autocast
    (+ GradScaler for fp16) on cuda, DistributedDataParallel under torchrun
    (gloo on CPU, NCCL on cuda; rank 0 alone logs and writes checkpoints).
+   With --flip h / hv each batch shows every image in one flip view drawn
+   per image (data/augment.py: image, mask and clicks flipped, direction
+   words swapped); cached runs cache each flipped view of the split too.
 4. Logs to RUN/log.csv (time, step, epoch, tag, value) and TensorBoard
    (RUN/tb); validates every val_every steps with RISMetrics and keeps the
    checkpoint of the best val mIoU in RUN/best/, the latest in RUN/last/.
@@ -43,12 +46,14 @@ import time
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from refseg.data.augment import FLIP_CHOICES as FLIP_VIEWS
+from refseg.data.augment import swap_directions
 from refseg.engine import distributed
 from refseg.engine.config import TrainConfig, add_config_arguments, config_from_args, read_config_file
 from refseg.engine.optim import lr_at, make_optimizer, resolve_amp
@@ -68,6 +73,10 @@ class TrainHooks:
 
     def setup(self, model: nn.Module, train_ds, device: torch.device) -> None:
         """Called once, after the model, data set and cache are ready and before a resume loads last/."""
+
+    def augmentable(self, sample) -> bool:
+        """Whether the flip augmentation (--flip) may show this training sample flipped."""
+        return True
 
     def prepare(self, batch: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
         """The step's batch (cached: vis + txt; uncached: images + text) before the forward pass."""
@@ -247,6 +256,41 @@ def weak_data_dir(cfg: TrainConfig, run: Path) -> Path:
         raise TrainError(str(e)) from None
 
 
+def draw_views(batch_rows: List[int], views: Sequence[str], flippable: np.ndarray, samples,
+               key: Tuple[int, ...]) -> List[str]:
+    """The flip view of each sentence of a batch: one view per image, drawn uniformly from `views`
+    (a pure function of `key` = (seed, epoch, batch index), so a resumed run draws the same), and
+    "none" for sentences the method keeps unflipped (TrainHooks.augmentable)."""
+    if len(views) == 1:
+        return ["none"] * len(batch_rows)
+    rng = np.random.default_rng([*key, 0xF11B])
+    chosen: Dict[int, str] = {}
+    out = []
+    for r in batch_rows:
+        image = samples[r].image_id
+        if image not in chosen:
+            chosen[image] = views[int(rng.integers(len(views)))]
+        out.append(chosen[image] if flippable[r] else "none")
+    return out
+
+
+def cached_batch(batch_rows: List[int], batch_views: List[str], cache, view_caches: Dict[str, Any],
+                 view_texts: Dict[str, List[str]], device: torch.device) -> Dict[str, Any]:
+    """A cached step batch: each sentence's features from the cache of its flip view, rows in batch order."""
+    from refseg.engine.cache import merge_batches
+
+    groups: Dict[str, List[int]] = {}
+    for i, view in enumerate(batch_views):
+        groups.setdefault(view, []).append(i)
+    parts, placed = [], []
+    for view, idx in groups.items():
+        rows = [batch_rows[i] for i in idx]
+        source = cache if view == "none" else view_caches[view]
+        parts.append(dict(source.batch(rows, device), text=[view_texts[view][r] for r in rows]))
+        placed.extend(idx)
+    return merge_batches(parts, np.argsort(np.asarray(placed)))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -384,7 +428,9 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
     use_cache = cfg.cache_features != "off" and feature_cache.encoders_frozen(model)
     if cfg.cache_features == "on" and not use_cache:
         raise TrainError("--cache-features on needs frozen encoders (their outputs need gradients)")
+    views = FLIP_VIEWS[cfg.flip]  # the flip views a training sentence is shown in (data/augment.py)
     train_cache = val_cache = None
+    view_caches: Dict[str, Any] = {}  # flip view -> cache of the split seen that way
     if use_cache:
         cache_dir = cfg.cache_dir or (str(run / "cache") if info.enabled else None)
         t0 = time.perf_counter()
@@ -398,6 +444,15 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
                 caches.append(feature_cache.get_cache(model, ds, device, cache_dir, build=False))
         train_cache = caches[0]
         val_cache = caches[1] if len(caches) > 1 else None
+        for view in views[1:]:  # each flipped view of the train split: its own images encoded, its own texts
+            view_ds = RefSegDataset(data, cfg.train_split, cfg.size, cfg.supervision, view=view)
+            if main_rank:
+                view_caches[view] = feature_cache.get_cache(model, view_ds, device, cache_dir, workers=cfg.workers,
+                                                            progress=progress)
+            distributed.barrier(info)
+            if not main_rank:
+                view_caches[view] = feature_cache.get_cache(model, view_ds, device, cache_dir, build=False)
+            caches.append(view_caches[view])
         if main_rank and progress:
             mb = sum(c.nbytes() for c in caches) / 2**20
             print(f"feature cache: {len(train_cache)} train sentences / {train_cache.meta['n_images']} images"
@@ -410,6 +465,8 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16 and device.type == "cuda")
     rows = subset_rows(train_ds.samples, cfg.train_subset)  # data set indices trained on
     texts = [s.text for s in train_ds.samples]  # cache rows are data set rows
+    view_texts = {view: [swap_directions(t, view) for t in texts] for view in views}
+    flippable = np.array([hooks.augmentable(s) for s in train_ds.samples], dtype=bool)
     sampler = GroupBatchSampler([train_ds.samples[r].image_id for r in rows], cfg.batch_size, cfg.images_per_batch,
                                 seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                                 ref_ids=[train_ds.samples[r].ref_id for r in rows] if cfg.group_refs else None)
@@ -500,12 +557,16 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
     loss_ema = None
     while step < total_steps:
         batches = [rows[b].tolist() for b in sampler.batches(epoch)]
+        batch_views = [draw_views(b, views, flippable, train_ds.samples, (cfg.seed, epoch, i))
+                       for i, b in enumerate(batches)]
         if use_cache:
             # the expressions too (a model's teacher_forcing may read them, e.g. SaG's word negatives)
-            source = (dict(train_cache.batch(b, device), text=[texts[r] for r in b]) for b in batches[position:])
+            source = (cached_batch(b, v, train_cache, view_caches, view_texts, device)
+                      for b, v in zip(batches[position:], batch_views[position:]))
         else:
             loader = torch.utils.data.DataLoader(
-                train_ds, batch_sampler=batches[position:], collate_fn=collate, num_workers=cfg.workers,
+                train_ds, batch_sampler=[list(zip(b, v)) for b, v in zip(batches, batch_views)][position:],
+                collate_fn=collate, num_workers=cfg.workers,
                 generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
             source = (to_step_batch(items, device) for items in loader)
         t0 = time.perf_counter()

@@ -210,6 +210,11 @@ class StudentHooks(engine.TrainHooks):
         self.student = model
         self.teacher = ema_copy(model)
 
+    def augmentable(self, sample) -> bool:
+        # a weak ref's bank prompts were fitted to the unflipped image ("the one on the left" is
+        # another object in the mirror image), so only accurate sentences are shown flipped
+        return not sample.weak
+
     def prepare(self, batch: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
         hits = [(i, self.row_of[r]) for i, r in enumerate(batch["ref_id"].tolist()) if r in self.row_of]
         if not hits:
