@@ -392,3 +392,21 @@ def test_flip_shows_accurate_sentences_flipped_and_weak_ones_never(shapes, tmp_p
     assert {v for weak, v in seen if not weak} == {"none", "h", "v", "hv"}
     assert {v for weak, v in seen if weak} == {"none"}
     assert any(weak for weak, _ in seen)
+
+
+def test_accurate_repeat_oversamples_accurate_sentences_in_stage_3(shapes, tmp_path):
+    record = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "loss_function", _recording_losses(record))
+        engine.train(tiny_config(shapes, tmp_path / "run", **{**WREL, "wrel_accurate_repeat": 3, "max_steps": 9,
+                                                              "val_split": "", "batch_size": 4}),
+                     model=tiny_model())
+    weak, train_refs = _weak_ref_ids(tmp_path / "run")
+    stage3 = [r for batch in record[-1] for r in batch]
+    assert len(stage3) == 9 * 4  # one epoch: 6 weak refs x 2 sentences + 6 accurate x 2 x 3 = 48 rows, 12 batches
+    n_weak = sum(r in weak for r in stage3)
+    n_acc = len(stage3) - n_weak
+    # per epoch 12 weak rows against 36 accurate rows: in 36 rows about a quarter weak
+    assert n_acc > 2 * n_weak, (n_acc, n_weak)
+    with pytest.raises(ConfigError, match="wrel_accurate_repeat"):
+        TrainConfig(data="x", wrel_accurate_repeat=0).validate()

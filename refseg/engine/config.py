@@ -73,6 +73,7 @@ class TrainConfig:
     wrel_bank_batch: int = 0  # wrel stage 2: weak refs optimised together (0 = batch_size)
     wrel_ema_epochs: float = 40.0  # wrel stage 3: length in epochs of the run the EMA schedule (epochs 0-1-3) is written for; shorter runs squeeze it
     wrel_ema_rescale: str = "horizon"  # wrel stage 3, a run shorter than wrel_ema_epochs: horizon (breakpoints squeezed and each 1 - momentum scaled up by the same factor, so the EMA averages over the same fraction of the run) or breaks (breakpoints squeezed, momenta as written)
+    wrel_accurate_repeat: int = 1  # wrel stage 3: each accurate sentence appears this many times per epoch, weak ones once (1 = the mixed data as they are)
     wrel_final: str = "teacher"  # wrel stage 3: the network validated, kept in best/ and shipped: teacher (the EMA) or student
     # optimisation
     lr: float = 3e-4  # AdamW peak learning rate
@@ -115,7 +116,7 @@ class TrainConfig:
             raise ConfigError(f"accurate_fraction must be in [0, 1], got {self.accurate_fraction}")
         if self.method == "wrel" and self.supervision != "full":
             raise ConfigError(f"method wrel trains with full masks, got supervision {self.supervision!r}")
-        for name in ("wrel_bank_prompts", "wrel_bank_iters"):
+        for name in ("wrel_bank_prompts", "wrel_bank_iters", "wrel_accurate_repeat"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.wrel_bank_lr <= 0 or self.wrel_ema_epochs <= 0:

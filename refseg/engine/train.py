@@ -74,6 +74,10 @@ class TrainHooks:
     def setup(self, model: nn.Module, train_ds, device: torch.device) -> None:
         """Called once, after the model, data set and cache are ready and before a resume loads last/."""
 
+    def repeats(self, sample) -> int:
+        """How many times this training sample appears in each epoch."""
+        return 1
+
     def augmentable(self, sample) -> bool:
         """Whether the flip augmentation (--flip) may show this training sample flipped."""
         return True
@@ -464,6 +468,9 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
     amp_dtype = resolve_amp(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16 and device.type == "cuda")
     rows = subset_rows(train_ds.samples, cfg.train_subset)  # data set indices trained on
+    repeats = np.array([hooks.repeats(train_ds.samples[r]) for r in rows], dtype=np.int64)
+    if (repeats != 1).any():  # a method's oversampling (e.g. wrel_accurate_repeat): rows listed repeatedly
+        rows = np.repeat(rows, repeats)
     texts = [s.text for s in train_ds.samples]  # cache rows are data set rows
     view_texts = {view: [swap_directions(t, view) for t in texts] for view in views}
     flippable = np.array([hooks.augmentable(s) for s in train_ds.samples], dtype=bool)

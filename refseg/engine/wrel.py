@@ -49,6 +49,13 @@ Stages (choices marked as such; METHODS.md leaves them open):
    started from stage 1, follows the student after every optimiser step:
    teacher = m * teacher + (1 - m) * student over the head (the frozen
    encoders are shared), m = ema_momentum(step, ...).
+   Sampling (choices): wrel_accurate_repeat k lists each accurate sentence
+   k times per epoch (weak ones once), so that the few sentences that teach
+   the language are not drowned by the weak ones (at p = 0.1 and k = 1 a
+   batch of 32 holds ~3 of them); with --flip the accurate sentences are
+   shown in flipped views, weak ones never (a weak ref's prompts were
+   fitted to the unflipped image: "the left one" is another object in the
+   mirror image).
 
 EMA schedule: METHODS.md gives m = 0.95 -> 0.99 (linear) over epochs 0-1,
 0.99 -> 0.999 over epochs 1-3, then 0.9995. It is written for a long run;
@@ -191,7 +198,8 @@ class StudentHooks(engine.TrainHooks):
     """
 
     def __init__(self, enriched: Dict[str, torch.Tensor], reference_epochs: float, final: str = "teacher",
-                 rescale: str = "horizon"):
+                 rescale: str = "horizon", accurate_repeat: int = 1):
+        self.accurate_repeat = int(accurate_repeat)
         self.row_of = {int(r): i for i, r in enumerate(enriched["ref_id"].tolist())}
         self.enriched = enriched
         self.reference_epochs = reference_epochs
@@ -209,6 +217,9 @@ class StudentHooks(engine.TrainHooks):
         self.enriched = {k: v.to(device) for k, v in self.enriched.items()}
         self.student = model
         self.teacher = ema_copy(model)
+
+    def repeats(self, sample) -> int:
+        return 1 if sample.weak else self.accurate_repeat
 
     def augmentable(self, sample) -> bool:
         # a weak ref's bank prompts were fitted to the unflipped image ("the one on the left" is
@@ -493,7 +504,8 @@ def train_wrel(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -
     del teacher
 
     # 3. student on the mixed data, EMA teacher
-    hooks = StudentHooks(enriched, cfg.wrel_ema_epochs, cfg.wrel_final, cfg.wrel_ema_rescale)
+    hooks = StudentHooks(enriched, cfg.wrel_ema_epochs, cfg.wrel_final, cfg.wrel_ema_rescale,
+                         cfg.wrel_accurate_repeat)
     if resume and stage_done(run):
         _note(cfg, f"stage 3 done ({run})")
         return {"run": str(run), "stages": stages, "done": True}
