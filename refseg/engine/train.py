@@ -471,8 +471,8 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
     repeats = np.array([hooks.repeats(train_ds.samples[r]) for r in rows], dtype=np.int64)
     if (repeats != 1).any():  # a method's oversampling (e.g. wrel_accurate_repeat): rows listed repeatedly
         rows = np.repeat(rows, repeats)
-    texts = [s.text for s in train_ds.samples]  # cache rows are data set rows
-    view_texts = {view: [swap_directions(t, view) for t in texts] for view in views}
+    # each view's expressions, by data set row (= cache row): what the cached path feeds the step
+    view_texts = {view: [swap_directions(s.text, view) for s in train_ds.samples] for view in views}
     flippable = np.array([hooks.augmentable(s) for s in train_ds.samples], dtype=bool)
     sampler = GroupBatchSampler([train_ds.samples[r].image_id for r in rows], cfg.batch_size, cfg.images_per_batch,
                                 seed=cfg.seed, rank=info.rank, world_size=info.world_size,
