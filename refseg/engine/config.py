@@ -30,7 +30,7 @@ SUBSET_CHOICES = ("all", "accurate")
 WREL_FINAL_CHOICES = ("teacher", "student")
 WREL_EMA_RESCALE_CHOICES = ("horizon", "breaks")
 WREL_BANK_SITE_CHOICES = ("encoder", "features")  # modeling/bank.py SITES
-FLIP_CHOICES = ("none", "h", "hv")  # data/augment.py FLIP_CHOICES
+FLIP_CHOICES = ("none", "h", "hv", "hvt")  # data/augment.py FLIP_CHOICES
 
 
 class ConfigError(ValueError):
@@ -59,7 +59,7 @@ class TrainConfig:
     batch_size: int = 32  # sentences per optimiser step, summed over all processes
     images_per_batch: int = 8  # distinct images per batch; their sentences share one visual encoding (0 = sentences drawn independently)
     group_refs: bool = False  # keep the sentences of one ref in the same batch (whole refs per image chunk; see engine/sampler.py): SaG's w_distill term learns from such pairs
-    flip: str = "none"  # flip augmentation, the direction words of the expression swapped to match (data/augment.py): none, h (left-right mirrors; natural photos) or hv (also top-bottom mirrors and half turns; aerial scenes); each sentence is seen in one view drawn uniformly per epoch
+    flip: str = "none"  # flip augmentation, the direction words of the expression swapped to match (data/augment.py): none, h (left-right mirrors; natural photos), hv (also top-bottom mirrors and half turns; aerial scenes) or hvt (all eight symmetries of the square: also quarter turns and transposes; aerial scenes); each sentence is seen in one view drawn uniformly per epoch
     epochs: int = 10  # passes over the training sentences (ignored when max_steps > 0)
     max_steps: int = 0  # optimiser steps to run (0 = epochs x steps per epoch)
     time_budget: float = 0.0  # wall-clock seconds from the start of the run (cache building included) to its last step (0 = none): the run measures its step rate during warm-up, shortens the schedule to fit, and stops at the budget in any case

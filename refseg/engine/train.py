@@ -19,9 +19,10 @@ What a run does:
    linear warm-up then cosine decay to min_lr, gradient clipping, autocast
    (+ GradScaler for fp16) on cuda, DistributedDataParallel under torchrun
    (gloo on CPU, NCCL on cuda; rank 0 alone logs and writes checkpoints).
-   With --flip h / hv each batch shows every image in one flip view drawn
-   per image (data/augment.py: image, mask and clicks flipped, direction
-   words swapped); cached runs cache each flipped view of the split too.
+   With --flip h / hv / hvt each batch shows every image in one view drawn
+   per image (data/augment.py: image, mask and clicks flipped or
+   transposed, direction words swapped); cached runs cache each view of the
+   split too.
 4. Logs to RUN/log.csv (time, step, epoch, tag, value) and TensorBoard
    (RUN/tb); validates every val_every steps with RISMetrics and keeps the
    checkpoint of the best val mIoU in RUN/best/, the latest in RUN/last/.
