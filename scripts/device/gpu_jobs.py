@@ -121,14 +121,14 @@ if WREL_EQ:
     for seed in (0, 1):  # naive at about WREL's compute at 600 steps (teacher + bank + student: ~3.4x on the CPU)
         n = 180 if DRY else 1800
         JOBS.append((f"naive-p0.1-n{n}-s{seed}", "aerial", [*fixed(n), "--accurate-fraction", 0.1, "--seed", seed], AER_EVAL))
-# SET=wrel-flip: the recipe that lifted issue 6's p = 0.1 ratio from 0.74 to 0.90 on the CPU (session 15: --flip hv for every run, stage 3
-# lists each accurate sentence WREL_REPEAT times), at 3000 steps of 64: upper bound, naive and LRB-WREL at
+# SET=wrel-flip: the recipe that lifted issue 6's p = 0.1 ratio from 0.74 to 0.95 on the CPU (sessions 15-16: --flip hvt for every run,
+# stage 3 lists each accurate sentence WREL_REPEAT times), at 3000 steps of 64: upper bound, naive and LRB-WREL at
 # p = 0.1 (two seeds) and p = 0.5, and the upper bound at WREL's total steps (teacher + student).
 WREL_REPEAT = 3
 if os.environ.get("SET") == "wrel-flip":
     WREL_EQ = True  # a set of its own: no SaG jobs either
     n = 300 if DRY else 3000
-    flip = ["--max-steps", n, "--warmup-steps", 100, "--images-per-batch", 16, "--flip", "hv"]
+    flip = ["--max-steps", n, "--warmup-steps", 100, "--images-per-batch", 16, "--flip", "hvt"]
     JOBS = [(f"flip-upper-n{n}-s0", "aerial", [*flip, "--seed", 0], AER_EVAL),
             (f"flip-upper-n{n * 3 // 2}-s0", "aerial", [*flip, "--max-steps", n * 3 // 2, "--seed", 0], AER_EVAL)]
     for p, seeds in ((0.1, (0, 1)), (0.5, (0,))):
