@@ -81,6 +81,12 @@ _TABLES = {"none": {}, "h": _H, "v": _V,
 _WORD = re.compile(r"[A-Za-z]+")
 
 
+def _parts(view: str) -> Tuple[str, bool]:
+    """(the flip of a view, whether the transpose follows it): "ht" -> ("h", True), "v" -> ("v", False)."""
+    transposed = check_view(view).endswith("t")
+    return ((view[:-1] or "none") if transposed else view), transposed
+
+
 def check_view(view: str) -> str:
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
@@ -182,10 +188,9 @@ def transpose_directions(text: str) -> str:
 def swap_directions(text: str, view: str) -> str:
     """`text` as it reads for the image seen in `view` (see the module docstring): the flip's words
     swapped, then, for views ending in "t", the sentence transposed."""
-    check_view(view)
-    flip = (view[:-1] or "none") if view.endswith("t") else view
+    flip, transposed = _parts(view)
     text = _flip_words(text, flip)
-    return transpose_directions(text) if view.endswith("t") else text
+    return transpose_directions(text) if transposed else text
 
 
 def _content(letterbox: torch.Tensor, size: int) -> Tuple[int, int]:
@@ -197,26 +202,26 @@ def _content(letterbox: torch.Tensor, size: int) -> Tuple[int, int]:
 def flip_map(x: torch.Tensor, view: str, hw: Tuple[int, int]) -> torch.Tensor:
     """(..., S, S) `x` seen in `view`: its top-left hw = (h, w) content flipped (padding untouched), then,
     for views ending in "t", the square transposed (the content now (w, h), still top-left); a copy."""
-    check_view(view)
-    dims = (() if "h" not in view else (-1,)) + (() if "v" not in view else (-2,))
+    flip, transposed = _parts(view)
+    dims = {"none": (), "h": (-1,), "v": (-2,), "hv": (-2, -1)}[flip]
     x = x.clone()
     if dims:
         h, w = hw
         x[..., :h, :w] = torch.flip(x[..., :h, :w], dims)
-    return x.transpose(-2, -1).contiguous() if view.endswith("t") else x
+    return x.transpose(-2, -1).contiguous() if transposed else x
 
 
 def flip_points(p: torch.Tensor, view: str, hw: Tuple[int, int]) -> torch.Tensor:
     """Pixel-index [x, y] points (..., 2) mapped like flip_map maps pixels of a content of size hw
     (NaN stays NaN)."""
-    check_view(view)
+    flip, transposed = _parts(view)
     h, w = hw
     p = p.clone()
-    if "h" in view:
+    if "h" in flip:
         p[..., 0] = (w - 1) - p[..., 0]
-    if "v" in view:
+    if "v" in flip:
         p[..., 1] = (h - 1) - p[..., 1]
-    return p.flip(-1) if view.endswith("t") else p
+    return p.flip(-1) if transposed else p
 
 
 def flip_item(item: dict, view: str) -> dict:
@@ -238,10 +243,8 @@ def flip_item(item: dict, view: str) -> dict:
     if "click_corners" in item:
         c = flip_points(item["click_corners"], view, hw)  # [[x0, y0], [x1, y1]]: keep x0 <= x1, y0 <= y1
         out["click_corners"] = torch.stack([torch.minimum(c[0], c[1]), torch.maximum(c[0], c[1])])
-    if view.endswith("t"):  # the transposed image's letterbox: pads and original size swap
-        lb = item["letterbox"].clone()
-        lb[1], lb[2] = item["letterbox"][2], item["letterbox"][1]
-        out["letterbox"] = lb
+    if _parts(view)[1]:  # the transposed image's letterbox: pads and original size swap
+        out["letterbox"] = item["letterbox"][[0, 2, 1]]  # (scale, pad_x, pad_y) -> (scale, pad_y, pad_x)
         if "orig_hw" in item:
             out["orig_hw"] = item["orig_hw"].flip(0)
     return out
