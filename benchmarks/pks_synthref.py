@@ -10,7 +10,7 @@ OUT/<supervision>; when it already holds a checkpoint (best/ or last/) and
 Training goes through `refseg.engine.train.train` (feature cache, AdamW,
 warm-up + cosine); --model-kwargs (JSON) go to `MODELS["pks"]`. The table
 has one row per supervision (plus one per sentence form with --by-form) and
-every metric of shared/METHODS.md (oIoU, mIoU, P@0.5..0.9, PointM, and
+every metric refseg reports (oIoU, mIoU, P@0.5..0.9, PointM, and
 N-acc / T-acc on splits with no-target expressions). A click-trained run
 never reads a training mask (the data set's click mode); evaluation reads
 the split's masks.

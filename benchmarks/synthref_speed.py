@@ -3,7 +3,7 @@
     python benchmarks/synthref_speed.py --preset small --workers 2
 
 Each run writes into a temporary folder that is deleted afterwards. The
-target (shared/SYNTHREF.md users' budget): `small` (1400 images) in under
+target (the SynthRef generator budget): `small` (1400 images) in under
 2 minutes on 2 cores.
 """
 

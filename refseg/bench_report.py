@@ -216,7 +216,7 @@ def render_markdown(p: Dict[str, Any]) -> str:
              f"Command: `{p['command']}`  ",
              f"Device: {p['device']}, {p['threads']} torch threads; whole bench {format_duration(p['seconds'])}.", "",
              "## Test-split results", "",
-             "Metrics in % (shared/METHODS.md definitions). Test loss: the row's own training objective over the "
+             "Metrics in % (definitions: refseg README, "Metrics"). Test loss: the row's own training objective over the "
              "test split (same batches for every instance of a method). Training time: measured by this bench, "
              "or the logged span in a shipped model's card. Annotation cost: the training split's labels under "
              "the costs below.", "",

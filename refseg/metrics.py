@@ -1,6 +1,6 @@
 """Referring-segmentation metrics, accumulated as running sums.
 
-Definitions (shared/METHODS.md, "Metrics"); IoU(pred, gt) = |pred & gt| / |pred | gt|,
+Definitions (README.md, "Metrics"); IoU(pred, gt) = |pred & gt| / |pred | gt|,
 and the IoU of two empty masks is 1.
 
 - oIoU: total intersection / total union over the target samples.

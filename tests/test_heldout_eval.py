@@ -1,6 +1,6 @@
 """`refseg eval` on a held-out refer-format data set written by hand (not by the generator).
 
-The folder follows shared/SYNTHREF.md as another tool would write it:
+The folder follows docs/SYNTHREF.md as another tool would write it:
 320 x 320 PNGs drawn with PIL, `instances.json` with each mask as
 `segmentation: [<one RLE, counts as str>]`, a `refs(unc).p` pickle, and
 nothing else: no `synthref.json`, no sentence `form`, no `click_center` /

@@ -1,4 +1,4 @@
-"""The fixed vocabulary and numbers of SynthRef (shared/SYNTHREF.md).
+"""The fixed vocabulary and numbers of SynthRef (docs/SYNTHREF.md).
 
 Everything a sentence can say, and every threshold the spec fixes, lives
 here so that the drawing code, the sentence generator and the evaluator
