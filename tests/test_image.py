@@ -114,3 +114,38 @@ def test_file_errors_name_the_path(tmp_path):
     good.write_bytes(good.read_bytes()[:60])
     with pytest.raises(ImageReadError, match="trunc.png"):
         load_image_rgb(good)
+
+
+def _jpeg_with_exif(pixels: np.ndarray, ifd_entries: list) -> bytes:
+    """A JPEG whose APP1 block holds a big-endian EXIF IFD0 with the given (tag, type, count, 4-byte value) entries."""
+    import io
+    import struct
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=95)
+    jpg = buf.getvalue()
+    ifd = struct.pack(">H", len(ifd_entries)) + b"".join(
+        struct.pack(">HHI", tag, typ, count) + value for tag, typ, count, value in ifd_entries) + bytes(4)
+    payload = b"Exif\0\0MM\0*" + struct.pack(">I", 8) + ifd
+    return jpg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpg[2:]
+
+
+def test_corrupt_exif_keeps_the_pixels(tmp_path):
+    a = np.zeros((10, 20, 3), dtype=np.uint8)
+    a[:, :5] = 255  # white on the stored left
+    # Orientation 6 (rotate), then FillOrder (a SHORT tag) stored as the ASCII text "Cam": Pillow parses it,
+    # but cannot write the block back, which ImageOps.exif_transpose does after rotating (struct.error).
+    bad = [(0x0112, 3, 1, b"\0\x06\0\0"), (0x010A, 2, 4, b"Cam\0")]
+    path = tmp_path / "corrupt_exif.jpg"
+    path.write_bytes(_jpeg_with_exif(a, bad))
+    out = load_image_rgb(path)
+    _check(out, (20, 10, 3))  # the orientation it could read is applied
+    assert out[:5].mean() > 200 and out[-5:].mean() < 50
+    # orientation values that are not 1..8 or not numbers: the stored pixels, unrotated
+    for entry in [(0x0112, 3, 1, b"\0\x09\0\0"), (0x0112, 2, 2, b"6\0\0\0"), (0x0112, 3, 0xFFFFFFFF, bytes(4))]:
+        path.write_bytes(_jpeg_with_exif(a, [entry]))
+        _check(load_image_rgb(path), (10, 20, 3))
+    path.write_bytes(_jpeg_with_exif(a, []))
+    raw = path.read_bytes()
+    path.write_bytes(raw.replace(b"Exif\0\0MM\0*", b"Exif\0\0MM\0*\xff\xff\xff", 1))  # IFD offset past the end
+    _check(load_image_rgb(path), (10, 20, 3))
