@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from refseg import argtypes
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -346,7 +348,8 @@ def trained_model(entry: Entry, ctx: "Context", train_data: Path, targs: List[st
     else:
         resume = find_checkpoint(run, "last") is not None and not ctx.retrain  # an interrupted training goes on
         argv = ["train", "--resume", str(run), *machine] if resume else \
-            ["train", "--data", str(train_data), "--out", str(run), *targs, *machine]
+            ["train", "--data", str(train_data), "--out", str(run), *targs, *machine,
+             *(["--overwrite"] if run.exists() else [])]  # a retrain, or a run stopped before its first checkpoint
         start = time.perf_counter()
         if cli(argv) != 0:
             raise RuntimeError(f"training failed: refseg {shlex.join(argv)}")
@@ -443,11 +446,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="report folder (default: reports/bench-<preset>)")
     p.add_argument("--work", default=None, help="runs and feature caches (default: bench-work/)")
     p.add_argument("--data-root", default=None, help="where SynthRef folders are found or made (default: WORK/data)")
-    p.add_argument("--seed", type=int, default=0, help="data and training seed")
+    p.add_argument("--seed", type=argtypes.nonneg_int, default=0, help="data and training seed")
     p.add_argument("--methods", default=None, help="comma list of rows to run (default: all): "
                    + ", ".join(e.name for e in ENTRIES))
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=argtypes.positive_threads, default=2, help="torch CPU threads")
+    p.add_argument("--device", type=argtypes.device, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--retrain", action="store_true", help="train even when a finished run exists")
     p.add_argument("--no-shipped", action="store_true", help="train every row, even those with a shipped model")
     p.add_argument("--untrained", action=argparse.BooleanOptionalAction, default=None,

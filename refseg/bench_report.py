@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
@@ -90,15 +88,10 @@ def judge_targets(entries, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`write(tmp)` fills a temp file beside `path`, renamed into place (refseg.outputs.write_file)."""
+    from refseg.outputs import write_file
+
+    write_file(path, write)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -216,7 +209,7 @@ def render_markdown(p: Dict[str, Any]) -> str:
              f"Command: `{p['command']}`  ",
              f"Device: {p['device']}, {p['threads']} torch threads; whole bench {format_duration(p['seconds'])}.", "",
              "## Test-split results", "",
-             "Metrics in % (definitions: refseg README, "Metrics"). Test loss: the row's own training objective over the "
+             "Metrics in % (definitions: refseg README, \"Metrics\"). Test loss: the row's own training objective over the "
              "test split (same batches for every instance of a method). Training time: measured by this bench, "
              "or the logged span in a shipped model's card. Annotation cost: the training split's labels under "
              "the costs below.", "",

@@ -27,6 +27,7 @@ USER_ERRORS = (
     ("refseg.engine.checkpoint", "CheckpointError"),
     ("refseg.engine.state", "StateError"),
     ("refseg.engine.train", "TrainError"),
+    ("refseg.outputs", "OutputError"),
 )
 
 # name -> (module, one-line help)
@@ -41,6 +42,13 @@ COMMANDS = {
     "export": ("refseg.export", "export a model to ONNX (image encoder + text/head graphs)"),
     "bench": ("refseg.bench", "every method under every supervision budget: train/load, evaluate, write a report"),
 }
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -65,19 +73,34 @@ def main(argv=None) -> int:
         return 2
     name = argv[0]
     module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"refseg {name}", description=COMMANDS[name][1])
+    parser = OneLineErrorParser(prog=f"refseg {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     try:
         return int(module.main(args) or 0)
     except KeyboardInterrupt:
+        close_progress_bars()
         print(f"refseg {name}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001  (re-raised unless it is bad input)
         if not is_user_error(e):
             raise
+        close_progress_bars()
         print(f"refseg {name}: error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def close_progress_bars() -> None:
+    """Close the tqdm bars an error left open, so that the message starts on a line of its own
+    (a bar ends its line only when it is closed)."""
+    tqdm_std = sys.modules.get("tqdm.std")
+    if tqdm_std is None:
+        return
+    for bar in list(getattr(tqdm_std.tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001  (a bar that cannot close must not hide the error)
+            pass
 
 
 def is_user_error(e: BaseException) -> bool:

@@ -82,6 +82,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from refseg.argtypes import positive_int
 from refseg.engine.config import write_text_atomic
 from refseg.modeling.text import TextFeatures
 from refseg.predictor import Predictor
@@ -601,6 +602,19 @@ class OnnxPredictor(Predictor):
         super().__init__(model, mask_threshold, text_batch_size)
 
 
+def check_export_outputs(out: Union[str, Path], model: Union[str, Path]) -> None:
+    """Raise OutputError if a file or folder ``--out`` names would replace the model being exported."""
+    from refseg.outputs import OutputSet, check_folder_output, model_inputs
+
+    files, folders = model_inputs("--model", model)
+    outs = OutputSet(files, folders)
+    for key, path in export_paths(out).items():
+        if key == "tokenizer":
+            check_folder_output(path, files + folders, "--out")
+        else:
+            outs.plan(path, "--out")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="lts-synthref", help="a shipped model name or a checkpoint/run path")
     p.add_argument("--out", required=True,
@@ -608,7 +622,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "model.tokenizer/")
     p.add_argument("--exporter", choices=("auto", "dynamo", "legacy"), default="auto",
                    help="torch.onnx exporter: auto tries the new (dynamo) one, then the legacy one")
-    p.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version")
+    p.add_argument("--opset", type=positive_int, default=OPSET, help="ONNX opset version")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch parity check")
     p.add_argument("--no-optimize", action="store_true",
                    help="write the exporter's per-expression graphs unfused (no MultiHeadAttention / Attention / "
@@ -628,11 +642,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"refseg export: error: {e.name} is not installed; pip install 'refseg[export]'", file=sys.stderr)
         return 2
     try:
+        check_export_outputs(args.out, args.model)
         model = refseg.load(args.model)
         paths = export_onnx(model, args.out, exporter=args.exporter, opset=args.opset, check=not args.no_check,
                             extra_meta={"source_model": str(args.model)}, int8_text=args.int8_text,
                             optimize=not args.no_optimize)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+    except (FileNotFoundError, ValueError, KeyError) as e:  # bad input
+        print(f"refseg export: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # the exporters or the parity check failed
         print(f"refseg export: error: {e}", file=sys.stderr)
         return 1
     meta = json.loads(paths["meta"].read_text())

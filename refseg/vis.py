@@ -1,8 +1,6 @@
 """Overlays: a mask tinted over its image, its outline, and the expression as a caption."""
 
 import os
-import tempfile
-from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -58,14 +56,8 @@ def overlay(
 
 
 def save_image_atomic(img: Image.Image, path: os.PathLike) -> None:
-    """Write a PNG next to its destination first, then rename: no half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write an image in the format its suffix names, next to its destination first, then rename:
+    no half-written file (refseg.outputs.save_image)."""
+    from refseg.outputs import save_image
+
+    save_image(img, path)

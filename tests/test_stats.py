@@ -75,9 +75,9 @@ def test_cli_tables_and_json(synthlike, capsys):
 
 def test_cli_split_by_images_and_errors(synthlike, tmp_path, capsys):
     shutil.copy(synthlike.root / "refs(unc).p", synthlike.root / "refs(umd).p")
-    assert cli_main(["stats", str(synthlike.root)]) == 1
+    assert cli_main(["stats", str(synthlike.root)]) == 2
     assert "refs(umd).p" in capsys.readouterr().err
     assert cli_main(["stats", str(synthlike.root), "--split-by", "umd", "--images", str(tmp_path)]) == 0
     assert "split_by: umd" in capsys.readouterr().out
-    assert cli_main(["stats", str(tmp_path / "missing")]) == 1
+    assert cli_main(["stats", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err

@@ -279,6 +279,6 @@ def test_command_line(micro, tmp_path, capsys):
     assert cli_main(argv) == 0
     meta = json.loads((out / "synthref.json").read_text())
     assert (meta["domain"], meta["preset"], meta["seed"]) == ("aerial", micro, 3)
-    assert cli_main(argv) == 1 and "exists" in capsys.readouterr().err
+    assert cli_main(argv) == 2 and "exists" in capsys.readouterr().err
     with open(out / "refs(unc).p", "rb") as f:
         assert isinstance(pickle.load(f), list)

@@ -93,6 +93,6 @@ def test_other_split_by_and_command_line(source, tmp_path, capsys):
     assert cli_main(argv) == 0
     assert sorted(os.listdir(out)) == ["images", "instances.json", "refs(umd).p", "weak.json"]
     assert json.loads((out / "weak.json").read_text())["accurate_fraction"] == 0.2
-    assert cli_main(argv) == 1 and "exists" in capsys.readouterr().err
+    assert cli_main(argv) == 2 and "exists" in capsys.readouterr().err
     meta = weaken(umd, tmp_path / "no-images", 0.2, seed=0, split_by="umd")  # umd has no images folder
     assert meta["images"] is None and not (tmp_path / "no-images" / "images").exists()

@@ -35,8 +35,10 @@ from typing import Optional
 
 import numpy as np
 
-from refseg.data.refer import ReferFormatError, load_refs_file
+from refseg.argtypes import fraction, nonneg_int
+from refseg.data.refer import ReferFormatError, load_refer, load_refs_file
 from refseg.data.synthref.atomic import staged_directory
+from refseg.outputs import check_folder_output
 
 PICKLE_PROTOCOL = 4
 WEAK_FORM = "class"
@@ -103,15 +105,15 @@ def weaken(src_dir, out_dir, accurate_fraction: float, seed: int, split_by: str 
         raise ValueError(f"accurate_fraction must be in [0, 1], got {accurate_fraction}")
     src = Path(src_dir).absolute()
     refs_name = f"refs({split_by}).p"
+    load_refer(src, split_by=split_by, images_dir=images_dir)  # every check a loader makes, before OUT is touched
     refs = load_refs_file(src / refs_name)
     instances_path = src / "instances.json"
-    if not instances_path.is_file():
-        raise ReferFormatError(f"instances.json not found in {src}")
-    instances = json.loads(instances_path.read_text())
+    instances = json.loads(instances_path.read_text(encoding="utf-8"))
     annotations = {a["id"]: a for a in instances.get("annotations", [])}
     new_refs, counts = weaken_refs(refs, _category_names(instances), annotations, accurate_fraction, seed)
     images = Path(images_dir).absolute() if images_dir is not None else src / "images"
     images = images.resolve() if images.is_dir() else None
+    check_folder_output(out_dir, [("--data", src), ("--images", images)])  # replacing OUT must not delete them
     meta = {
         "source": str(src),
         "refs_file": refs_name,
@@ -144,7 +146,7 @@ def ensure_weak(src_dir, out_dir, accurate_fraction: float, seed: int, split_by:
     if out.exists():
         try:
             meta = json.loads((out / "weak.json").read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             meta = None
         found = None if meta is None else {k: meta.get(k) for k in wanted}
         if found != wanted:
@@ -157,9 +159,9 @@ def ensure_weak(src_dir, out_dir, accurate_fraction: float, seed: int, split_by:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True,
                         help="source refer data set folder (refs(<split_by>).p, instances.json)")
-    parser.add_argument("--accurate-fraction", type=float, required=True,
+    parser.add_argument("--accurate-fraction", type=fraction, required=True,
                         help="share p of each category's train refs that keep accurate sentences (0..1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the per-category choice")
+    parser.add_argument("--seed", type=nonneg_int, default=0, help="seed of the per-category choice")
     parser.add_argument("--out", required=True, help="folder to create (must not exist unless --overwrite)")
     parser.add_argument("--split-by", default="unc",
                         help="refs file to read and write: refs(<split-by>).p (default unc)")
@@ -173,7 +175,7 @@ def main(args: argparse.Namespace) -> int:
                       args.overwrite)
     except (FileExistsError, ValueError) as e:  # ReferFormatError is a ValueError
         print(f"refseg weaken: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     for name, c in meta["categories"].items():
         print(f"{name:>14}: {c['accurate']}/{c['train_refs']} train refs accurate")
     if meta["images"] is None:

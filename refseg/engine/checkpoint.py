@@ -297,7 +297,7 @@ def load_extra(ckpt: PathLike, name: str) -> Dict[str, torch.Tensor]:
     path = Path(ckpt) / f"{name}.safetensors"
     if not path.exists():
         raise CheckpointError(f"{ckpt} holds no {path.name}")
-    return load_file(str(path))
+    return read_safetensors(path)
 
 
 def load_training_state(ckpt: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
@@ -346,6 +346,10 @@ def load_weights(model: nn.Module, weights: Dict[str, torch.Tensor], meta: Optio
     own = model.state_dict()
     if meta is not None and sorted(meta.get("stored", weights)) != sorted(weights):
         raise CheckpointError(f"{source}: the weights file does not hold the parameters its JSON lists")
+    for k, v in weights.items():  # a NaN or inf weight makes every output NaN: refuse it here, named
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{source}: tensor {k!r} holds NaN or infinite values; the weights are corrupt "
+                                  "(or come from a diverged run)")
     frozen = frozen_prefixes(model)
     unexpected = sorted(k for k in weights if k not in own)
     missing = sorted(k for k in own if k not in weights and not _under(k, frozen))
@@ -422,8 +426,12 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", strict:
     """
     weights_path, json_path, meta, weights = _read_checkpoint(path)  # before building: a bad file fails fast
     same = like is not None and getattr(like, "config", None) == meta["config"]
+    from refseg.modeling.limits import ModelConfigError
+
     try:
         model = copy.deepcopy(like) if same else build_model(meta["config"])
+    except ModelConfigError as e:  # a field of the wrong type, out of range, unknown; unloadable encoder weights
+        raise CheckpointError(f"{json_path}: {e}") from None
     except (TypeError, KeyError, ValueError) as e:  # unknown model name or factory argument, bad value
         raise CheckpointError(f"{json_path}: field 'config' does not describe a refseg model: {e}") from None
     load_weights(model, weights, meta, source=str(weights_path), strict=strict)

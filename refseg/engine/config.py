@@ -14,9 +14,7 @@ import dataclasses
 import inspect
 import json
 import math
-import os
 import re
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +96,7 @@ class TrainConfig:
     seed: int = 0  # seed of the model init, data order and dropout
     out: str = ""  # run folder (default runs/<model>-<date>-<time>)
     resume: Optional[str] = None  # run folder to continue from its last/ checkpoint
+    overwrite: bool = False  # train anew into an --out that already holds a run (refused without this or --resume): the old run is renamed aside in one step (.<name>.replaced-* beside it) and deleted only once the new run has saved its first complete checkpoint
 
     def validate(self) -> "TrainConfig":
         """Raise ConfigError (a ValueError) on an inconsistent config; return self."""
@@ -134,6 +133,14 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
         if self.epochs == 0 and self.max_steps == 0:
             raise ConfigError("set epochs or max_steps")
+        from refseg.argtypes import MAX_THREADS, check_device
+
+        if self.threads > MAX_THREADS:
+            raise ConfigError(f"threads must be at most {MAX_THREADS}, got {self.threads}")
+        try:
+            check_device(self.device)
+        except ValueError as e:
+            raise ConfigError(f"device: {e}") from None
         if not isinstance(self.model_kwargs, dict):
             raise ConfigError(f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}")
         if not isinstance(self.loss_kwargs, dict):
@@ -169,16 +176,11 @@ class TrainConfig:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it over `path`: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `text` to a temporary file beside `path`, then rename it over `path`: never a half-written file
+    (refseg.outputs.write_text; the mode follows the umask)."""
+    from refseg.outputs import write_text
+
+    write_text(path, text)
 
 
 def read_config_file(path: Union[str, Path]) -> Dict[str, Any]:

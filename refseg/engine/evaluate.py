@@ -6,15 +6,21 @@ Any data set in the refer format loads (RefCOCO/+/g, RRSIS-D, SynthRef, or
 one written by another tool to the SynthRef spec). The table lists oIoU,
 mIoU, P@0.5-0.9 and PointM overall and per sentence form; the JSON holds the
 same figures plus what was evaluated.
+
+Arguments are checked when parsed and outputs before the model loads: an
+output (--out, --markdown, the --save-vis overlays) that is an input (the
+refs file, instances.json, the checkpoint), replaces an image of the data
+set, or collides with another output is refused. All outputs are renamed
+into place together at the end, or none (refseg/outputs.py).
 """
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from refseg.argtypes import device, nonneg_int, positive_int, resolve_device, threads
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,25 +29,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--split-by", default=None, help="refs file to read: unc, google, umd (default: the only one)")
     p.add_argument("--images", default=None, help="images folder (default: DATA/images)")
-    p.add_argument("--batch-size", type=int, default=32, help="sentences per forward pass")
-    p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N sentences")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="sentences per forward pass")
+    p.add_argument("--max-samples", type=positive_int, default=None, help="evaluate only the first N sentences")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=threads, default=0, help="torch threads (0: leave the default)")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     p.add_argument("--per-sample", action="store_true",
                    help="also put one record per sentence in the JSON (sent_id, IoU, pixel counts, point hit)")
     p.add_argument("--markdown", default=None, metavar="FILE",
                    help="also write the metric table as Markdown (the columns of `refseg bench`'s table)")
-    p.add_argument("--save-vis", type=int, default=0, metavar="N", help="write overlays of the first N sentences")
+    p.add_argument("--save-vis", type=nonneg_int, default=0, metavar="N", help="write overlays of the first N sentences")
     p.add_argument("--vis-dir", default=None, help="folder for --save-vis (default: next to --out, or ./eval-vis)")
 
 
 def write_json_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    """Write `obj` as indented JSON, atomically (refseg.outputs.write_text)."""
+    from refseg.outputs import write_text
+
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True))
+
+
+def data_inputs(data) -> tuple:
+    """(files, folders) a loaded data set was read from, for OutputSet: an output must not replace them."""
+    files = [("--data", data.refs_file)] + [("--data", data.ann_dir / name)
+                                           for name in ("instances.json", "synthref.json", "weak.json")]
+    return files, [("--images", data.images_dir)]
 
 
 def table_rows(results: dict, name: str) -> dict:
@@ -60,12 +72,24 @@ def main(args: argparse.Namespace) -> int:
     from refseg.engine.evaluate_core import evaluate_model
     from refseg.metrics import format_table
 
+    from refseg.outputs import OutputSet, model_inputs
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
+    vis_dir = Path(args.vis_dir or (Path(args.out).with_suffix("").as_posix() + "-vis" if args.out else "eval-vis"))
     try:
         data = load_refer(args.data, split_by=args.split_by, images_dir=args.images)
-        data.samples(args.split)  # fails early, naming the splits present
+        samples = data.samples(args.split)  # fails early, naming the splits present
+        files, folders = data_inputs(data)
+        model_files, model_folders = model_inputs("--checkpoint", args.checkpoint)
+        outs = OutputSet(files + model_files, folders + model_folders)  # every output checked before the model loads
+        if args.out:
+            outs.plan(args.out, "--out")
+        if args.markdown:
+            outs.plan(args.markdown, "--markdown")
+        for s in samples[:args.save_vis]:
+            outs.plan(vis_dir / f"{s.sent_id}.png", "--save-vis", image="rgb")
         model = refseg.load(args.checkpoint, device=device)
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"refseg eval: error: {e}", file=sys.stderr)
@@ -78,26 +102,28 @@ def main(args: argparse.Namespace) -> int:
     name = f"{Path(str(args.checkpoint)).name} / {args.split}"
     print(format_table(table_rows(results, name)))
     print(f"{results['n']} sentences in {seconds:.1f} s")
+    with outs:  # every output renamed into place at the end, or none
+        if args.save_vis:
+            evaluate_model(model, data, split=args.split, batch_size=args.batch_size, device=device,
+                           max_samples=args.save_vis, progress=False, save_vis=vis_dir, outputs=outs)
+        if args.markdown:
+            from refseg.bench_report import METRIC_COLUMNS, markdown_table
+
+            rows = [{"name": name, "metrics": results}]
+            rows += [{"name": f"{name} / {form}", "metrics": r} for form, r in sorted(results["by_form"].items())]
+            outs.write_text(args.markdown, markdown_table(rows, [("model / split", lambda r: r["name"])]
+                                                          + METRIC_COLUMNS) + "\n")
+        if args.out:
+            from refseg.bench_report import jsonable
+
+            out = {"checkpoint": str(args.checkpoint), "data": str(Path(args.data).resolve()), "split": args.split,
+                   "split_by": data.split_by, "seconds": round(seconds, 2), "metrics": results}
+            if records is not None:
+                out["samples"] = records
+            outs.write_text(args.out, json.dumps(jsonable(out), indent=2, sort_keys=True))
     if args.save_vis:
-        vis_dir = Path(args.vis_dir or (Path(args.out).with_suffix("").as_posix() + "-vis" if args.out else "eval-vis"))
-        evaluate_model(model, data, split=args.split, batch_size=args.batch_size, device=device,
-                       max_samples=args.save_vis, progress=False, save_vis=vis_dir)
         print(f"overlays of the first {args.save_vis} sentences: {vis_dir}")
-    if args.markdown:
-        from refseg.bench_report import METRIC_COLUMNS, markdown_table, write_text_atomic
-
-        rows = [{"name": name, "metrics": results}]
-        rows += [{"name": f"{name} / {form}", "metrics": r} for form, r in sorted(results["by_form"].items())]
-        write_text_atomic(Path(args.markdown), markdown_table(rows, [("model / split", lambda r: r["name"])]
-                                                              + METRIC_COLUMNS) + "\n")
-        print(f"wrote {args.markdown}")
-    if args.out:
-        from refseg.bench_report import jsonable
-
-        out = {"checkpoint": str(args.checkpoint), "data": str(Path(args.data).resolve()), "split": args.split,
-               "split_by": data.split_by, "seconds": round(seconds, 2), "metrics": results}
-        if records is not None:
-            out["samples"] = records
-        write_json_atomic(jsonable(out), Path(args.out))
-        print(f"wrote {args.out}")
+    for path in (args.markdown, args.out):
+        if path:
+            print(f"wrote {path}")
     return 0

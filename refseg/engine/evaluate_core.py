@@ -10,6 +10,7 @@ Sentences are visited image by image, so each image is encoded once per batch.
 
 from __future__ import annotations
 
+import operator
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -69,6 +70,17 @@ def _resolve_dataset(dataset_or_data, split: str, size: int):
     return RefSegDataset(data, split, size, "eval"), data
 
 
+def _count(name: str, value, minimum: int) -> int:
+    """`value` as an int >= minimum, else ValueError naming the argument."""
+    try:
+        n = operator.index(value)
+    except TypeError:
+        n = None
+    if n is None or n < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return n
+
+
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -78,15 +90,20 @@ def evaluate_model(model: nn.Module, dataset_or_data, split: str = "val", batch_
                    device: Optional[Union[str, torch.device]] = None, max_samples: Optional[int] = None,
                    progress: bool = True, save_vis: Optional[Union[str, Path]] = None, *, cache=None,
                    per_sample: Optional[List[Dict[str, Any]]] = None,
-                   dist: Optional[DistInfo] = None, amp_dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
+                   dist: Optional[DistInfo] = None, amp_dtype: Optional[torch.dtype] = None,
+                   outputs=None) -> Dict[str, Any]:
     """RIS metrics of `model` on a split.
 
     dataset_or_data: a RefSegDataset (its split and size are used), a
       ReferData, or a refer folder (then `split` is read, letterboxed to
       `model.image_size`, default 320).
-    max_samples: evaluate the first this many sentences (data set order).
+    batch_size: sentences per forward pass, >= 1.
+    max_samples: evaluate the first this many sentences (data set order);
+      None or 0: all of them.
     save_vis: a folder to write `<sent_id>.png` overlays (prediction in red,
       ground truth in blue, the point as a cross) for every sentence evaluated.
+    outputs: a refseg.outputs.OutputSet the overlays are written into (renamed
+      into place when the caller commits it); None: each written at once.
     cache: a FeatureCache of exactly these samples (used by training).
     dist: rank / world size; each rank evaluates its share and the metrics
       are merged, so every rank returns the totals.
@@ -104,6 +121,8 @@ def evaluate_model(model: nn.Module, dataset_or_data, split: str = "val", batch_
 
     from refseg.data.dataset import collate
 
+    batch_size = _count("batch_size", batch_size, 1)
+    max_samples = None if max_samples is None else _count("max_samples", max_samples, 0)
     dist = dist or DistInfo()
     device = torch.device(device) if device is not None else _device_of(model)
     size = int(getattr(model, "image_size", 320))
@@ -116,7 +135,7 @@ def evaluate_model(model: nn.Module, dataset_or_data, split: str = "val", batch_
         raise ValueError(f"the feature cache holds {len(cache)} sentences, the split {len(samples)}")
     batches = eval_batches(samples, batch_size, dist.rank, dist.world_size)
     vis_dir = Path(save_vis) if save_vis else None
-    if vis_dir is not None:
+    if vis_dir is not None and outputs is None:
         vis_dir.mkdir(parents=True, exist_ok=True)
 
     was_training = model.training
@@ -153,7 +172,7 @@ def evaluate_model(model: nn.Module, dataset_or_data, split: str = "val", batch_
             if s.form is not None:
                 by_form.setdefault(s.form, RISMetrics()).update(pred, gt, point=point, no_target=s.no_target)
             if vis_dir is not None:
-                _save_overlay(vis_dir, data, s, pred, gt, point)
+                _save_overlay(vis_dir, data, s, pred, gt, point, outputs)
         bar.update(len(rows))
     bar.close()
     model.train(was_training)
@@ -198,7 +217,7 @@ class _null:
         return False
 
 
-def _save_overlay(folder: Path, data, sample, pred: np.ndarray, gt: np.ndarray, point) -> None:
+def _save_overlay(folder: Path, data, sample, pred: np.ndarray, gt: np.ndarray, point, outputs=None) -> None:
     from refseg.vis import overlay, save_image_atomic
 
     inter, union = np.count_nonzero(pred & (gt > 0)), np.count_nonzero(pred | (gt > 0))
@@ -206,4 +225,5 @@ def _save_overlay(folder: Path, data, sample, pred: np.ndarray, gt: np.ndarray, 
     img = overlay(data.load_image(sample.image_id), [pred, gt > 0],
                   captions=[f"{sample.text}  (IoU {iou:.2f})", "ground truth"],
                   colors=[(255, 64, 64), (64, 160, 255)], point=[point])
-    save_image_atomic(img, folder / f"{sample.sent_id}.png")
+    path = folder / f"{sample.sent_id}.png"
+    save_image_atomic(img, path) if outputs is None else outputs.save_image(path, img)

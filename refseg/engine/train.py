@@ -59,6 +59,7 @@ from refseg.engine import distributed
 from refseg.engine.config import TrainConfig, add_config_arguments, config_from_args, read_config_file
 from refseg.engine.optim import lr_at, make_optimizer, resolve_amp
 from refseg.engine.runlog import RunLog
+from refseg.argtypes import positive_int
 
 class TrainError(ValueError):
     """A configuration or data problem, reported to the user in one line."""
@@ -113,7 +114,7 @@ LOSSES = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--nproc", type=int, default=1,
+    parser.add_argument("--nproc", type=positive_int, default=1,
                         help="processes to train with (launches torchrun --nproc_per_node N); batch_size is split between them")
 
 

@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from refseg.argtypes import fraction_below_one, nonneg_int, processes
 from refseg.data.synthref.atomic import staged_directory
 from refseg.data.synthref.build import ImageTask, assemble, build_image
 from refseg.data.synthref.vocab import DOMAINS, IMAGE_SIZE, PRESETS, SPLITS, VOCABS
@@ -119,11 +120,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sizes = ", ".join(f"{name} {'/'.join(map(str, counts))}" for name, counts in PRESETS.items())
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
                         help=f"images per split (train/val/test): {sizes}")
-    parser.add_argument("--seed", type=int, default=0, help="non-negative; with the preset it fixes the output")
+    parser.add_argument("--seed", type=nonneg_int, default=0, help="non-negative; with the preset it fixes the output")
     parser.add_argument("--out", required=True, help="folder to create (must not exist unless --overwrite)")
-    parser.add_argument("--no-target-fraction", type=float, default=0.0,
+    parser.add_argument("--no-target-fraction", type=fraction_below_one, default=0.0,
                         help="share of each split's sentences that name an absent object (default 0)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--workers", type=processes, default=os.cpu_count() or 1,
                         help="processes drawing images (default: all CPU cores); the output does not depend on it")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT (atomically) if it exists")
 
@@ -133,9 +134,12 @@ def main(args: argparse.Namespace) -> int:
     try:
         meta = generate(args.out, args.domain, args.preset, args.seed, args.no_target_fraction, args.workers,
                         args.overwrite, progress=True)
-    except (FileExistsError, ValueError) as e:
+    except FileExistsError as e:
+        print(f"refseg make-data: error: {args.out}: {e.strerror}", file=sys.stderr)
+        return 2
+    except ValueError as e:
         print(f"refseg make-data: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     seconds = time.perf_counter() - start
     for split, c in meta["splits"].items():
         print(f"{split:>5}: {c['images']} images, {c['objects']} objects, {c['refs']} refs, "
