@@ -228,6 +228,6 @@ def test_header_limits_and_kinds_from_bytes():
     assert read_image(png, max_pixels=100 * 100).shape == (100, 100, 3)
     with pytest.raises(ImageEmptyError):
         read_image(b"")
-    with pytest.raises(ImageFormatError, match="image data: not an image format"):
+    with pytest.raises(ImageFormatError, match="image data: cannot identify image file"):
         read_image(b"hello, world")
     assert read_image(io.BytesIO(png)).shape == (100, 100, 3)

@@ -181,7 +181,8 @@ def _open(src: FileSource, max_pixels: int, name: Optional[str]) -> tuple:
     try:
         img = Image.open(fp)
     except UnidentifiedImageError:
-        raise ImageFormatError(f"cannot read image {name}: not an image format Pillow can read") from None
+        raise ImageFormatError(f"cannot read image {name}: cannot identify image file "
+                               "(no format Pillow reads)") from None
     except Image.DecompressionBombError as e:  # over Pillow's own limit, when max_pixels is set higher
         raise ImageTooLargeError(f"cannot read image {name}: refused before decoding: {e}") from None
     except Exception as e:  # a plugin that recognised the file but failed on its header

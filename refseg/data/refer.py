@@ -11,13 +11,28 @@ ids coincide. After `load_refer` every ref in `refs_by_id` carries
 `sentences` (each with `sent_id`, `text` and, if stored, `form`), plus
 whatever extra keys the file had (click_center, click_corners, ...).
 
-Every error names the file, the id and the field at fault.
+Everything is checked once, when the data set is loaded, so that bad data
+is refused up front instead of giving wrong results later; every error
+names the file, the id and the field at fault:
+- ids: integers, no duplicate image, annotation, category, ref or
+  sentence id (a duplicate would silently replace the first entry);
+- text (sentences, forms, class and category names, file names): strings
+  of valid Unicode (no lone surrogates); a sentence is not empty or only
+  whitespace, and its `sent`, `raw`, `tokens` and `form` have their types;
+- annotations: on a listed image; `bbox` four finite numbers, `area` a
+  finite number >= 0; polygon coordinates finite numbers inside the image
+  give or take `POLYGON_MARGIN`, polygons of >= 3 points; the
+  segmentation of every annotation a ref points to rasterises to a
+  non-empty mask (an empty ground truth would score an empty prediction
+  as a perfect one).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import pickle
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -29,6 +44,15 @@ from refseg.data.image import load_image_rgb
 from refseg.data.synthref.atomic import INCOMPLETE_MARKER
 
 SPLIT_ORDER = ("train", "val", "testA", "testB", "test")
+POLYGON_MARGIN = 0.1  # polygon points may lie this share of the image size (+ 2 px) outside it
+SENTENCE_KEYS = ("sent", "raw", "tokens")  # where a sentence's text is read from, first present wins
+
+_SHOW = reprlib.Repr()  # values in messages: short, and safe for deeply nested ones
+_SHOW.maxstring, _SHOW.maxother, _SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict = 80, 80, 3, 8, 4
+
+
+def _show(value) -> str:
+    return _SHOW.repr(value)
 
 
 class ReferFormatError(ValueError):
@@ -120,12 +144,41 @@ def _int(value, where: str, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ReferFormatError(f"{where}: field '{field}' must be an integer, got {value!r}")
+        raise ReferFormatError(f"{where}: field '{field}' must be an integer, got {_show(value)}")
     return int(value)
 
 
-def check_segmentation(seg, where: str) -> None:
-    """Raise ReferFormatError unless `seg` is polygons, a list of RLEs, or a bare RLE dict."""
+def _text(value, where: str, field: str, empty_ok: bool = False) -> str:
+    """`value` if it is a str of valid Unicode (and, unless `empty_ok`, not empty or only whitespace)."""
+    if not isinstance(value, str):
+        raise ReferFormatError(f"{where}: field '{field}' must be a string, got {type(value).__name__} {_show(value)}")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ReferFormatError(f"{where}: field '{field}' is not valid text: lone surrogate "
+                                   f"U+{ord(value[e.start]):04X} at character {e.start} (text decoded with the "
+                                   "wrong encoding?)") from None
+    if not empty_ok and not value.strip():
+        raise ReferFormatError(f"{where}: field '{field}' is empty or only whitespace ({_show(value)})")
+    return value
+
+
+def _number(value, where: str, field: str) -> float:
+    """A finite int or float (not a bool) as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value):
+        raise ReferFormatError(f"{where}: field '{field}' must be a finite number, got {_show(value)}")
+    return float(value)
+
+
+def check_segmentation(seg, where: str, hw: Optional[tuple] = None) -> None:
+    """Raise ReferFormatError unless `seg` is polygons, a list of RLEs, or a bare RLE dict.
+
+    With `hw` = (height, width) of the image, polygon coordinates must also be
+    finite numbers no further than `POLYGON_MARGIN` outside the image (a
+    point at 1e9 would make the rasteriser allocate gigabytes).
+    """
     if isinstance(seg, dict):
         seg = [seg]
     elif not isinstance(seg, list):
@@ -138,10 +191,31 @@ def check_segmentation(seg, where: str) -> None:
                 raise ReferFormatError(f"{where}: field 'segmentation' RLE needs 'counts' (str, bytes or list) "
                                        "and 'size' [h, w]")
         elif isinstance(part, (list, tuple)):
-            if len(part) % 2:  # the numbers themselves are checked when decoded
+            if len(part) % 2:
                 raise ReferFormatError(f"{where}: field 'segmentation' polygon must be an even list of numbers")
+            if hw is not None and part:
+                _check_polygon(part, where, hw)
         else:
             raise ReferFormatError(f"{where}: field 'segmentation' has unknown form (list of {type(part).__name__})")
+
+
+def _check_polygon(poly, where: str, hw: tuple) -> None:
+    """Coordinates of one polygon [x0, y0, x1, y1, ...]: finite numbers inside the (h, w) image +- the margin."""
+    h, w = hw
+    try:
+        total = sum(poly)  # TypeError on anything but numbers; NaN or inf if any coordinate is
+        xs, ys = poly[0::2], poly[1::2]
+        box = (min(xs), min(ys), max(xs), max(ys))
+    except TypeError:
+        raise ReferFormatError(f"{where}: field 'segmentation' polygon must be an even list of numbers, "
+                               f"got {_show(poly)}") from None
+    if not math.isfinite(total):
+        bad = next((v for v in poly if not math.isfinite(v)), total)
+        raise ReferFormatError(f"{where}: field 'segmentation' polygon holds a NaN or infinite coordinate ({bad})")
+    mx, my = POLYGON_MARGIN * w + 2, POLYGON_MARGIN * h + 2
+    if box[0] < -mx or box[1] < -my or box[2] > w + mx or box[3] > h + my:
+        raise ReferFormatError(f"{where}: field 'segmentation' polygon reaches ({box[0]:g}, {box[1]:g}) .. "
+                               f"({box[2]:g}, {box[3]:g}), far outside the {w}x{h} (w x h) image")
 
 
 def _read_instances(path: Path) -> tuple[dict, dict, dict]:
@@ -155,6 +229,8 @@ def _read_instances(path: Path) -> tuple[dict, dict, dict]:
         raise ReferFormatError(f"{path}: not valid JSON: {e}") from e
     except RecursionError:
         raise ReferFormatError(f"{path}: JSON nested too deeply") from None
+    except ValueError as e:  # an integer literal of more than 4300 digits
+        raise ReferFormatError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(inst, dict):
         raise ReferFormatError(f"{path}: expected a JSON object with 'images' and 'annotations', "
                                f"got a {type(inst).__name__}")
@@ -169,31 +245,47 @@ def _read_instances(path: Path) -> tuple[dict, dict, dict]:
                 raise ReferFormatError(f"{path}: field '{key}' item #{i} is a {type(entry).__name__}, not an object")
     images = {}
     for i, im in enumerate(inst["images"]):
-        where = f"{path}: image {im.get('id', f'#{i}')}"
+        where = f"{path}: image {_show(im.get('id', f'#{i}'))}"
         if not isinstance(im.get("file_name"), str) or not im["file_name"]:
             raise ReferFormatError(f"{where}: field 'file_name' missing or not a string")
+        _text(im["file_name"], where, "file_name")
         iid = _int(im.get("id"), where, "id")
+        if iid in images:
+            raise ReferFormatError(f"{where}: field 'id' is duplicated (two images with id {iid})")
         height, width = _int(im.get("height"), where, "height"), _int(im.get("width"), where, "width")
         if height < 1 or width < 1:
             raise ReferFormatError(f"{where}: fields 'height' x 'width' = {height} x {width} must be positive")
         images[iid] = {"id": iid, "file_name": im["file_name"], "height": height, "width": width}
     anns = {}
     for i, a in enumerate(inst["annotations"]):
-        where = f"{path}: annotation {a.get('id', f'#{i}')}"
+        where = f"{path}: annotation {_show(a.get('id', f'#{i}'))}"
+        aid = _int(a.get("id"), where, "id")
+        if aid in anns:
+            raise ReferFormatError(f"{where}: field 'id' is duplicated (two annotations with id {aid})")
+        image_id = _int(a.get("image_id"), where, "image_id")
+        if image_id not in images:
+            raise ReferFormatError(f"{where}: field 'image_id' = {image_id} has no entry in images")
         cat = a["category_id"] if "category_id" in a else a.get("categories_id")
         bbox = a.get("bbox")
-        if bbox is not None and (not isinstance(bbox, (list, tuple)) or len(bbox) != 4):
-            raise ReferFormatError(f"{where}: field 'bbox' must be [x, y, w, h], got {bbox!r}")
+        if bbox is not None:
+            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+                raise ReferFormatError(f"{where}: field 'bbox' must be [x, y, w, h], got {_show(bbox)}")
+            if [_number(v, where, "bbox") < 0 for v in bbox][2:] != [False, False]:
+                raise ReferFormatError(f"{where}: field 'bbox' has a negative width or height: {_show(bbox)}")
+        if a.get("area") is not None and _number(a["area"], where, "area") < 0:
+            raise ReferFormatError(f"{where}: field 'area' must be >= 0, got {_show(a['area'])}")
         if "segmentation" not in a:
             raise ReferFormatError(f"{where}: field 'segmentation' missing")
-        check_segmentation(a["segmentation"], where)
-        aid = _int(a.get("id"), where, "id")
-        anns[aid] = dict(a, id=aid, image_id=_int(a.get("image_id"), where, "image_id"),
-                         category_id=_int(cat, where, "category_id"))
+        im = images[image_id]
+        check_segmentation(a["segmentation"], where, (im["height"], im["width"]))
+        anns[aid] = dict(a, id=aid, image_id=image_id, category_id=_int(cat, where, "category_id"))
     categories = {}
     for c in inst.get("categories", []):
-        where = f"{path}: category {c.get('id')}"
-        categories[_int(c.get("id"), where, "id")] = str(c.get("name", ""))
+        where = f"{path}: category {_show(c.get('id'))}"
+        cid = _int(c.get("id"), where, "id")
+        if cid in categories:
+            raise ReferFormatError(f"{where}: field 'id' is duplicated (two categories with id {cid})")
+        categories[cid] = _text(c.get("name", ""), where, "name", empty_ok=True)
     return images, anns, categories
 
 
@@ -204,12 +296,33 @@ def decode_segmentation(seg, h: int, w: int, where: str = "segmentation") -> np.
     have no area and are skipped), a list of RLEs, or a bare RLE; RLE counts
     may be compressed (str or bytes) or uncompressed (list of run lengths).
     """
-    check_segmentation(seg, where)
-    parts = [seg] if isinstance(seg, dict) else seg
+    rle = _segmentation_rle(seg, h, w, where, check_strings=True)
+    if rle is None:
+        return np.zeros((h, w), dtype=np.uint8)
     try:
-        polys = [[float(v) for v in p] for p in parts if isinstance(p, (list, tuple)) and len(p) >= 6]
-    except (TypeError, ValueError) as e:
-        raise ReferFormatError(f"{where}: field 'segmentation' polygon must be an even list of numbers") from e
+        m = mask_utils.decode(rle)
+    except (ValueError, TypeError, UnicodeError) as e:  # counts that do not add up to h * w, bad characters
+        raise ReferFormatError(f"{where}: field 'segmentation' RLE cannot be decoded: {e}") from None
+    if m.shape[:2] != (h, w):
+        raise ReferFormatError(f"{where}: field 'segmentation' RLE decodes to {m.shape[:2]}, not {(h, w)}")
+    return np.ascontiguousarray(m.astype(np.uint8))
+
+
+def segmentation_area(seg, h: int, w: int, where: str = "segmentation") -> int:
+    """Pixels of the (h, w) mask `seg` rasterises to, without decoding the mask.
+
+    Checks what `decode_segmentation` checks except the run lengths of
+    compressed RLE strings (pure Python, so left to `decode_segmentation`).
+    """
+    rle = _segmentation_rle(seg, h, w, where, check_strings=False)
+    return 0 if rle is None else int(mask_utils.area(rle))
+
+
+def _segmentation_rle(seg, h: int, w: int, where: str, check_strings: bool) -> Optional[dict]:
+    """The union of a segmentation's parts as one COCO RLE; None when it has no part with an area."""
+    check_segmentation(seg, where, (h, w))  # coordinates bounded before the rasteriser sees them
+    parts = [seg] if isinstance(seg, dict) else seg
+    polys = [[float(v) for v in p] for p in parts if isinstance(p, (list, tuple)) and len(p) >= 6]
     rles = mask_utils.frPyObjects(polys, h, w) if polys else []
     for part in parts:
         if not isinstance(part, dict):
@@ -226,20 +339,17 @@ def decode_segmentation(seg, h: int, w: int, where: str = "segmentation") -> np.
             rles.append(mask_utils.frPyObjects({"size": size, "counts": counts}, h, w))
         else:
             counts = counts.encode("latin-1", "replace") if isinstance(counts, str) else bytes(counts)
-            runs = compressed_rle_runs(counts)
-            if runs is None or sum(runs) != h * w:
+            runs = compressed_rle_runs(counts) if check_strings else None
+            if check_strings and (runs is None or sum(runs) != h * w):
                 raise ReferFormatError(f"{where}: field 'segmentation' RLE counts string is corrupt (its runs do "
                                        f"not add up to h * w = {h * w})")
             rles.append({"size": size, "counts": counts})
     if not rles:
-        return np.zeros((h, w), dtype=np.uint8)
+        return None
     try:
-        m = mask_utils.decode(mask_utils.merge(rles, intersect=False) if len(rles) > 1 else rles[0])
-    except (ValueError, TypeError, UnicodeError) as e:  # counts that do not add up to h * w, bad characters
+        return mask_utils.merge(rles, intersect=False) if len(rles) > 1 else rles[0]
+    except (ValueError, TypeError, UnicodeError) as e:
         raise ReferFormatError(f"{where}: field 'segmentation' RLE cannot be decoded: {e}") from None
-    if m.shape[:2] != (h, w):
-        raise ReferFormatError(f"{where}: field 'segmentation' RLE decodes to {m.shape[:2]}, not {(h, w)}")
-    return np.ascontiguousarray(m.astype(np.uint8))
 
 
 def compressed_rle_runs(counts: bytes) -> Optional[list]:
@@ -295,32 +405,49 @@ def clicks_from_mask(mask: np.ndarray):
 
 
 def _sentence_text(s: dict, where: str) -> str:
-    if isinstance(s.get("sent"), str):
-        return s["sent"]
-    if isinstance(s.get("raw"), str):
-        return s["raw"]
-    if isinstance(s.get("tokens"), list):
-        return " ".join(str(t) for t in s["tokens"])
-    raise ReferFormatError(f"{where}: sentence has none of 'sent', 'raw', 'tokens'")
+    """The text of a sentence dict: `sent`, else `raw`, else the `tokens` joined by spaces.
+
+    Each of those keys that is present must have its type (str, str, list of
+    str; None is not "absent"), `form` is a str or None, and the text read is
+    valid Unicode and not empty or only whitespace.
+    """
+    for key in ("sent", "raw"):
+        if key in s:
+            _text(s[key], where, key, empty_ok=True)
+    if "tokens" in s:
+        if not isinstance(s["tokens"], list):
+            raise ReferFormatError(f"{where}: field 'tokens' must be a list of strings, got "
+                                   f"{type(s['tokens']).__name__} {_show(s['tokens'])}")
+        for t in s["tokens"]:
+            _text(t, where, "tokens", empty_ok=True)
+    if s.get("form") is not None:
+        _text(s["form"], where, "form")
+    key = next((k for k in SENTENCE_KEYS if k in s), None)
+    if key is None:
+        raise ReferFormatError(f"{where}: sentence has none of 'sent', 'raw', 'tokens'")
+    return _text(" ".join(s[key]) if key == "tokens" else s[key], where, key)
 
 
 def _normalise_ref(ref, where_file: str, index: int, images: dict, anns: dict, categories: dict) -> dict:
     if not isinstance(ref, dict):
         raise ReferFormatError(f"{where_file}: ref #{index} is a {type(ref).__name__}, not a dict")
-    where = f"{where_file}: ref {ref.get('ref_id', f'#{index}')}"
+    where = f"{where_file}: ref {_show(ref.get('ref_id', f'#{index}'))}"
     for key in ("ref_id", "ann_id", "image_id", "split", "sentences"):
         if key not in ref:
             raise ReferFormatError(f"{where}: field '{key}' missing")
     ref_id, ann_id = _int(ref["ref_id"], where, "ref_id"), _int(ref["ann_id"], where, "ann_id")
     image_id = _int(ref["image_id"], where, "image_id")
     if not isinstance(ref["split"], str) or not ref["split"]:
-        raise ReferFormatError(f"{where}: field 'split' must be a non-empty string, got {ref['split']!r}")
+        raise ReferFormatError(f"{where}: field 'split' must be a non-empty string, got {_show(ref['split'])}")
+    _text(ref["split"], where, "split")
     for key in ("no_target", "weak"):  # bool("false") is True: only real booleans (or 0 / 1) are read
         value = ref.get(key)
         if value is not None and not (isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))):
-            raise ReferFormatError(f"{where}: field '{key}' must be true or false, got {value!r}")
+            raise ReferFormatError(f"{where}: field '{key}' must be true or false, got {_show(value)}")
     if ref.get("class_name") is not None and not isinstance(ref["class_name"], str):
-        raise ReferFormatError(f"{where}: field 'class_name' must be a string, got {ref['class_name']!r}")
+        raise ReferFormatError(f"{where}: field 'class_name' must be a string, got {_show(ref['class_name'])}")
+    if ref.get("class_name") is not None:
+        _text(ref["class_name"], where, "class_name", empty_ok=True)
     if image_id not in images:
         raise ReferFormatError(f"{where}: field 'image_id' = {image_id} has no entry in instances.json images")
     no_target = bool(ref.get("no_target", False)) or ann_id == -1
@@ -347,6 +474,8 @@ def _normalise_ref(ref, where_file: str, index: int, images: dict, anns: dict, c
             raise ReferFormatError(f"{where}: field 'sentences' item {j} is not a dict")
         sid = s.get("sent_id", sent_ids[j] if sent_ids is not None else None)
         sid = _int(sid, f"{where} sentence {j}", "sent_id")
+        if any(n["sent_id"] == sid for n in norm):
+            raise ReferFormatError(f"{where} sentence {sid}: field 'sent_id' is duplicated")
         norm.append(dict(s, sent_id=sid, text=_sentence_text(s, f"{where} sentence {sid}"), form=s.get("form")))
     for key in ("click_center", "click_corners"):
         if ref.get(key) is None:
@@ -354,12 +483,12 @@ def _normalise_ref(ref, where_file: str, index: int, images: dict, anns: dict, c
         try:
             value = np.asarray(ref[key], dtype=np.float64)
         except (TypeError, ValueError):
-            raise ReferFormatError(f"{where}: field '{key}' must hold numbers, got {ref[key]!r}") from None
+            raise ReferFormatError(f"{where}: field '{key}' must hold numbers, got {_show(ref[key])}") from None
         if value.shape != ((2,) if key == "click_center" else (2, 2)):
             raise ReferFormatError(f"{where}: field '{key}' has shape {value.shape}, expected "
                                    f"{'[x, y]' if key == 'click_center' else '[[x0, y0], [x1, y1]]'}")
         if not np.isfinite(value).all():
-            raise ReferFormatError(f"{where}: field '{key}' holds a NaN or infinite value: {ref[key]!r}")
+            raise ReferFormatError(f"{where}: field '{key}' holds a NaN or infinite value: {_show(ref[key])}")
     class_name = ref.get("class_name") or categories.get(cat, str(cat))
     return dict(ref, ref_id=ref_id, ann_id=ann_id, image_id=image_id, category_id=cat, split=str(ref["split"]),
                 sentences=norm, sent_ids=[s["sent_id"] for s in norm], class_name=class_name,
@@ -472,10 +601,28 @@ def load_refer(ann_dir, split_by: Optional[str] = None, images_dir=None) -> Refe
     refs_file, split_by = find_refs_file(ann_dir, split_by)
     images, anns, categories = _read_instances(ann_dir / "instances.json")
     refs_by_id: dict = {}
+    sent_ref: dict = {}  # sent_id -> ref_id
     for i, raw in enumerate(load_refs_file(refs_file)):
         ref = _normalise_ref(raw, str(refs_file), i, images, anns, categories)
         if ref["ref_id"] in refs_by_id:
             raise ReferFormatError(f"{refs_file}: ref {ref['ref_id']}: field 'ref_id' is duplicated")
+        for sid in ref["sent_ids"]:
+            if sid in sent_ref:
+                raise ReferFormatError(f"{refs_file}: ref {ref['ref_id']} sentence {sid}: field 'sent_id' is "
+                                       f"duplicated (ref {sent_ref[sid]} has it too)")
+            sent_ref[sid] = ref["ref_id"]
         refs_by_id[ref["ref_id"]] = ref
+    checked = set()
+    for ref in refs_by_id.values():  # an empty ground truth would score an empty prediction as perfect
+        ann_id = ref["ann_id"]
+        if ref["no_target"] or ann_id in checked:
+            continue
+        checked.add(ann_id)
+        im = images[anns[ann_id]["image_id"]]
+        where = f"{ann_dir / 'instances.json'}: annotation {ann_id}"
+        if segmentation_area(anns[ann_id]["segmentation"], im["height"], im["width"], where) == 0:
+            raise ReferFormatError(f"{where}: field 'segmentation' rasterises to an empty mask (polygons of "
+                                   f"under 3 points or no area, or outside the image); ref {ref['ref_id']} "
+                                   "refers to it")
     images_dir = Path(images_dir) if images_dir is not None else ann_dir / "images"
     return ReferData(ann_dir, images_dir, refs_file, split_by, refs_by_id, images, anns, categories)
