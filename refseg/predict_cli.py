@@ -183,6 +183,8 @@ def _plan_batch(args):
     if not (args.queries and args.out_dir):
         raise ValueError("a batch job needs --images, --queries and --out-dir")
     root, out_dir = Path(args.images), Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir}: exists and is not a folder")
     queries = read_queries(Path(args.queries))
     missing = [name for name in queries if not (root / name).is_file()]
     if missing:
