@@ -30,8 +30,6 @@ no partial set.
 """
 
 import argparse
-import csv
-import io
 import json
 import sys
 from collections import OrderedDict
@@ -89,51 +87,10 @@ def _stem(name: str) -> str:
 
 
 def read_queries(path: Path) -> "OrderedDict[str, list]":
-    """Read a CSV or JSONL query file into {image: [texts]} (file order kept)."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: queries file not found")
-    from refseg.expressions import check_expressions
+    """Read a CSV or JSONL query file into {image: [texts]} (file order kept); see refseg.expressions.read_queries."""
+    from refseg.expressions import read_queries as read
 
-    try:
-        content = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
-    queries: "OrderedDict[str, list]" = OrderedDict()
-    if path.suffix.lower() in (".jsonl", ".json"):
-        for lineno, line in enumerate(content.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or "image" not in row or not ("text" in row or "texts" in row):
-                raise ValueError(f"{path}:{lineno}: needs an 'image' field and a 'text' or 'texts' field")
-            texts = row.get("texts", [row.get("text")])
-            if not isinstance(texts, list) or not all(isinstance(t, str) and t.strip() for t in texts):
-                raise ValueError(f"{path}:{lineno}: field 'texts' must be a list of non-empty strings")
-            if not isinstance(row["image"], str) or not row["image"].strip():
-                raise ValueError(f"{path}:{lineno}: field 'image' must be a non-empty string, got {row['image']!r}")
-            check_expressions(texts, f"{path}:{lineno}: expression")
-            queries.setdefault(row["image"], []).extend(texts)
-    else:
-        reader = csv.DictReader(io.StringIO(content, newline=""))
-        try:
-            missing = {"image", "text"} - set(reader.fieldnames or [])
-            if missing:
-                raise ValueError(f"{path}: CSV header lacks column(s) {sorted(missing)}; found {reader.fieldnames}")
-            for row in reader:
-                lineno = reader.line_num
-                if not (row["image"] or "").strip() or not (row["text"] or "").strip():
-                    raise ValueError(f"{path}:{lineno}: empty 'image' or 'text'")
-                check_expressions(row["text"], f"{path}:{lineno}: expression")
-                queries.setdefault(row["image"], []).append(row["text"])
-        except csv.Error as e:
-            raise ValueError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
-    if not queries:
-        raise ValueError(f"{path}: no queries found")
-    return queries
+    return read(path)
 
 
 def _plan_single(args) -> OutputSet:

@@ -1,12 +1,14 @@
 """Bad refer-format data through the real loaders and the command line: refused in one line, or read when valid.
 
-Each case damages a hand-made RefCOCO folder (tests/fixtures.py) the way a
+Each data-set case damages a hand-made RefCOCO folder (tests/fixtures.py) the way a
 broken converter or an attacker would, then runs `refseg stats DIR` (the
 fastest command that loads a data set; `refseg eval`, `train` and `weaken`
 load through the same `load_refer`). Expected: exit status 2 and one
 stderr line naming the file, the ref / annotation / image id and the field.
+The last cases read `refseg predict`'s query files (CSV, JSONL).
 """
 
+import json
 import os
 import pickle
 
@@ -267,3 +269,56 @@ def test_valid_data_still_loads_with_every_check(refcoco):
     data = load_refer(refcoco.root)
     assert sorted(data.refs_by_id) == [10, 11, 12, 13, 14]
     assert all(data.get_mask(r["ann_id"]).sum() > 0 for r in data.refs_by_id.values())
+
+
+# --- query files of `refseg predict` ------------------------------------------------------------------
+
+def test_csv_with_a_byte_order_mark_is_read(tmp_path):
+    from refseg.expressions import read_queries
+
+    path = tmp_path / "q.csv"
+    path.write_bytes(b"\xef\xbb\xbfimage,text\r\na.png,the red square\r\nb.png,\xc3\xa9l\xc3\xa9phant\r\n")
+    assert read_queries(path) == {"a.png": ["the red square"], "b.png": ["\u00e9l\u00e9phant"]}
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"image": "a.png", "text": "the red square"}\n')
+    assert read_queries(path) == {"a.png": ["the red square"]}
+
+
+def test_jsonl_with_line_separators_inside_strings_is_read(tmp_path):
+    from refseg.expressions import read_queries
+
+    path = tmp_path / "q.jsonl"
+    text = "the red\u2028square\u2029on the left\x85\x0b\x0c\x1c"  # str.splitlines would break at each of these
+    path.write_text(json.dumps({"image": "a.png", "texts": [text, "b"]}, ensure_ascii=False) + "\r\n\n"
+                    + json.dumps({"image": "b.png", "text": "c"}) + "\n", encoding="utf-8")
+    assert read_queries(path) == {"a.png": [text, "b"], "b.png": ["c"]}
+
+
+@pytest.mark.parametrize("line, says", [
+    ("[" * 100_000 + "]" * 100_000, "q.jsonl:2: not valid JSON (nested too deeply)"),
+    ('{"image": "a.png", "text": ' + "9" * 5000 + "}", "q.jsonl:2: not valid JSON"),
+    ('{"image": "a\\ud800.png", "text": "x"}', "q.jsonl:2: field 'image' holds a NUL or a lone surrogate"),
+    ('{"image": "a.png", "text": "x\\udcff"}', "q.jsonl:2: expression #0: not valid UTF-8 text"),
+])
+def test_bad_jsonl_lines_are_one_line_errors(tmp_path, line, says):
+    from refseg.expressions import read_queries
+
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"image": "a.png", "text": "fine"}\n' + line + "\n")
+    with pytest.raises(ValueError) as info:
+        read_queries(path)
+    assert says in str(info.value) and "\n" not in str(info.value) and len(str(info.value)) < 300
+
+
+def test_predict_reads_a_bom_csv_and_a_u2028_jsonl(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "q.csv").write_bytes(b"\xef\xbb\xbfimage,text\na.png,the red square\n")
+    (tmp_path / "q.jsonl").write_text(json.dumps({"image": "a.png", "text": "red\u2028square"}, ensure_ascii=False))
+    for queries in ("q.csv", "q.jsonl"):  # the queries pass; the run stops at the model, which does not exist
+        argv = ["predict", "--model", str(tmp_path / "no-model"), "--images", str(tmp_path),
+                "--queries", str(tmp_path / queries), "--out-dir", str(tmp_path / "out")]
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert "no-model" in err and queries not in err, err
