@@ -136,17 +136,25 @@ def test_a_hub_name_is_refused_at_once_without_the_network(tiny_card, tmp_path, 
     assert not no_network
 
 
-def test_a_local_safetensors_folder_loads_offline_and_a_pickle_beside_it_is_never_read(tmp_path, no_network):
-    from transformers import AutoBackbone, AutoConfig, AutoModel, AutoTokenizer
+def _saved_bert(folder):
+    """The tiny random BERT saved as a transformers folder (safetensors + the MiniLM tokenizer); the model."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     from refseg.modeling.text import minilm_path
 
-    marker = tmp_path / "pwned"
-    text_dir, visual_dir = tmp_path / "bert", tmp_path / "convnext"
     fields = dict(TINY_TEXT)
     bert = AutoModel.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
-    bert.save_pretrained(text_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(text_dir)
+    bert.save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
+    return bert
+
+
+def test_a_local_safetensors_folder_loads_offline_and_a_pickle_beside_it_is_never_read(tmp_path, no_network):
+    from transformers import AutoBackbone, AutoConfig
+
+    marker = tmp_path / "pwned"
+    text_dir, visual_dir = tmp_path / "bert", tmp_path / "convnext"
+    bert = _saved_bert(text_dir)
     fields = dict(TINY_VISUAL)
     convnext = AutoBackbone.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
     convnext.save_pretrained(visual_dir, safe_serialization=True)
@@ -160,6 +168,15 @@ def test_a_local_safetensors_folder_loads_offline_and_a_pickle_beside_it_is_neve
     visual = build_visual(f"hf:{visual_dir}")
     assert visual.channels == (8, 16, 24, 32)
     assert not marker.exists() and not no_network
+
+
+def test_an_encoder_folder_with_nan_weights_is_refused(tmp_path, no_network):
+    bert = _saved_bert(tmp_path / "bert")
+    with torch.no_grad():
+        bert.encoder.layer[0].output.dense.weight[0, 0] = float("nan")
+    bert.save_pretrained(tmp_path / "bert", safe_serialization=True)
+    with pytest.raises(ModelConfigError, match=r"NaN or infinite values \(tensor 'encoder.layer.0.output.dense.weight'\)"):
+        build_text(f"hf:{tmp_path / 'bert'}")
 
 
 def test_a_folder_whose_safetensors_is_a_pickle_is_refused(tmp_path, no_network):

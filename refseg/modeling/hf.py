@@ -19,6 +19,8 @@ config field and the folder.
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from refseg.modeling.limits import ModelConfigError, check_encoder_config, one_line
 
 OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack")  # pickles, TF, Flax
@@ -78,9 +80,14 @@ def load_pretrained(cls: Any, folder: Path, field: str, config: Any, **kwargs) -
     if isinstance(model_class, (list, tuple)):
         model_class = model_class[0]
     try:
-        return model_class.from_pretrained(str(folder), config=config, use_safetensors=True, **LOCAL, **kwargs)
+        model = model_class.from_pretrained(str(folder), config=config, use_safetensors=True, **LOCAL, **kwargs)
     except Exception as e:  # noqa: BLE001  (missing or malformed weights, a config the class cannot use)
         raise ModelConfigError(f"config field {field!r}: cannot load the weights in {folder}: {one_line(e)}") from None
+    for name, p in model.named_parameters():  # NaN or inf weights would make every output NaN
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise ModelConfigError(f"config field {field!r}: the weights in {folder} hold NaN or infinite values "
+                                   f"(tensor {name!r})")
+    return model
 
 
 def load_tokenizer(name: str, field: str) -> Any:
