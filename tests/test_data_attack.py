@@ -265,6 +265,14 @@ def test_weaken_deep_instances_json_is_one_line(refcoco, capsys, tmp_path):
     assert len(err) == 1 and "instances.json" in err[0] and "nested too deeply" in err[0], err
 
 
+def test_eval_refuses_bad_data_before_loading_a_model(refcoco, capsys, tmp_path):
+    edit(refcoco.root, refs=_sentence(0, sent="   "))
+    argv = ["eval", "--checkpoint", str(tmp_path / "no-model"), "--data", str(refcoco.root), "--split", "train"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refs(unc).p: ref 10 sentence 1000: field 'sent' is empty" in err[0], err
+
+
 def test_valid_data_still_loads_with_every_check(refcoco):
     data = load_refer(refcoco.root)
     assert sorted(data.refs_by_id) == [10, 11, 12, 13, 14]
