@@ -60,6 +60,7 @@ def _sentence(ref_index, **fields):
     ([[4, 4, -INF, 4, INF, 10, 4, 10]], "NaN or infinite coordinate"),
     ([[4, 4, 1e9, 4, 1e9, 1e9, 4, 10]], "far outside the 32x24 (w x h) image"),
     ([[4, 4, 12, 4, 12, -500, 4, 10]], "far outside"),
+    ([[4, 4, 10 ** 400, 4, 12, 10, 4, 10]], "NaN or infinite coordinate (1000"),  # an int no float holds
     ([[4, 4, "12", 4, 12, 10, 4, 10]], "polygon must be an even list of numbers"),
     ([[4, 4, [12], 4, 12, 10, 4, 10]], "polygon must be an even list of numbers"),
     ([[4, 4, None, 4, 12, 10, 4, 10]], "polygon must be an even list of numbers"),
@@ -134,6 +135,11 @@ def test_duplicate_sentence_id_within_a_ref_refused(refcoco, capsys):
     _stats_refuses(refcoco.root, capsys, "ref 10 sentence 1000: field 'sent_id' is duplicated")
 
 
+def test_image_size_beyond_any_readable_image_refused(refcoco, capsys):
+    edit(refcoco.root, instances=lambda i: i["images"][2].update(height=10 ** 6, width=10 ** 6))
+    _stats_refuses(refcoco.root, capsys, "instances.json: image 3: fields 'height' x 'width'", "over the 179 MP")
+
+
 def test_annotation_on_an_unlisted_image_refused(refcoco, capsys):
     edit(refcoco.root, instances=_ann(105, image_id=77))
     _stats_refuses(refcoco.root, capsys, "annotation 105: field 'image_id' = 77 has no entry in images")
@@ -151,6 +157,7 @@ def test_annotation_on_an_unlisted_image_refused(refcoco, capsys):
     ({"area": INF}, "area"),
     ({"area": [60]}, "area"),
     ({"area": -1}, "area"),
+    ({"area": 10 ** 400}, "area"),
 ])
 def test_bbox_and_area_of_the_wrong_type_refused(refcoco, capsys, fields, field):
     edit(refcoco.root, instances=_ann(101, **fields))

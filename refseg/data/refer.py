@@ -40,7 +40,7 @@ from typing import Optional
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from refseg.data.image import load_image_rgb
+from refseg.data.image import MAX_PIXELS, load_image_rgb
 from refseg.data.synthref.atomic import INCOMPLETE_MARKER
 
 SPLIT_ORDER = ("train", "val", "testA", "testB", "test")
@@ -53,6 +53,11 @@ _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict = 
 
 def _show(value) -> str:
     return _SHOW.repr(value)
+
+
+def _label(entry: dict, key: str, index: int) -> str:
+    """How messages name an entry: its id, or #index when it has none."""
+    return _show(entry[key]) if key in entry else f"#{index}"
 
 
 class ReferFormatError(ValueError):
@@ -164,10 +169,19 @@ def _text(value, where: str, field: str, empty_ok: bool = False) -> str:
     return value
 
 
+def _finite(value) -> bool:
+    """True for an int or float (not a bool) that is finite as a float (an int of 400 digits is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _number(value, where: str, field: str) -> float:
     """A finite int or float (not a bool) as float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(value):
+    if not _finite(value):
         raise ReferFormatError(f"{where}: field '{field}' must be a finite number, got {_show(value)}")
     return float(value)
 
@@ -203,19 +217,22 @@ def _check_polygon(poly, where: str, hw: tuple) -> None:
     """Coordinates of one polygon [x0, y0, x1, y1, ...]: finite numbers inside the (h, w) image +- the margin."""
     h, w = hw
     try:
-        total = sum(poly)  # TypeError on anything but numbers; NaN or inf if any coordinate is
+        finite = math.isfinite(sum(poly))  # TypeError on anything but numbers; NaN or inf if any coordinate is
         xs, ys = poly[0::2], poly[1::2]
         box = (min(xs), min(ys), max(xs), max(ys))
     except TypeError:
         raise ReferFormatError(f"{where}: field 'segmentation' polygon must be an even list of numbers, "
                                f"got {_show(poly)}") from None
-    if not math.isfinite(total):
-        bad = next((v for v in poly if not math.isfinite(v)), total)
-        raise ReferFormatError(f"{where}: field 'segmentation' polygon holds a NaN or infinite coordinate ({bad})")
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not finite:
+        bad = next((v for v in poly if not _finite(v)), None)
+        raise ReferFormatError(f"{where}: field 'segmentation' polygon holds a NaN or infinite coordinate "
+                               f"({_show(bad)})")
     mx, my = POLYGON_MARGIN * w + 2, POLYGON_MARGIN * h + 2
     if box[0] < -mx or box[1] < -my or box[2] > w + mx or box[3] > h + my:
-        raise ReferFormatError(f"{where}: field 'segmentation' polygon reaches ({box[0]:g}, {box[1]:g}) .. "
-                               f"({box[2]:g}, {box[3]:g}), far outside the {w}x{h} (w x h) image")
+        raise ReferFormatError(f"{where}: field 'segmentation' polygon reaches ({_show(box[0])}, {_show(box[1])}) "
+                               f".. ({_show(box[2])}, {_show(box[3])}), far outside the {w}x{h} (w x h) image")
 
 
 def _read_instances(path: Path) -> tuple[dict, dict, dict]:
@@ -245,7 +262,7 @@ def _read_instances(path: Path) -> tuple[dict, dict, dict]:
                 raise ReferFormatError(f"{path}: field '{key}' item #{i} is a {type(entry).__name__}, not an object")
     images = {}
     for i, im in enumerate(inst["images"]):
-        where = f"{path}: image {_show(im.get('id', f'#{i}'))}"
+        where = f"{path}: image {_label(im, 'id', i)}"
         if not isinstance(im.get("file_name"), str) or not im["file_name"]:
             raise ReferFormatError(f"{where}: field 'file_name' missing or not a string")
         _text(im["file_name"], where, "file_name")
@@ -255,10 +272,13 @@ def _read_instances(path: Path) -> tuple[dict, dict, dict]:
         height, width = _int(im.get("height"), where, "height"), _int(im.get("width"), where, "width")
         if height < 1 or width < 1:
             raise ReferFormatError(f"{where}: fields 'height' x 'width' = {height} x {width} must be positive")
+        if height * width > MAX_PIXELS:
+            raise ReferFormatError(f"{where}: fields 'height' x 'width' = {_show(height)} x {_show(width)} is over "
+                                   f"the {MAX_PIXELS / 1e6:.0f} MP an image may have")
         images[iid] = {"id": iid, "file_name": im["file_name"], "height": height, "width": width}
     anns = {}
     for i, a in enumerate(inst["annotations"]):
-        where = f"{path}: annotation {_show(a.get('id', f'#{i}'))}"
+        where = f"{path}: annotation {_label(a, 'id', i)}"
         aid = _int(a.get("id"), where, "id")
         if aid in anns:
             raise ReferFormatError(f"{where}: field 'id' is duplicated (two annotations with id {aid})")
@@ -431,7 +451,7 @@ def _sentence_text(s: dict, where: str) -> str:
 def _normalise_ref(ref, where_file: str, index: int, images: dict, anns: dict, categories: dict) -> dict:
     if not isinstance(ref, dict):
         raise ReferFormatError(f"{where_file}: ref #{index} is a {type(ref).__name__}, not a dict")
-    where = f"{where_file}: ref {_show(ref.get('ref_id', f'#{index}'))}"
+    where = f"{where_file}: ref {_label(ref, 'ref_id', index)}"
     for key in ("ref_id", "ann_id", "image_id", "split", "sentences"):
         if key not in ref:
             raise ReferFormatError(f"{where}: field '{key}' missing")
