@@ -25,8 +25,20 @@ exactly where an uninterrupted run ends.
      - the next attempt reports resuming from exactly that step.
 4. At the end: the final weights, optimizer state and step equal the
    reference's bitwise.
+5. Damaged last/ (--damage): copies of the finished run with last/ damaged
+   each way of DAMAGE (a file deleted, a file truncated, state.json not
+   JSON, the manifest deleted, last/ deleted, state.json lacking a field).
+   With the previous checkpoint (.last.prev) there, `--resume` must say it
+   falls back to it and end bitwise where the reference ended; with no other
+   whole checkpoint it must refuse in one line naming the damaged file and
+   leave every file of the run as it was (never a silent restart at step 0).
+6. Concurrent runs (--concurrent N rounds): a run is started, and once it
+   has trained a step a `--resume` and a fresh run of the same command are
+   started on its folder; both must be refused in one line naming the
+   holder's pid while the first ends bitwise where the reference ended.
 
-Prints the kills survived and where they landed; exits 1 on any failure.
+Prints the kills survived and where they landed, and the outcome of each
+attack; exits 1 on any failure.
 Runs the tiny LTS of the tests (random encoders, 64 px) with one thread.
 `--fork` forks the attempts from this process instead of starting a new
 interpreter each time (faster; what tests/test_crash_safety.py does).
@@ -53,6 +65,8 @@ TINY_LTS = {"visual": {"model_type": "convnext", "hidden_sizes": [8, 16, 24, 32]
                      "intermediate_size": 64},
             "max_length": 12, "dim": 32, "depth": 1, "heads": 2, "decoder_widths": [16, 8, 8]}
 STATE_KEYS = ("step", "epoch", "position", "total_steps", "scheduler", "rng", "optimizer", "best")
+DAMAGE = ("file deleted", "file truncated", "state.json not JSON", "manifest deleted", "last/ deleted",
+          "state field missing")
 RESUMED = re.compile(r"resumed from \S+ at step (\d+)|no complete checkpoint in \S+ yet: starting at step (0)")
 
 
@@ -118,7 +132,7 @@ def inspect_run(run: Path) -> dict:
         final = run / name
         if final.exists():  # a folder under its final name was renamed there whole
             assert is_complete(final), f"{final} exists but is not complete"
-        for folder in [final] + sorted(run.glob(f".{name}.old-*")):
+        for folder in [final] + sorted(run.glob(f".{name}.old-*")) + [run / f".{name}.prev"]:
             if is_complete(folder):
                 verify_manifest(folder)  # raises CheckpointError on a truncated / corrupt file
                 checked += 1
@@ -161,10 +175,11 @@ def wait_for_rows(child, run: Path, n: int, timeout: float) -> bool:
 
 
 def run(kills: int = 12, steps: int = 100, save_every: int = 3, seed: int = 0, work: Path = None,
-        data: Path = None, fork: bool = False, verbose: bool = True) -> dict:
+        data: Path = None, fork: bool = False, verbose: bool = True, damage=(), concurrent: int = 0) -> dict:
     """Run the experiment; returns the figures. Raises AssertionError / RuntimeError on a failure.
 
     fork: fork the attempts from this process instead of starting `refseg` anew (the in-suite test).
+    damage: the ways of DAMAGE to attack a resume with (steps 5); concurrent: rounds of step 6.
     Kill times: every fourth kill at a random moment of start-up (before the first step); the
     others once the attempt has logged a random number (1-6) of steps, a random fraction of a step
     later (the step time measured on this attempt's last two steps), so they fall on steps and on
@@ -254,16 +269,128 @@ def run(kills: int = 12, steps: int = 100, save_every: int = 3, seed: int = 0, w
     assert not final, f"the final checkpoint differs from the uninterrupted run's: {final[:5]}"
     step = json.loads((run_dir / "last" / "state.json").read_text())["step"]
     assert step == steps, f"finished at step {step}, not {steps}"
-    leftovers = sorted(p.name for p in run_dir.glob(".*"))
+    leftovers = sorted(p.name for p in run_dir.glob(".*") if p.name not in (".lock", ".last.prev"))
     assert not leftovers, f"temporary folders left after the run finished: {leftovers}"
     assert killed == kills, f"only {killed} of {kills} kills landed before the run finished (raise --steps)"
     figures = {"kills": killed, "attempts": attempts, "landed": landed, "checkpoints_verified": verified,
-               "resume_steps": history, "final_step": step, "seconds": round(time.monotonic() - t_start, 1)}
+               "resume_steps": history, "final_step": step}
     say(f"kills survived: {killed}/{kills} ({', '.join(f'{v} {k}' for k, v in landed.items())}); "
         f"{attempts} attempts; {verified} checkpoint folders SHA-256-verified after the kills; "
-        f"final step {step}: weights, optimizer state and RNG equal the uninterrupted run's bitwise; "
-        f"{figures['seconds']} s")
+        f"final step {step}: weights, optimizer state and RNG equal the uninterrupted run's bitwise")
+    if damage:
+        figures["damaged"] = attack_damaged_last(run_dir, ref_run, work, damage, fork, say)
+    if concurrent:
+        figures["concurrent"] = attack_concurrent_runs(first, ref_run, work, concurrent, fork, say)
+    figures["seconds"] = round(time.monotonic() - t_start, 1)
+    say(f"all checks passed in {figures['seconds']} s")
     return figures
+
+
+# ---- attacks on a finished run ---------------------------------------------------------------------
+
+
+def files_of(run: Path) -> dict:
+    """{relative path: bytes} of a run folder, its lock file (the holder's pid) left out."""
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def damage_last(last: Path, how: str) -> str:
+    """Damage a checkpoint folder; returns the name a refusal must mention."""
+    from refseg.engine.checkpoint import sha256_of
+
+    if how == "file deleted":
+        (last / "optimizer.safetensors").unlink()
+        return "optimizer.safetensors"
+    if how == "file truncated":
+        f = last / "model.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        return "model.safetensors"
+    if how == "state.json not JSON":
+        (last / "state.json").write_text('{"step": 1, "epo')
+        return "state.json"
+    if how == "manifest deleted":
+        (last / "manifest.json").unlink()
+        return "manifest.json"
+    if how == "last/ deleted":
+        shutil.rmtree(last)
+        return "last"
+    # a field missing from a state.json whose manifest entry was rewritten to match (not a truncated file)
+    state = json.loads((last / "state.json").read_text())
+    del state["position"]
+    (last / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((last / "manifest.json").read_text())
+    manifest["files"]["state.json"] = {"size": (last / "state.json").stat().st_size,
+                                       "sha256": sha256_of(last / "state.json")}
+    (last / "manifest.json").write_text(json.dumps(manifest))
+    return "position"
+
+
+def attack_damaged_last(run_dir: Path, ref_run: Path, work: Path, kinds, fork: bool, say) -> dict:
+    """Step 5 of the module docstring; returns {"fallbacks": n, "refusals": n}."""
+    out = {"fallbacks": 0, "refusals": 0}
+    for how in kinds:
+        for variant in ("with .last.prev", "no other checkpoint"):
+            if variant == "no other checkpoint" and how == "last/ deleted":
+                continue  # no checkpoint at all: the run starts over, as one killed before its first
+            copy = work / f"damaged-{how.replace(' ', '-').replace('/', '')}-{variant.split()[0]}"
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(run_dir, copy)
+            shutil.rmtree(copy / "best")  # the step-N best/ would be a whole checkpoint too
+            if variant == "no other checkpoint":
+                shutil.rmtree(copy / ".last.prev")
+            named = damage_last(copy / "last", how)
+            before = files_of(copy)
+            argv = ["train", "--resume", str(copy)]
+            child = killing.Child(copy.with_suffix(".log"), argv=killing.refseg(argv), target=killing.cli_main,
+                                  args=(argv,), fork=fork)
+            rc = child.wait(killing.TIMEOUT)
+            text = child.log.read_text(errors="replace")
+            if variant == "with .last.prev":
+                assert rc == 0, f"{how}: --resume exited {rc}:\n{child.tail()}"
+                assert named in text and f"resuming from {copy / '.last.prev'}" in text, f"{how}: {child.tail()}"
+                problems = same_checkpoint(copy / "last", ref_run / "last")
+                assert not problems, f"{how}: the resumed run ends elsewhere than the reference: {problems[:5]}"
+                out["fallbacks"] += 1
+            else:
+                lines = [line for line in text.splitlines() if line.strip()]
+                assert rc == 2 and len(lines) == 1 and named in lines[0], f"{how}: exited {rc}:\n{child.tail()}"
+                assert files_of(copy) == before, f"{how}: the refused resume changed the run"
+                out["refusals"] += 1
+            shutil.rmtree(copy)
+    say(f"damaged last/ ({len(kinds)} ways): {out['fallbacks']} resumes fell back to .last.prev and ended "
+        f"bitwise where the reference ended; {out['refusals']} refused in one line naming the file, nothing changed")
+    return out
+
+
+def attack_concurrent_runs(first: list, ref_run: Path, work: Path, rounds: int, fork: bool, say) -> dict:
+    """Step 6 of the module docstring; returns {"rounds": n, "refused": n}."""
+    refused = 0
+    for i in range(rounds):
+        run = work / f"concurrent-{i}"
+        shutil.rmtree(run, ignore_errors=True)
+        argv = [str(a) for a in first]
+        argv[argv.index("--out") + 1] = str(run)
+        holder = killing.Child(work / f"concurrent-{i}.log", argv=killing.refseg(argv), target=killing.cli_main,
+                               args=(argv,), fork=fork)
+        assert wait_for_rows(holder, run, 0, timeout=killing.TIMEOUT), f"round {i}: the first run never trained"
+        others = []
+        for j, other in enumerate((["train", "--resume", str(run)], argv)):
+            others.append(killing.Child(work / f"concurrent-{i}-{j}.log", argv=killing.refseg(other),
+                                        target=killing.cli_main, args=(other,), fork=fork))
+        for child in others:
+            rc = child.wait(killing.TIMEOUT)
+            lines = [line for line in child.log.read_text(errors="replace").splitlines() if line.strip()]
+            assert rc == 2 and len(lines) == 1 and f"pid {holder.pid}" in lines[0] and str(run) in lines[0], \
+                f"round {i}: a second process on the run exited {rc}:\n{child.tail()}"
+            refused += 1
+        killing.run_to_end(holder)
+        problems = same_checkpoint(run / "last", ref_run / "last")
+        assert not problems, f"round {i}: the run ends elsewhere than the reference: {problems[:5]}"
+        shutil.rmtree(run)
+    say(f"concurrent runs ({rounds} rounds): {refused} second processes refused in one line naming the holder; "
+        "each first run ended bitwise where the reference ended")
+    return {"rounds": rounds, "refused": refused}
 
 
 def main() -> int:
@@ -279,9 +406,13 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=None, help="working folder (default: a new temporary one)")
     p.add_argument("--data", type=Path, default=None, help="a refer-format data set (default: SynthRef tiny)")
     p.add_argument("--keep", action="store_true", help="keep the working folder")
+    p.add_argument("--damage", choices=("all", "none"), default="all",
+                   help="attack --resume with last/ damaged each way (step 5)")
+    p.add_argument("--concurrent", type=int, default=1, help="rounds of concurrent runs on one folder (step 6)")
     args = p.parse_args()
     return killing.run_in_workdir(args.work, "kill-train-", args.keep, lambda work: run(
-        args.kills, args.steps, args.save_every, args.seed, work, args.data, fork=args.fork))
+        args.kills, args.steps, args.save_every, args.seed, work, args.data, fork=args.fork,
+        damage=DAMAGE if args.damage == "all" else (), concurrent=args.concurrent))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ the hand-over between the three stages, resume inside a stage, and the baselines
 import csv
 import json
 import pickle
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -356,7 +357,11 @@ def test_upper_bound_and_naive_runs(shapes, tmp_path, capsys):
         assert json.loads((tmp_path / name / "last" / "state.json").read_text())["step"] == 2
     # resuming reuses the weak split; another fraction in the same folder is refused
     assert cli(["train", "--resume", str(tmp_path / "naive"), "--max-steps", "3", "--no-progress"]) == 0
-    assert cli(common + ["--out", str(tmp_path / "naive"), "--accurate-fraction", "0.2"]) == 2
+    assert cli(["train", "--resume", str(tmp_path / "naive"), "--accurate-fraction", "0.2", "--no-progress"]) == 2
+    assert "accurate_fraction is 0.2 here but 0.5" in capsys.readouterr().err
+    (tmp_path / "weak-only").mkdir()
+    shutil.copytree(tmp_path / "naive" / "data", tmp_path / "weak-only" / "data")  # a weak split, no run yet
+    assert cli(common + ["--out", str(tmp_path / "weak-only"), "--accurate-fraction", "0.2"]) == 2
     assert "is not the weak split" in capsys.readouterr().err
     assert cli(common + ["--out", str(tmp_path / "w"), "--method", "wrel"]) == 2  # DATA has no weak refs
     assert "needs both kinds" in capsys.readouterr().err

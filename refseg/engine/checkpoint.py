@@ -23,7 +23,9 @@ checkpoint cannot run code. A checkpoint is written into a hidden temporary fold
 beside its final name and then renamed into place; the previous one is first
 renamed aside (`.last.old-*`) and deleted only after the new one is in place,
 so a crash at any point leaves a complete checkpoint that `find_checkpoint`
-returns.
+returns. Training keeps one generation more: the previous RUN/last/ stays as
+`.last.prev` (when every file of it still matches its manifest), the fallback
+of `--resume` when last/ was damaged after it was written (`verify_resume_point`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import uuid
 import warnings
@@ -42,7 +45,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from refseg.hub import sha256_of  # noqa: F401 (also this module's name for it)
-from refseg.engine.state import load_optimizer_state, optimizer_state, rng_state, set_rng_state
+from refseg.engine.state import (StateError, check_training_state, load_optimizer_state, optimizer_state,
+                                 rng_state, set_rng_state)
 
 FORMAT = "refseg-checkpoint"
 VERSION = 1
@@ -111,7 +115,13 @@ def _fsync(path: Path) -> None:
 
 
 def _save_safetensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
-    save_file(tensors, str(path), metadata={"format": FORMAT})
+    try:
+        save_file(tensors, str(path), metadata={"format": FORMAT})
+    except Exception as e:  # noqa: BLE001  (SafetensorError wraps the OS error of a full disk: raise that as OSError)
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
     os.chmod(path, 0o644)  # safetensors creates 0600 files; shipped weights must be readable by all
 
 
@@ -195,11 +205,12 @@ def is_complete(ckpt: PathLike) -> bool:
 
 def find_checkpoint(run: PathLike, name: str = "last") -> Optional[Path]:
     """RUN/<name> if complete, else a complete copy left aside by an
-    interrupted save (the one with the highest step), else None."""
+    interrupted save or kept as the previous generation (the one with the
+    highest step), else None."""
     run = Path(run)
     if is_complete(run / name):
         return run / name
-    aside = [p for p in run.glob(f".{name}.old-*") if is_complete(p)]
+    aside = [p for p in [*run.glob(f".{name}.old-*"), run / f".{name}.prev"] if is_complete(p)]
     if not aside:
         return None
     return max(aside, key=_saved_step)
@@ -214,9 +225,11 @@ def _saved_step(ckpt: Path) -> int:
         return -1
 
 
-def write_atomic_dir(final: Path, write_files) -> Path:
+def write_atomic_dir(final: Path, write_files, keep_previous: bool = False) -> Path:
     """Write a folder atomically: `write_files(tmp_dir)` fills a hidden temp
-    folder, a manifest is added, then it is renamed to `final`."""
+    folder, a manifest is added, then it is renamed to `final`.
+    keep_previous: the folder `final` replaces is kept as `.<name>.prev`
+    (replacing an older one) when all its files still match its manifest."""
     final = Path(final)
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -244,10 +257,23 @@ def write_atomic_dir(final: Path, write_files) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if keep_previous and _verified(old):
+            previous = parent / f".{final.name}.prev"
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(old, previous)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
     for older in parent.glob(f".{final.name}.old-*"):  # from an earlier interrupted save
         shutil.rmtree(older, ignore_errors=True)
     return final
+
+
+def _verified(ckpt: Path) -> bool:
+    try:
+        verify_manifest(ckpt)
+        return True
+    except CheckpointError:
+        return False
 
 
 # ---- training checkpoints ------------------------------------------------------
@@ -263,10 +289,12 @@ def model_meta(model: nn.Module, stored: Iterable[str], dtype: str = "float32") 
 
 def save_checkpoint(final: PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     state: Optional[Dict[str, Any]] = None, include_frozen: bool = False,
-                    with_rng: bool = True, extra: Optional[Dict[str, Dict[str, torch.Tensor]]] = None) -> Path:
+                    with_rng: bool = True, extra: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
+                    keep_previous: bool = False) -> Path:
     """Write a checkpoint folder atomically (see the module docstring). `state`
     is any JSON-able dict (step, epoch, ...); RNG states are added to it.
-    extra: {name: tensors} written as `<name>.safetensors` (read back with load_extra)."""
+    extra: {name: tensors} written as `<name>.safetensors` (read back with load_extra).
+    keep_previous: keep the checkpoint this one replaces as `.<name>.prev` (write_atomic_dir)."""
     extra = {name: _contiguous(tensors) for name, tensors in (extra or {}).items()}
     reserved = {MODEL_FILE, OPTIM_FILE} & {f"{name}.safetensors" for name in extra}
     if reserved:
@@ -289,7 +317,7 @@ def save_checkpoint(final: PathLike, model: nn.Module, optimizer: Optional[torch
             _save_safetensors(tensors, tmp / f"{name}.safetensors")
         _write_json(tmp / STATE_JSON, state)
 
-    return write_atomic_dir(Path(final), write)
+    return write_atomic_dir(Path(final), write, keep_previous)
 
 
 def load_extra(ckpt: PathLike, name: str) -> Dict[str, torch.Tensor]:
@@ -316,11 +344,52 @@ def load_training_state(ckpt: PathLike, model: nn.Module, optimizer: Optional[to
     if optimizer is not None:
         if "optimizer" not in state:
             raise CheckpointError(f"{ckpt} holds no optimizer state")
+        check_training_state({"optimizer": state["optimizer"]}, str(ckpt / STATE_JSON), rng=False,
+                             only=("optimizer",))
         names = {p: n for n, p in model.named_parameters()}
-        load_optimizer_state(optimizer, names, read_safetensors(ckpt / OPTIM_FILE), state["optimizer"])
+        tensors = read_safetensors(ckpt / OPTIM_FILE)
+        try:
+            load_optimizer_state(optimizer, names, tensors, state["optimizer"])
+        except StateError as e:
+            raise StateError(f"{ckpt / STATE_JSON}: {e}") from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            raise StateError(f"{ckpt / STATE_JSON}: field 'optimizer' does not fit this model's optimizer "
+                             f"({type(e).__name__}: {e})") from None
     if restore_rng and "rng" in state:
-        set_rng_state(state["rng"])
+        try:
+            set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            raise StateError(f"{ckpt / STATE_JSON}: field 'rng' is malformed ({type(e).__name__}: {e})") from None
     return state
+
+
+def verify_resume_point(ckpt: PathLike, optimizer: bool = True) -> Dict[str, Any]:
+    """Check a checkpoint folder completely before `--resume` uses it; returns its state.json dict.
+
+    Checked: the manifest, every file it lists present with its size and SHA-256,
+    the files a resume reads listed (model.safetensors, model.json, state.json,
+    and optimizer.safetensors when `optimizer`), and every field of state.json a
+    resume reads (state.check_training_state). Raises CheckpointError or
+    StateError naming the file (and the field).
+    """
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: no such checkpoint folder")
+    verify_manifest(ckpt)
+    listed = read_json(ckpt / MANIFEST, "checkpoint manifest")["files"]
+    for name in [MODEL_FILE, MODEL_JSON, STATE_JSON] + ([OPTIM_FILE] if optimizer else []):
+        if name not in listed:
+            raise CheckpointError(f"{ckpt / name}: missing ({MANIFEST} does not list it)")
+    state = read_json(ckpt / STATE_JSON, "training state")
+    return check_training_state(state, str(ckpt / STATE_JSON), optimizer=optimizer)
+
+
+def resume_candidates(run: PathLike) -> List[Path]:
+    """The checkpoint folders of a run that `--resume` may continue from, newest kind first: last/, copies an
+    interrupted save left aside, the previous last/ (.last.prev), best/. Only those that exist."""
+    run = Path(run)
+    found = [run / "last", *sorted(run.glob(".last.old-*")), run / ".last.prev", run / "best"]
+    return [p for p in found if p.is_dir()]
 
 
 # ---- models -------------------------------------------------------------------------

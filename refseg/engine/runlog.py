@@ -10,7 +10,10 @@ from typing import Dict
 
 
 class RunLog:
-    """log.csv rows (time, step, epoch, tag, value) + TensorBoard scalars; inert off rank 0."""
+    """log.csv rows (time, step, epoch, tag, value) + TensorBoard scalars; inert off rank 0.
+
+    A failed write of log.csv (a full disk) raises OSError naming log.csv.
+    """
 
     def __init__(self, run: Path, enabled: bool):
         self.enabled = enabled
@@ -18,12 +21,12 @@ class RunLog:
         self.tb = None
         if not enabled:
             return
-        path = run / "log.csv"
+        self.path = path = run / "log.csv"
         new = not path.exists()
         self.csv_file = open(path, "a", newline="")
         self.csv = csv.writer(self.csv_file)
         if new:
-            self.csv.writerow(["time", "step", "epoch", "tag", "value"])
+            self._write([["time", "step", "epoch", "tag", "value"]])
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -35,15 +38,26 @@ class RunLog:
         if not self.enabled:
             return
         now = round(time.time(), 3)
-        for tag, v in values.items():
-            v = float(v)
-            self.csv.writerow([now, step, epoch, tag, f"{v:.6g}"])
-            if self.tb is not None and math.isfinite(v):
-                self.tb.add_scalar(tag, v, step)
-        self.csv_file.flush()
+        self._write([[now, step, epoch, tag, f"{float(v):.6g}"] for tag, v in values.items()])
+        if self.tb is not None:
+            for tag, v in values.items():
+                if math.isfinite(float(v)):
+                    self.tb.add_scalar(tag, float(v), step)
+
+    def _write(self, rows) -> None:
+        try:
+            self.csv.writerows(rows)
+            self.csv_file.flush()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror or str(e), str(self.path)) from None
 
     def close(self) -> None:
+        """Close the files (again: nothing)."""
         if self.enabled:
-            self.csv_file.close()
+            self.enabled = False
+            try:
+                self.csv_file.close()
+            except OSError:  # the flush of a full disk: the error was raised by the write already
+                pass
             if self.tb is not None:
                 self.tb.close()

@@ -85,10 +85,15 @@ class GroupBatchSampler:
         flat = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
         return [flat[i * self.batch_size:(i + 1) * self.batch_size] for i in range(len(self))]
 
-    def batches(self, epoch: int) -> List[List[int]]:
-        """This rank's part of each batch of the epoch."""
+    def batches(self, epoch: int, start: int = 0) -> List[List[int]]:
+        """This rank's part of each batch of the epoch, from batch index `start` on (a resumed position).
+        Raises ValueError for a start outside the epoch (0 <= start < len(self); 0 for an empty epoch): a
+        position saved under other batch settings or data would otherwise give no batch at all."""
+        if start < 0 or (start > 0 and start >= len(self)):
+            raise ValueError(f"batch position {start} is outside the epoch's {len(self)} batches "
+                             f"({self.n} sentences, batch_size {self.batch_size})")
         out = []
-        for b in self.global_batches(epoch):
+        for b in self.global_batches(epoch)[start:]:
             part = np.array_split(b, self.world_size)[self.rank]
             out.append((part if len(part) else b[:1]).tolist())  # a batch smaller than the world: repeat one
         return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import random
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -13,7 +13,61 @@ from torch import nn
 
 
 class StateError(ValueError):
-    """Saved optimizer state that does not fit the live optimizer."""
+    """A saved training state (state.json) that is malformed, lacks a field, or does not fit the live optimizer;
+    the message names the file and the field."""
+
+
+# state.json fields a resume reads: name -> (types, what it must be)
+RESUME_FIELDS = {
+    "step": (int, "an integer >= 0"),
+    "epoch": (int, "an integer >= 0"),
+    "position": (int, "an integer >= 0"),
+    "total_steps": (int, "an integer >= 0"),
+    "config": (dict, "a mapping (the run's TrainConfig)"),
+    "rng": (dict, "a mapping of RNG states"),
+    "optimizer": (dict, "a mapping with 'param_groups' and 'scalars'"),
+    "best": (dict, "null or a mapping of the best validation"),
+}
+
+
+def check_training_state(state: Any, path: str, optimizer: bool = True, rng: bool = True,
+                         only: Tuple[str, ...] = tuple(RESUME_FIELDS)) -> Dict[str, Any]:
+    """Raise StateError naming `path` and the field unless `state` (a parsed state.json) holds every field a
+    resume reads, of the right type; returns it. optimizer / rng: whether those parts are required;
+    only: the fields checked (default: all of RESUME_FIELDS)."""
+    if not isinstance(state, dict):
+        raise StateError(f"{path}: expected a mapping of training state fields, got {type(state).__name__}")
+    rng = rng and "rng" in only
+    optimizer = optimizer and "optimizer" in only
+    for name, (kind, what) in RESUME_FIELDS.items():
+        if name not in only or (name == "optimizer" and not optimizer) or (name == "rng" and not rng):
+            continue
+        if name not in state:
+            if name in ("total_steps", "best"):  # optional: total_steps is read only with time_budget
+                continue
+            raise StateError(f"{path}: field {name!r} is missing")
+        value = state[name]
+        if name == "best":
+            continue  # checked below
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            raise StateError(f"{path}: field {name!r} must be {what}, got {value!r:.80}")
+    best = state.get("best")
+    if "best" in only and best is not None and not (
+            isinstance(best, dict) and isinstance(best.get("mIoU", 0.0), (int, float, type(None)))):
+        raise StateError(f"{path}: field 'best' must be null or a mapping with a number 'mIoU', got {best!r:.80}")
+    if rng:
+        for key in ("python", "numpy", "torch"):
+            if key not in state["rng"]:
+                raise StateError(f"{path}: field 'rng.{key}' is missing")
+        try:  # set into throwaway generators: every part must be a state its generator accepts
+            set_rng_state(state["rng"], _Generators())
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError) as e:
+            raise StateError(f"{path}: field 'rng' is malformed ({type(e).__name__}: {e})") from None
+    if optimizer:
+        for key, kind in (("param_groups", list), ("scalars", dict)):
+            if not isinstance(state["optimizer"].get(key), kind):
+                raise StateError(f"{path}: field 'optimizer.{key}' is missing or not a {kind.__name__}")
+    return state
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -38,13 +92,21 @@ def rng_state() -> Dict[str, Any]:
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+class _Generators:
+    """Fresh Python, NumPy and torch generators standing in for the global ones (set_rng_state's `into`)."""
+
+    def __init__(self):
+        self.python, self.numpy, self.torch = random.Random(), np.random.RandomState(), torch.Generator()
+
+
+def set_rng_state(state: Dict[str, Any], into: Optional[_Generators] = None) -> None:
+    """Restore what rng_state saved into the global generators (or into `into`'s, cuda left out)."""
     version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+    (into.python if into else random).setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(_unb64(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
+    (into.numpy if into else np.random).set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    (into.torch.set_state if into else torch.set_rng_state)(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available() and into is None:
         torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
 
 

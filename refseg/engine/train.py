@@ -3,6 +3,7 @@
     refseg train --data data/synthref --batch-size 32 --max-steps 3000 --out runs/lts
     refseg train --config runs/lts/config.json --lr 1e-4 --out runs/lts-lr1e-4
     refseg train --resume runs/lts --max-steps 6000       # continue exactly where last/ stopped
+    refseg train --overwrite --data D --out runs/lts ...   # start anew in a folder that holds a run
     refseg train --nproc 2 ...                             # = torchrun --nproc_per_node 2 -m refseg.cli train ...
     refseg train --accurate-fraction 0.1 --data D ...      # on the weak split of D (made in RUN/data)
     refseg train --method wrel --accurate-fraction 0.1 --data D ...   # LRB-WREL, three stages (engine/wrel.py)
@@ -27,6 +28,17 @@ What a run does:
    (RUN/tb); validates every val_every steps with RISMetrics and keeps the
    checkpoint of the best val mIoU in RUN/best/, the latest in RUN/last/.
 
+The run folder: a folder that already holds a run is refused unless
+`--resume` continues it or `--overwrite` replaces it (open_run); the folder
+is locked (RUN/.lock, fcntl.flock) while a process trains in it, so a second
+`refseg train` on it is refused. `--resume` checks every file of the
+checkpoint it continues from against its manifest and every field of its
+state.json first; when last/ is damaged it falls back to the newest whole
+one (an interrupted save's copy, the previous last/ kept as .last.prev,
+best/) and says so, and it refuses a change of the settings the data order
+depends on (RESUME_FIXED). A failed write (a full disk) ends the run with
+one line; the last complete checkpoint stays in place for --resume.
+
 With `accurate_fraction` set, the run first writes the weak-expression split
 of DATA into RUN/data (`refseg weaken`, reused when it is already there) and
 trains on that; `train_subset accurate` trains on the refs it left accurate
@@ -37,14 +49,18 @@ this loop for stages 1 and 3 through `TrainHooks`.
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import functools
 import inspect
 import math
 import os
 import random
+import shutil
 import sys
 import time
-from contextlib import nullcontext
+import uuid
+from contextlib import ExitStack, contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -60,6 +76,7 @@ from refseg.engine.config import TrainConfig, add_config_arguments, config_from_
 from refseg.engine.optim import lr_at, make_optimizer, resolve_amp
 from refseg.engine.runlog import RunLog
 from refseg.argtypes import positive_int
+from refseg.engine.state import StateError
 
 class TrainError(ValueError):
     """A configuration or data problem, reported to the user in one line."""
@@ -129,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
             run_config = Path(args.resume) / "config.json"
             if not run_config.exists():
                 raise TrainError(f"--resume {args.resume}: no config.json in that folder")
-            base = {**read_config_file(run_config), "out": str(args.resume)}
+            base = {**read_config_file(run_config), "out": str(args.resume), "overwrite": False}
         try:
             cfg = config_from_args(args, base)
         except ValueError as e:
@@ -347,23 +364,202 @@ class TimeBudget:
         return total_steps
 
 
+# ---- the run folder -----------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+
+# settings the data order and a checkpoint's position in it depend on: a resumed run must keep them
+RESUME_FIXED = ("model", "method", "supervision", "size", "train_split", "train_subset", "split_by",
+                "accurate_fraction", "weak_seed", "batch_size", "images_per_batch", "group_refs", "flip", "seed",
+                "wrel_accurate_repeat", "wrel_bank_batch", "wrel_bank_prompts", "wrel_bank_site")
+
+
+class RunLock:
+    """An exclusive lock on a run folder: fcntl.flock on RUN/.lock (created with the folder when missing).
+
+    The kernel drops the lock when the process ends, however it ends (SIGKILL
+    included), so a dead run's lock never blocks the next one. RUN/.lock holds
+    the holder's pid, which a refused process names. Raises TrainError when
+    another process holds it.
+    """
+
+    def __init__(self, run: Path):
+        self.run, self.fd = run, None
+        self.created = not run.exists()
+        run.mkdir(parents=True, exist_ok=True)
+        path = run / LOCK_FILE
+        for _ in range(10):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    raise TrainError(f"{run} is in use: another refseg train (pid {holder}) trains in it; "
+                                     "wait for it to end, or train into another --out") from None
+                raise
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the folder was replaced (--overwrite) between open and flock: lock what is there now
+        else:
+            raise TrainError(f"{run} keeps being replaced by another process; cannot lock it")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self.fd = fd
+
+    def release(self) -> None:
+        """Unlock; a folder this lock created that holds nothing but the lock file is removed."""
+        if self.fd is None:
+            return
+        try:
+            if self.created and [p.name for p in self.run.iterdir()] == [LOCK_FILE]:
+                (self.run / LOCK_FILE).unlink()
+                self.run.rmdir()
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def _same_folder(a: Any, b: Path) -> bool:
+    try:
+        return Path(a).resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def open_run(run: Path, cfg: TrainConfig) -> RunLock:
+    """Check and lock the run folder `run` before anything is written to it; returns the held lock.
+
+    A folder that already holds anything (but the lock file, and the weak
+    split RUN/data that a run with accurate_fraction reuses) is refused
+    unless cfg.resume names it, or cfg.overwrite is set: then the old run is
+    renamed aside in one step (to .<name>.replaced-* beside it, nothing
+    deleted) and removed once the new run has saved its first complete
+    checkpoint (drop_replaced), so a new run that fails before that leaves
+    the old one recoverable.
+    """
+    if cfg.overwrite and cfg.resume:
+        raise TrainError("--overwrite starts a new run and --resume continues one: give only one of them")
+    if run.exists() and not run.is_dir():
+        raise TrainError(f"--out {run}: exists and is not a folder")
+    lock = RunLock(run)
+    try:
+        keep = {LOCK_FILE} | ({"data"} if cfg.accurate_fraction is not None else set())
+        held = sorted((p.name for p in run.iterdir() if p.name not in keep), key=lambda n: (n.startswith("."), n))
+        if held and not (cfg.resume and _same_folder(cfg.resume, run)):
+            if not cfg.overwrite:
+                listed = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+                raise TrainError(f"--out {run} already holds a run ({listed}): continue it with --resume {run}, "
+                                 "or replace it with --overwrite")
+            lock = _replace_run(run, lock, cfg.progress)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _replace_run(run: Path, lock: RunLock, say: bool) -> RunLock:
+    """--overwrite: an empty, locked folder at `run`; the old one renamed to .<name>.replaced-<tag>."""
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = run.parent / f".{run.name}.new-{tag}"
+    aside = run.parent / f".{run.name}.replaced-{tag}"
+    new = RunLock(staging)
+    try:
+        os.replace(run, aside)
+        os.replace(staging, run)
+    except BaseException:
+        if aside.exists() and not run.exists():
+            os.replace(aside, run)
+        new.release()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    new.run, new.created = run, False
+    lock.release()
+    if say:
+        print(f"refseg train: --overwrite: the run that was in {run} is kept in {aside} until this run's "
+              "first checkpoint", file=sys.stderr)
+    return new
+
+
+def drop_replaced(run: Path) -> None:
+    """Delete what --overwrite set aside (.<name>.replaced-*, and staging folders of an interrupted swap)."""
+    for old in [*run.parent.glob(f".{run.name}.replaced-*"), *run.parent.glob(f".{run.name}.new-*")]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_resume_config(cfg: TrainConfig, saved: Dict[str, Any], source: Path) -> None:
+    """Raise TrainError naming the field and both values when `cfg` changes a RESUME_FIXED setting of the
+    config `saved` (read from `source`) that a resumed run continues."""
+    for name in RESUME_FIXED:
+        if name in saved and saved[name] != getattr(cfg, name):
+            flag = "--" + name.replace("_", "-")
+            raise TrainError(f"--resume {cfg.resume}: {name} is {getattr(cfg, name)!r} here but {saved[name]!r} in "
+                             f"{source}; a resumed run keeps the data order it was saved in (drop {flag}, or train "
+                             "a new run into another --out)")
+
+
+def choose_resume_point(run: Path) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """(checkpoint folder, its state.json) that --resume continues from; (None, None) when the run holds no
+    checkpoint at all (it stopped before its first: it starts over).
+
+    Every candidate (checkpoint.resume_candidates) is checked completely
+    (checkpoint.verify_resume_point); the newest whole one wins, last/ on a
+    tie. When that is not last/, the reason is printed on stderr. Raises
+    TrainError with each candidate's reason when none is whole.
+    """
+    from refseg.engine import checkpoint as ckpt
+
+    problems: List[str] = []
+    whole = []
+    for folder in ckpt.resume_candidates(run):
+        try:
+            state = ckpt.verify_resume_point(folder)
+        except (ckpt.CheckpointError, StateError) as e:
+            problems.append(" ".join(str(e).split()))
+            continue
+        whole.append((state["step"], folder.name == "last", folder, state))
+    if not whole:
+        if problems:
+            raise TrainError(f"--resume {run}: no checkpoint to continue from is whole: {'; '.join(problems)}")
+        return None, None
+    step, _, folder, state = max(whole, key=lambda w: w[:2])
+    if folder != run / "last":
+        why = problems[0] if (run / "last").exists() and problems else f"{run / 'last'} is missing"
+        print(f"refseg train: {why}; resuming from {folder} (step {step}) instead", file=sys.stderr)
+    return folder, state
+
+
 # ---- the run ------------------------------------------------------------------------
 
 
 def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
-          hooks: Optional[TrainHooks] = None) -> Dict[str, Any]:
+          hooks: Optional[TrainHooks] = None, opened: bool = False) -> Dict[str, Any]:
     """Run training as configured; returns {"run", "step", "best", "val", "train_loss"}.
 
     model / data: ready-built objects to use instead of building them from
     cfg.model / cfg.data (tests, notebooks); cfg still names them in config.json.
     hooks: a training method's additions to the loop (see TrainHooks). A
     `method wrel` config without hooks runs the three LRB-WREL stages.
+    opened: the caller (a method running this as one of its stages) has
+    already checked and locked the run folder (open_run); otherwise this does.
     """
     if cfg.method == "wrel" and hooks is None:
         from refseg.engine.wrel import train_wrel
 
         return train_wrel(cfg, model, data)
-    hooks = hooks or TrainHooks()
+    with ExitStack() as cleanup:
+        return _train(cfg, model, data, hooks or TrainHooks(), opened, cleanup)
+
+
+def _train(cfg: TrainConfig, model: Optional[nn.Module], data, hooks: TrainHooks, opened: bool,
+           cleanup: ExitStack) -> Dict[str, Any]:
+    """train()'s body; `cleanup` closes the progress bar and the log and unlocks the run, however it ends."""
     from refseg.data.dataset import RefSegDataset, collate
     from refseg.engine import cache as feature_cache
     from refseg.engine import checkpoint as ckpt
@@ -388,6 +584,17 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
     loss_fn = loss_function(cfg)
     run = Path(cfg.out or f"runs/{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}")
     run = Path(distributed.broadcast_object(str(run), info))
+    if main_rank and not opened:
+        cleanup.callback(open_run(run, cfg).release)
+    # the checkpoint a resume continues from: checked whole, and against this config, before anything is written
+    resume_from: Optional[Path] = None
+    if cfg.resume:
+        if main_rank:
+            resume_from, saved = choose_resume_point(Path(cfg.resume))
+            if saved is not None:
+                check_resume_config(cfg, saved["config"], resume_from / ckpt.STATE_JSON)
+        found = distributed.broadcast_object(None if resume_from is None else str(resume_from), info)
+        resume_from = None if found is None else Path(found)
     if data is None:
         from refseg.data.refer import load_refer
 
@@ -414,9 +621,15 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
                      + (" ..." if len(fresh) > 6 else "") if fresh else ""), file=sys.stderr)
     model.to(device)
 
+    def save_config() -> None:
+        with writing(run / "config.json"):
+            TrainConfig.from_dict({**cfg.to_dict(), "out": str(run), "resume": None,
+                                   "overwrite": False}).save(run / "config.json")
+
     if main_rank:
         run.mkdir(parents=True, exist_ok=True)
-        TrainConfig.from_dict({**cfg.to_dict(), "out": str(run), "resume": None}).save(run / "config.json")
+        if not cfg.resume:  # a resumed run rewrites it once its checkpoint has loaded
+            save_config()
     distributed.barrier(info)
 
     train_ds = RefSegDataset(data, cfg.train_split, cfg.size, cfg.supervision)
@@ -491,13 +704,18 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
     # resume
     step, epoch, position, best = 0, 0, 0, None
     if cfg.resume:
-        found = ckpt.find_checkpoint(cfg.resume, "last")
+        found = resume_from
         if found is None:  # stopped before its first checkpoint: the run starts over, as it first did
-            if main_rank and progress:
+            if main_rank:
                 print(f"no complete checkpoint in {cfg.resume} yet: starting at step 0", file=sys.stderr)
         else:
             state = ckpt.load_training_state(found, model, optimizer, restore_rng=True)
             step, epoch, position, best = state["step"], state["epoch"], state["position"], state.get("best")
+            saved_epoch = state.get("steps_per_epoch", steps_per_epoch)
+            if saved_epoch != steps_per_epoch or position >= steps_per_epoch:
+                raise StateError(f"{found / ckpt.STATE_JSON}: saved at batch {position} of an epoch of {saved_epoch} "
+                                 f"batches, but the training data and batch settings now give {steps_per_epoch} "
+                                 "batches per epoch: resume with the data it was trained on")
             if state.get("scaler") and scaler.is_enabled():
                 scaler.load_state_dict(state["scaler"])
             hooks.load_state(found)
@@ -505,6 +723,8 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
                 total_steps = int(state["total_steps"])
             if main_rank and progress:
                 print(f"resumed from {found} at step {step} (epoch {epoch}, batch {position})", file=sys.stderr)
+        if main_rank:
+            save_config()
     budget = TimeBudget(cfg.time_budget, started, cfg.warmup_steps, info, step)
     paused = 0.0  # seconds spent validating and saving inside the loop
 
@@ -514,6 +734,7 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
             step_module, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     log = RunLog(run, main_rank)
+    cleanup.callback(log.close)
     last_val: Dict[str, Any] = {}
 
     def state_dict() -> Dict[str, Any]:
@@ -521,17 +742,21 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
                 "scheduler": {"kind": "warmup_cosine", "step": step, "lr": lr_at(min(step, total_steps - 1), cfg,
                                                                                  total_steps)},
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "best": _jsonable(best or {}) or None, "val": _jsonable(last_val), "config": cfg.to_dict()}
+                "best": _jsonable(best or {}) or None, "val": _jsonable(last_val), "config": cfg.to_dict(),
+                "steps_per_epoch": steps_per_epoch}
 
     def save(name: str) -> None:
         if main_rank:
-            if name == "last":  # what --resume needs
-                ckpt.save_checkpoint(run / name, model, optimizer, state_dict(), include_frozen=cfg.save_frozen,
-                                     extra=hooks.state_tensors())
-            else:  # the network validation scored
-                scored = hooks.eval_model(model)
-                ckpt.save_checkpoint(run / name, scored, optimizer if scored is model else None, state_dict(),
-                                     include_frozen=cfg.save_frozen)
+            with writing(run / name, kept=ckpt.find_checkpoint(run, "last")):
+                if name == "last":  # what --resume needs; the one it replaces is kept as .last.prev
+                    ckpt.save_checkpoint(run / name, model, optimizer, state_dict(), include_frozen=cfg.save_frozen,
+                                         extra=hooks.state_tensors(), keep_previous=True)
+                else:  # the network validation scored
+                    scored = hooks.eval_model(model)
+                    ckpt.save_checkpoint(run / name, scored, optimizer if scored is model else None, state_dict(),
+                                         include_frozen=cfg.save_frozen)
+            if name == "last" and not opened:
+                drop_replaced(run)  # what --overwrite set aside: this run now has a checkpoint of its own
         distributed.barrier(info)
 
     def validate() -> None:
@@ -545,7 +770,7 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
         log.scalars(step, epoch, {f"val/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
         for form, r in result["by_form"].items():
             log.scalars(step, epoch, {f"val_{form}/{k}": r[k] for k in ("mIoU", "oIoU", "PointM")})
-        improved = best is None or result["mIoU"] > best["mIoU"]
+        improved = best is None or not isinstance(best.get("mIoU"), (int, float)) or result["mIoU"] > best["mIoU"]
         if improved:
             best = {"step": step, **{k: v for k, v in result.items() if k != "by_form"}}
         save("last")
@@ -561,24 +786,27 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
 
     set_train_mode(model)
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    cleanup.callback(bar.close)  # an error's message then starts on a line of its own
     running: Dict[str, float] = {}
     n_running, t_log, seen_log = 0, time.perf_counter(), 0
     loss_ema = None
     while step < total_steps:
-        batches = [rows[b].tolist() for b in sampler.batches(epoch)]
-        batch_views = [draw_views(b, views, flippable, train_ds.samples, (cfg.seed, epoch, i))
+        # the epoch's batches from `position` on (the sampler refuses a position outside the epoch)
+        batches = [rows[b].tolist() for b in sampler.batches(epoch, start=position)]
+        batch_views = [draw_views(b, views, flippable, train_ds.samples, (cfg.seed, epoch, position + i))
                        for i, b in enumerate(batches)]
         if use_cache:
             # the expressions too (a model's teacher_forcing may read them, e.g. SaG's word negatives)
             source = (cached_batch(b, v, train_cache, view_caches, view_texts, device)
-                      for b, v in zip(batches[position:], batch_views[position:]))
+                      for b, v in zip(batches, batch_views))
         else:
             loader = torch.utils.data.DataLoader(
-                train_ds, batch_sampler=[list(zip(b, v)) for b, v in zip(batches, batch_views)][position:],
+                train_ds, batch_sampler=[list(zip(b, v)) for b, v in zip(batches, batch_views)],
                 collate_fn=collate, num_workers=cfg.workers,
                 generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
             source = (to_step_batch(items, device) for items in loader)
         t0 = time.perf_counter()
+        step_before = step
         for batch in source:
             lr = lr_at(step, cfg, total_steps)
             for g in optimizer.param_groups:
@@ -602,7 +830,7 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
             hooks.after_step(step, total_steps, steps_per_epoch)
             step += 1
             position += 1
-            if position >= len(batches):
+            if position >= steps_per_epoch:
                 epoch, position = epoch + 1, 0
 
             # bookkeeping
@@ -644,6 +872,8 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
                 bar.refresh()
             if step >= total_steps:
                 break
+        if step == step_before:  # never loop without training: an epoch pass always runs a step
+            raise RuntimeError(f"epoch {epoch} from batch {position} gave no batch to train on")
     bar.close()
     if val_ds is not None:
         validate()
@@ -655,6 +885,19 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
     distributed.barrier(info)
     distributed.shutdown()
     return summary
+
+
+@contextmanager
+def writing(path: Path, kept: Optional[Path] = None):
+    """Turn an OS error (a full disk, no permission) raised inside into a one-line TrainError naming `path`
+    (not a temporary file) and, when given, the complete checkpoint `kept` that is still in place."""
+    try:
+        yield
+    except OSError as e:
+        code = e.errno if e.errno is not None else (e.args[0] if len(e.args) == 1 else None)
+        reason = e.strerror or (os.strerror(code) if isinstance(code, int) else str(e))
+        keep = f"; {kept} is intact: free space, then continue with --resume {path.parent}" if kept else ""
+        raise TrainError(f"cannot write {path}: {reason}{keep}") from None
 
 
 def _jsonable(d: Dict[str, Any]) -> Dict[str, Any]:

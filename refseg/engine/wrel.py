@@ -123,7 +123,7 @@ from torch import nn
 from refseg.engine import checkpoint as ckpt
 from refseg.engine import distributed
 from refseg.engine import train as engine
-from refseg.engine.config import TrainConfig
+from refseg.engine.config import TrainConfig, read_config_file
 from refseg.modeling.text import TextFeatures
 
 STAGE1, STAGE2 = "stage1-teacher", "stage2-bank"
@@ -342,6 +342,11 @@ def train_bank(cfg: TrainConfig, teacher: nn.Module, train_ds, cache, out: Path,
         state = ckpt.load_training_state(found, bank, None, restore_rng=False)
         if not torch.equal(ckpt.load_extra(found, "rows")["ref_id"], ref_ids):
             raise engine.TrainError(f"{found} holds a bank for other weak refs than the data's")
+        if state.get("n_batches") != len(batches) or not 0 <= state.get("position", -1) <= len(batches):
+            raise engine.TrainError(f"{found / ckpt.STATE_JSON}: the bank was saved in {state.get('n_batches')} "
+                                    f"batches of weak refs, the config now cuts them into {len(batches)} "
+                                    f"(wrel_bank_batch {cfg.wrel_bank_batch}, batch_size {cfg.batch_size}): "
+                                    "resume with the settings it was made with")
         was = state.get("config", {}).get("wrel_bank_site", "encoder")  # banks made before the option: encoder
         if was != cfg.wrel_bank_site:
             raise engine.TrainError(f"{found} holds a bank of site {was!r}, the config asks for "
@@ -445,22 +450,35 @@ def train_wrel(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -
     model / data: as for engine.train (model is copied for each stage; data,
     when given, is used as it is, already weak).
     """
-    from refseg.data.dataset import RefSegDataset
-    from refseg.data.refer import load_refer
-    from refseg.engine import cache as feature_cache
-
     cfg.validate()
     if distributed.env_info().enabled:
         raise engine.TrainError("method wrel runs in one process (drop --nproc)")
     if cfg.cache_features == "off":
         raise engine.TrainError("method wrel needs the feature cache (frozen encoders): drop --cache-features off")
+    run = Path(cfg.out or f"runs/wrel-{datetime.now():%Y%m%d-%H%M%S}")
+    lock = engine.open_run(run, cfg)  # refuses a folder holding a run (unless resumed / overwritten), locks it
+    try:
+        return _train_wrel(cfg, model, data, run)
+    finally:
+        lock.release()
+
+
+def _train_wrel(cfg: TrainConfig, model: Optional[nn.Module], data, run: Path) -> Dict[str, Any]:
+    """train_wrel's stages, in the run folder `run` that it has checked and locked."""
+    from refseg.data.dataset import RefSegDataset
+    from refseg.data.refer import load_refer
+    from refseg.engine import cache as feature_cache
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = engine.resolve_device(cfg.device)
-    run = Path(cfg.out or f"runs/wrel-{datetime.now():%Y%m%d-%H%M%S}")
     resume = cfg.resume is not None
+    if resume and (run / "config.json").exists():  # before config.json is rewritten with this config
+        engine.check_resume_config(cfg, read_config_file(run / "config.json"), run / "config.json")
     run.mkdir(parents=True, exist_ok=True)
-    TrainConfig.from_dict({**cfg.to_dict(), "out": str(run), "resume": None}).save(run / "config.json")
+    with engine.writing(run / "config.json"):
+        TrainConfig.from_dict({**cfg.to_dict(), "out": str(run), "resume": None,
+                               "overwrite": False}).save(run / "config.json")
     if data is None:
         data_dir = engine.weak_data_dir(cfg, run) if cfg.accurate_fraction is not None else cfg.data
         data = load_refer(data_dir, split_by=cfg.split_by, images_dir=cfg.images)
@@ -487,7 +505,8 @@ def train_wrel(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -
                        max_steps=cfg.wrel_teacher_steps or cfg.max_steps, cache_dir=cache_dir,
                        out=str(stage1), resume=str(stage1) if again else None,
                        time_budget=stage1_budget(cfg))
-        stages["teacher"] = engine.train(cfg1, copy.deepcopy(model) if model is not None else None, data)
+        stages["teacher"] = engine.train(cfg1, copy.deepcopy(model) if model is not None else None, data,
+                                         opened=True)
     teacher = _stage_model(stage1, model, device)
 
     # 2. reference bank through the frozen teacher
@@ -514,11 +533,13 @@ def train_wrel(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -
     budget3 = max(1.0, cfg.time_budget - (time.time() - started)) if cfg.time_budget else 0.0  # what is left
     cfg3 = replace(cfg, cache_dir=cache_dir, out=str(run), resume=str(run) if again else None, time_budget=budget3)
     student = _stage_model(stage1, model, device)
-    summary = engine.train(cfg3, student, data, hooks=hooks)
+    summary = engine.train(cfg3, student, data, hooks=hooks, opened=True)
     if ckpt.find_checkpoint(run, "best") is None:  # no validation split: best/ is the end of training
-        ckpt.save_checkpoint(run / "best", hooks.eval_model(student), None,
-                             {"step": summary["step"], "note": "no validation: the end of training",
-                              "config": cfg3.to_dict()}, include_frozen=cfg.save_frozen)
+        with engine.writing(run / "best"):
+            ckpt.save_checkpoint(run / "best", hooks.eval_model(student), None,
+                                 {"step": summary["step"], "note": "no validation: the end of training",
+                                  "config": cfg3.to_dict()}, include_frozen=cfg.save_frozen)
+    engine.drop_replaced(run)  # what --overwrite set aside
     summary["stages"] = stages
     summary["seconds"] = round(time.time() - started, 1)
     return summary
