@@ -149,3 +149,11 @@ def test_corrupt_exif_keeps_the_pixels(tmp_path):
     raw = path.read_bytes()
     path.write_bytes(raw.replace(b"Exif\0\0MM\0*", b"Exif\0\0MM\0*\xff\xff\xff", 1))  # IFD offset past the end
     _check(load_image_rgb(path), (10, 20, 3))
+
+
+def test_sixteen_bit_and_alpha_rounding_exact_for_every_value():
+    x = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    np.testing.assert_array_equal(load_image_rgb(x)[..., 0], np.floor(x / 257 + 0.5).astype(np.uint8))
+    rgb, alpha = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    rgba = np.stack([rgb, rgb, rgb, alpha], axis=-1).astype(np.uint8)
+    np.testing.assert_array_equal(load_image_rgb(rgba)[..., 1], np.floor(rgb * alpha / 255 + 0.5).astype(np.uint8))

@@ -252,7 +252,10 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
     if a.dtype == np.bool_:
         return a.astype(np.uint8) * 255
     if a.dtype == np.uint16:
-        return ((a.astype(np.uint32) * 2 + 257) // 514).astype(np.uint8)  # round(a / 257)
+        x = a.astype(np.uint32) + 128
+        x -= x >> 8
+        x >>= 8  # round(a / 257), exactly, for every uint16 (no division: fast on 100-MP images)
+        return x.astype(np.uint8)
     if np.issubdtype(a.dtype, np.floating):
         if a.size and not np.isfinite(a).all():
             raise ImageReadError("float image holds NaN or infinite values")
@@ -281,7 +284,10 @@ def _from_array(a: np.ndarray) -> np.ndarray:
     if a.shape[-1] == 1:
         a = np.repeat(a, 3, axis=2)  # (H, W, 1) -> (H, W, 3)
     elif a.shape[-1] == 4:
-        rgb = a[:, :, :3].astype(np.uint32)
-        alpha = a[:, :, 3:].astype(np.uint32)
-        a = ((rgb * alpha * 2 + 255) // 510).astype(np.uint8)  # round(rgb * alpha / 255)
+        x = a[:, :, :3].astype(np.uint16)
+        x *= a[:, :, 3:]
+        x += 128
+        x += x >> 8
+        x >>= 8  # round(rgb * alpha / 255), exactly, for every uint8 pair, in uint16 (no division)
+        a = x.astype(np.uint8)
     return np.ascontiguousarray(a)
