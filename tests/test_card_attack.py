@@ -381,3 +381,19 @@ def test_nan_outputs_through_the_command_line(tmp_path, capsys, monkeypatch):
     _one_line_naming(err, "NaN or infinite")
     assert not (tmp_path / "out.png").exists()
 
+
+
+# ---- ONNX exports ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value", [("image_size", 1e9), ("image_size", None), ("max_length", "24"),
+                                          ("max_length", 10**9)])
+def test_an_onnx_export_description_is_bounded_too(tmp_path, field, value):
+    """The JSON beside an ONNX export sets the sizes OnnxPredictor allocates: checked before any graph loads."""
+    from refseg.export import FORMAT, VERSION, OnnxPredictor, export_paths
+
+    meta = {"format": FORMAT, "version": VERSION, "image_size": 320, "max_length": 24, field: value}
+    path = export_paths(tmp_path / "model.onnx")["meta"]
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ModelConfigError, match=f"{path}: config field '{field}'"):
+        OnnxPredictor(tmp_path / "model.onnx")
