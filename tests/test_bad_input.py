@@ -266,7 +266,7 @@ CASES = [
     ("weights-json-broken", weights_case(lambda tmp: _weights(tmp, "{oops")), CheckpointError,
      r"m\.json: model JSON is not valid JSON"),
     ("weights-json-unknown-model", weights_case(lambda tmp: _weights(tmp, {"config": {"model": "unet"}})),
-     CheckpointError, r"m\.json: field 'config' does not describe a refseg model: .*unet"),
+     CheckpointError, r"m\.json: config field 'model' must be one of .*unet"),
     ("checkpoint-truncated", weights_case(lambda tmp: _corrupt_checkpoint(tmp, "truncate")), CheckpointError,
      r"run holds no complete checkpoint"),
     ("checkpoint-bit-flip", weights_case(lambda tmp: _corrupt_checkpoint(tmp, "flip")), CheckpointError,
@@ -456,7 +456,7 @@ def test_cli_predict_queries_file_errors_name_the_line(tmp_path, capsys, weights
 @pytest.mark.parametrize("options, names", [
     ("{mask_refine: 2", ["--options", "not JSON"]),
     ("[2]", ["--options", "JSON object"]),
-    ('{"dim": 999}', ["shape"]),
+    ('{"dim": 1024}', ["shape"]),
     ('{"no_such_option": 1}', ["no_such_option"]),
 ], ids=["not-json", "not-an-object", "changes-weights", "unknown-option"])
 def test_cli_predict_bad_options_write_nothing(tmp_path, capsys, weights, options, names):

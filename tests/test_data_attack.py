@@ -81,7 +81,6 @@ def test_bad_polygon_refused_on_an_annotation_no_ref_uses(refcoco, capsys):
     (104, [[0, 0, 5, 5, 10, 10, 15, 15]]),  # collinear: no area
     (104, [[3, 3, 3, 3, 3, 3]]),  # one point three times
     (104, [[20.5, 2, 21.5, 2, 21.5, 10, 20.5, 10]]),  # beside the 20-pixel-wide image (within the margin)
-    (104, []),
     (103, {"size": [30, 20], "counts": [600]}),  # an RLE of zeros
 ])
 def test_segmentation_that_rasterises_to_nothing_refused(refcoco, capsys, ann_id, seg):
@@ -89,6 +88,15 @@ def test_segmentation_that_rasterises_to_nothing_refused(refcoco, capsys, ann_id
     line = _stats_refuses(refcoco.root, capsys, f"instances.json: annotation {ann_id}: field 'segmentation'",
                           "empty mask")
     assert f"ref {ann_id - 91}" in line  # the ref that points to it (ref 13 -> 104, ref 12 -> 103)
+
+
+def test_an_annotation_without_a_mask_loads_but_its_mask_is_never_scored(refcoco):
+    """`segmentation: []` is a text- or click-only data set's way of giving no mask: it loads, and any
+    attempt to read that mask (training with masks, evaluation) is refused instead of scoring an empty one."""
+    edit(refcoco.root, instances=_ann(104, segmentation=[]))
+    data = load_refer(refcoco.root)
+    with pytest.raises(ReferFormatError, match=r"annotation 104: field 'segmentation' is empty"):
+        data.get_mask(104)
 
 
 def test_degenerate_extra_parts_beside_a_real_polygon_are_kept(refcoco):

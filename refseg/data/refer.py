@@ -316,6 +316,9 @@ def decode_segmentation(seg, h: int, w: int, where: str = "segmentation") -> np.
     have no area and are skipped), a list of RLEs, or a bare RLE; RLE counts
     may be compressed (str or bytes) or uncompressed (list of run lengths).
     """
+    if no_mask_given(seg):
+        raise ReferFormatError(f"{where}: field 'segmentation' is empty: this data set gives no mask for it "
+                               "(text- or click-only data), so it cannot be trained on with masks or evaluated")
     rle = _segmentation_rle(seg, h, w, where, check_strings=True)
     if rle is None:
         return np.zeros((h, w), dtype=np.uint8)
@@ -326,6 +329,15 @@ def decode_segmentation(seg, h: int, w: int, where: str = "segmentation") -> np.
     if m.shape[:2] != (h, w):
         raise ReferFormatError(f"{where}: field 'segmentation' RLE decodes to {m.shape[:2]}, not {(h, w)}")
     return np.ascontiguousarray(m.astype(np.uint8))
+
+
+def no_mask_given(seg) -> bool:
+    """True when an annotation carries no mask at all (`segmentation` absent or an empty list).
+
+    Text- and click-only data sets leave their training masks out this way;
+    such an annotation loads, and only reading its mask is an error.
+    """
+    return seg is None or (isinstance(seg, (list, tuple)) and len(seg) == 0)
 
 
 def segmentation_area(seg, h: int, w: int, where: str = "segmentation") -> int:
@@ -635,7 +647,7 @@ def load_refer(ann_dir, split_by: Optional[str] = None, images_dir=None) -> Refe
     checked = set()
     for ref in refs_by_id.values():  # an empty ground truth would score an empty prediction as perfect
         ann_id = ref["ann_id"]
-        if ref["no_target"] or ann_id in checked:
+        if ref["no_target"] or ann_id in checked or no_mask_given(anns[ann_id].get("segmentation")):
             continue
         checked.add(ann_id)
         im = images[anns[ann_id]["image_id"]]
