@@ -345,3 +345,24 @@ def test_predict_reads_a_bom_csv_and_a_u2028_jsonl(tmp_path, capsys):
         assert cli_main(argv) == 2
         err = capsys.readouterr().err
         assert "no-model" in err and queries not in err, err
+
+
+@pytest.mark.parametrize("file_name", ["/etc/passwd", "../secret.png", "sub/../../secret.png", "..\\secret.png",
+                                       "C:\\secret.png"])
+def test_image_file_names_cannot_leave_the_images_folder(refcoco, capsys, file_name):
+    """A data set names its images relative to its images folder; no file elsewhere is ever read through it."""
+    def point_outside(inst):
+        inst["images"][0]["file_name"] = file_name
+    edit(refcoco.root, instances=point_outside)
+    _stats_refuses(refcoco.root, capsys, "instances.json: image", "field 'file_name' must be a path inside")
+
+
+def test_image_file_names_in_subfolders_are_read(refcoco):
+    data = load_refer(refcoco.root)
+    image_id = next(iter(data.images))
+    name = data.images[image_id]["file_name"]
+    (data.images_dir / "sub").mkdir()
+    os.replace(data.images_dir / name, data.images_dir / "sub" / name)
+    edit(refcoco.root, instances=lambda inst: next(i for i in inst["images"] if i["id"] == image_id)
+         .update(file_name=f"sub/{name}"))
+    assert load_refer(refcoco.root).load_image(image_id).ndim == 3

@@ -34,7 +34,7 @@ import math
 import pickle
 import reprlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Optional
 
 import numpy as np
@@ -266,6 +266,10 @@ def _read_instances(path: Path) -> tuple[dict, dict, dict]:
         if not isinstance(im.get("file_name"), str) or not im["file_name"]:
             raise ReferFormatError(f"{where}: field 'file_name' missing or not a string")
         _text(im["file_name"], where, "file_name")
+        name = PurePosixPath(im["file_name"].replace("\\", "/"))
+        if name.is_absolute() or ".." in name.parts or (name.parts and ":" in name.parts[0]):
+            raise ReferFormatError(f"{where}: field 'file_name' must be a path inside the images folder, "
+                                   f"got {_show(im['file_name'])}")
         iid = _int(im.get("id"), where, "id")
         if iid in images:
             raise ReferFormatError(f"{where}: field 'id' is duplicated (two images with id {iid})")
