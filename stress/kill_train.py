@@ -32,10 +32,10 @@ exactly where an uninterrupted run ends.
    falls back to it and end bitwise where the reference ended; with no other
    whole checkpoint it must refuse in one line naming the damaged file and
    leave every file of the run as it was (never a silent restart at step 0).
-6. Concurrent runs (--concurrent N rounds): a run is started, and once it
-   has trained a step a `--resume` and a fresh run of the same command are
-   started on its folder; both must be refused in one line naming the
-   holder's pid while the first ends bitwise where the reference ended.
+6. Concurrent runs (--concurrent N rounds): three copies of the run's
+   command on one new folder started at once, then two `--resume`s of it at
+   once: each time exactly one runs, the others are refused in one line
+   naming its pid, and the folder ends bitwise where the reference ended.
 
 Prints the kills survived and where they landed, and the outcome of each
 attack; exits 1 on any failure.
@@ -366,30 +366,35 @@ def attack_damaged_last(run_dir: Path, ref_run: Path, work: Path, kinds, fork: b
 def attack_concurrent_runs(first: list, ref_run: Path, work: Path, rounds: int, fork: bool, say) -> dict:
     """Step 6 of the module docstring; returns {"rounds": n, "refused": n}."""
     refused = 0
+
+    def race(run: Path, argv: list, n: int, name: str) -> None:
+        """n copies of `refseg <argv>` started at once: exactly one runs, the others are refused naming it."""
+        nonlocal refused
+        children = [killing.Child(work / f"{name}-{j}.log", argv=killing.refseg(argv), target=killing.cli_main,
+                                  args=(argv,), fork=fork) for j in range(n)]
+        codes = [child.wait(killing.TIMEOUT) for child in children]
+        winners = [child for child, rc in zip(children, codes) if rc == 0]
+        assert len(winners) == 1, f"{name}: exit codes {codes}, expected one 0:\n{children[0].tail()}"
+        for child, rc in zip(children, codes):
+            if rc == 0:
+                continue
+            lines = [line for line in child.log.read_text(errors="replace").splitlines() if line.strip()]
+            assert rc == 2 and len(lines) == 1 and f"pid {winners[0].pid}" in lines[0] and str(run) in lines[0], \
+                f"{name}: a second process on the run exited {rc}:\n{child.tail()}"
+            refused += 1
+        problems = same_checkpoint(run / "last", ref_run / "last")
+        assert not problems, f"{name}: the run ends elsewhere than the reference: {problems[:5]}"
+
     for i in range(rounds):
         run = work / f"concurrent-{i}"
         shutil.rmtree(run, ignore_errors=True)
         argv = [str(a) for a in first]
         argv[argv.index("--out") + 1] = str(run)
-        holder = killing.Child(work / f"concurrent-{i}.log", argv=killing.refseg(argv), target=killing.cli_main,
-                               args=(argv,), fork=fork)
-        assert wait_for_rows(holder, run, 0, timeout=killing.TIMEOUT), f"round {i}: the first run never trained"
-        others = []
-        for j, other in enumerate((["train", "--resume", str(run)], argv)):
-            others.append(killing.Child(work / f"concurrent-{i}-{j}.log", argv=killing.refseg(other),
-                                        target=killing.cli_main, args=(other,), fork=fork))
-        for child in others:
-            rc = child.wait(killing.TIMEOUT)
-            lines = [line for line in child.log.read_text(errors="replace").splitlines() if line.strip()]
-            assert rc == 2 and len(lines) == 1 and f"pid {holder.pid}" in lines[0] and str(run) in lines[0], \
-                f"round {i}: a second process on the run exited {rc}:\n{child.tail()}"
-            refused += 1
-        killing.run_to_end(holder)
-        problems = same_checkpoint(run / "last", ref_run / "last")
-        assert not problems, f"round {i}: the run ends elsewhere than the reference: {problems[:5]}"
+        race(run, argv, 3, f"concurrent-{i}-new")  # three new runs into one folder
+        race(run, ["train", "--resume", str(run)], 2, f"concurrent-{i}-resume")  # two resumes of it
         shutil.rmtree(run)
-    say(f"concurrent runs ({rounds} rounds): {refused} second processes refused in one line naming the holder; "
-        "each first run ended bitwise where the reference ended")
+    say(f"concurrent runs ({rounds} rounds of 3 new runs, then 2 resumes, on one folder): {refused} processes "
+        "refused in one line naming the holder's pid; every run ended bitwise where the reference ended")
     return {"rounds": rounds, "refused": refused}
 
 

@@ -233,7 +233,9 @@ def test_resume_from_a_position_beyond_the_epoch_is_refused(finished, tmp_path):
     run = copy_run(finished, tmp_path)
     for folder in ("last", ".last.prev", "best"):
         rewrite_state(run / folder, lambda s: s.update(position=9999))
-    proc = cli_child(["train", "--resume", str(run), "--max-steps", "8", "--no-progress"], timeout=60)
+    # (no feature cache: the refusal comes before training, a cache would be built for nothing)
+    proc = cli_child(["train", "--resume", str(run), "--max-steps", "8", "--no-progress", "--cache-features", "off"],
+                     timeout=60)
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = one_line_error(proc.stderr)
     assert "state.json" in line and "9999" in line
