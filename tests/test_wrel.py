@@ -298,6 +298,24 @@ def test_encoder_site_bank_and_a_site_change_on_resume(wrel_run, shapes, tmp_pat
         train_bank(tiny_config(shapes, tmp_path, **WREL), teacher, train_ds, cache, out, True, CPU)
 
 
+def test_bank_resumed_with_another_batch_size_is_refused(wrel_run, shapes, tmp_path):
+    from refseg.data import load_refer
+    from refseg.data.dataset import RefSegDataset
+    from refseg.engine.cache import get_cache
+    from refseg.engine.wrel import train_bank
+
+    run = wrel_run.run
+    teacher = refseg.load(run / "stage1-teacher")
+    train_ds = RefSegDataset(load_refer(run / "data"), "train", SIZE, "full")
+    cache = get_cache(teacher, train_ds, CPU, str(run / "cache"), progress=False)
+    shutil.copytree(run / "stage2-bank", tmp_path / "bank")
+    before = (tmp_path / "bank" / "last" / "model.safetensors").read_bytes()
+    with pytest.raises(engine.TrainError, match="saved in 3 batches.* now cuts them into 6"):
+        train_bank(tiny_config(shapes, tmp_path, **{**WREL, "wrel_bank_batch": 1}), teacher, train_ds, cache,
+                   tmp_path / "bank", True, CPU)
+    assert (tmp_path / "bank" / "last" / "model.safetensors").read_bytes() == before
+
+
 def _crash_in_stage(stage, after):
     """engine.loss_function whose `stage`-th loss (1, 2, 3) raises on its call number after + 1."""
     real, made = engine.loss_function, []
