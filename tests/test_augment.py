@@ -2,6 +2,7 @@
 
 import csv
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -164,12 +165,20 @@ def test_flip_keeps_letterbox_padding_and_moves_clicks_with_the_mask(tmp_path):
     inst = json.loads((data_dir / "instances.json").read_text())
     for im in inst["images"]:
         im["height"] = 40
+    gone = set()  # objects wholly below row 40: no longer in the image, so neither are their refs
     for a in inst["annotations"]:
         m = mask_utils.decode(a["segmentation"][0])[:40]
         rle = mask_utils.encode(np.asfortranarray(m))
         a["segmentation"] = [{"size": [40, SIZE], "counts": rle["counts"].decode("ascii")}]
         a["area"] = float(m.sum())
+        if not m.any():
+            gone.add(a["id"])
+    inst["annotations"] = [a for a in inst["annotations"] if a["id"] not in gone]
     (data_dir / "instances.json").write_text(json.dumps(inst))
+    with open(data_dir / "refs(unc).p", "rb") as f:
+        refs = pickle.load(f)  # written by make_shapes_refer above
+    with open(data_dir / "refs(unc).p", "wb") as f:
+        pickle.dump([r for r in refs if r["ann_id"] not in gone], f)
     data = load_refer(data_dir)
     full = RefSegDataset(data, "train", SIZE, "full")
     click = RefSegDataset(data, "train", SIZE, "click")
