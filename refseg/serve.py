@@ -264,6 +264,8 @@ class ModelPool:
         CHUNK_BYTES, or one expression's) exist at a time. ApiError 503 model_failed when the model's
         outputs are not finite.
         """
+        from refseg.predictor import ModelOutputError
+
         name = self.resolve(name)
         h, w = rgb.shape[:2]
         per_chunk = max(1, CHUNK_BYTES // (4 * h * w))
@@ -282,13 +284,9 @@ class ModelPool:
                         out.append(each(text, pred.masks[k], float(pred.scores[k]), bool(pred.no_target[k]),
                                         float(pred.no_target_prob[k]), [int(v) for v in pred.points[k]]))
                     del pred
-            except ApiError:
-                raise
-            except Exception as e:  # noqa: BLE001  (a model error, e.g. one that refuses its own NaN output)
-                if "finite" in str(e).lower() or "nan" in str(e).lower():
-                    raise ApiError(503, "model_failed", f"model {name!r} failed on this image: "
-                                   f"{str(e).splitlines()[0][:200]}") from None
-                raise
+            except ModelOutputError as e:
+                raise ApiError(503, "model_failed", f"model {name!r} failed on this image: "
+                               f"{str(e).splitlines()[0][:200]}") from None
             finally:
                 predictor.reset_image()  # do not keep the last upload in memory
         return out

@@ -170,6 +170,7 @@ def test_only_the_models_the_server_was_started_with():
 
 def _crafted_files():
     """(name, bytes): a small image in every format Pillow writes, then truncated and with bytes flipped."""
+    Image.init()  # every plugin registered, not only the common ones
     rng = np.random.default_rng(0)
     img = Image.fromarray(red_square_image(24, 32))
     out = []
