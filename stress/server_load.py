@@ -19,7 +19,14 @@ measures it from outside, over real sockets:
     (413), a 49 MP one (413), bytes that are no image (415); each must
     answer within --probe-limit seconds;
   - the server's resident memory (VmRSS sampled every 0.25 s, and VmHWM)
-    from /proc.
+    from /proc;
+  - after the load: the worst request the limits allow (a blank square PNG
+    of --max-megapixels with as many expressions as --max-work-megapixels
+    and 32 allow), its peak RSS growth (VmHWM); then --stalled connections
+    that never finish their request (a third send half a head, a third a
+    head and half a body, a third nothing), the RSS meanwhile, whether a
+    normal client is still served while they are open, and how many the
+    server has closed after its deadlines.
 Prints requests served, status counts (5xx must be 0), p50/p90/p99/max
 latency, throughput, peak RSS and the probes' answers; exits 1 when a 5xx,
 a connection error or a failed probe is seen.
@@ -107,9 +114,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, threads: int, max_concurrent: int, log: Path) -> subprocess.Popen:
+def start_server(model: str, port: int, threads: int, max_concurrent: int, log: Path, extra=()) -> subprocess.Popen:
     args = ["demo", "--no-demo", "--no-examples", "--host", "127.0.0.1", "--port", port, "--model", model,
-            "--max-concurrent", max_concurrent]
+            "--max-concurrent", max_concurrent, *extra]
     if threads:
         args += ["--threads", threads]
     with open(log, "w") as f:
@@ -408,6 +415,12 @@ def report(f: dict) -> str:
                      f"{m['peak_first_half']}), {m['end']} MiB at the end, VmHWM {m.get('VmHWM')} MiB")
     for name, p in f["probes"].items():
         lines.append(f"probe {name}: {p['status']} in {p['seconds']:.3f} s")
+    if "worst_request" in f:
+        w = f["worst_request"]
+        lines.append(f"worst allowed request: {w['image']} x {w['expressions']} expressions -> {w['status']} in "
+                     f"{w['seconds']} s; peak RSS +{w['peak_growth_mib']} MiB (from {w['rss_before_mib']} MiB)")
+    if "stalled" in f:
+        lines.append(f"stalled connections: {json.dumps(f['stalled'])}")
     if f["first_errors"]:
         lines.append(f"errors seen: {f['first_errors']}")
     return "\n".join(lines)
@@ -423,11 +436,76 @@ def failures(f: dict, probe_limit: float) -> list:
         out.append("nothing served")
     expected = {"announced 64 MiB upload": 413, "chunked upload, no length": 413, "20000 x 20000 PNG header": 413,
                 "7000 x 7000 PNG header (49 MP)": 413, "not an image": 415}
+    if "worst_request" in f and f["worst_request"]["status"] != 200:
+        out.append(f"worst allowed request: {f['worst_request']['status']}")
+    if "stalled" in f:
+        st = f["stalled"]
+        if st["normal_client_status"] != 200:
+            out.append(f"normal client with stalled connections open: {st['normal_client_status']}")
+        if next(v for k, v in st.items() if k.startswith("closed_by_server")) < st["connections"] - st["refused_by_client_os"]:
+            out.append("some stalled connections were never closed by the server")
     for name, p in f["probes"].items():
         if p["status"] != expected[name] or p["seconds"] > probe_limit:
             out.append(f"probe {name}: {p['status']} in {p['seconds']:.2f} s (want {expected[name]} within "
                        f"{probe_limit} s)")
     return out
+
+
+def worst_request(port: int, pid: int, megapixels: float, work_megapixels: float) -> dict:
+    """The largest request the limits allow: peak RSS growth (VmHWM) and its answer."""
+    side = int((megapixels * 1e6) ** 0.5)
+    texts = max(1, min(32, int(work_megapixels * 1e6) // (side * side)))
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side)).save(buf, "PNG")
+    sampler = MemorySampler(pid)
+    before = sampler.status("VmHWM")
+    status, seconds, code = probe_post(port, multipart(buf.getvalue(), [f"the thing number {i}" for i in range(texts)]))
+    return {"image": f"{side}x{side} blank PNG ({len(buf.getvalue())} bytes)", "expressions": texts, "status": status,
+            "code": code, "seconds": round(seconds, 2), "rss_before_mib": round(sampler.status("VmRSS"), 1),
+            "peak_growth_mib": round(sampler.status("VmHWM") - before, 1)}
+
+
+def stalled_connections(port: int, pid: int, n: int, wait: float) -> dict:
+    """Open n connections that never finish their request; probe a normal client; count those closed after wait s."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    sampler = MemorySampler(pid)
+    socks, refused = [], 0
+    for i in range(n):
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            head = "" if i % 3 == 2 else "POST /segment HTTP/1.1\r\nHost: x\r\n"
+            if i % 3 == 1:
+                head += f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: 5000\r\n\r\n--"
+            s.sendall(head.encode())
+            socks.append(s)
+        except OSError:
+            refused += 1
+    rss_open = sampler.status("VmRSS")
+    png = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (120, 90), (200, 30, 30)).save(png, "PNG")
+    probe = probe_post(port, multipart(png.getvalue(), ["the red image"]))
+    time.sleep(wait)
+    closed = 0
+    for s in socks:
+        s.settimeout(0.5)
+        try:
+            data = s.recv(4096)
+            closed += data == b"" or data.startswith(b"HTTP/1.1 408")
+        except socket.timeout:
+            pass
+        except OSError:
+            closed += 1
+        s.close()
+    return {"connections": n, "refused_by_client_os": refused, "rss_with_them_open_mib": round(rss_open, 1),
+            "normal_client_status": probe[0], "normal_client_seconds": round(probe[1], 2),
+            f"closed_by_server_after_{wait:g}s": closed}
 
 
 def main() -> int:
@@ -439,6 +517,9 @@ def main() -> int:
     p.add_argument("--slow-clients", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="the server's torch threads (0: torch's default)")
     p.add_argument("--max-concurrent", type=int, default=2, help="the server's --max-concurrent")
+    p.add_argument("--max-megapixels", type=float, default=40.0, help="the server's --max-megapixels")
+    p.add_argument("--max-work-megapixels", type=float, default=400.0, help="the server's --max-work-megapixels")
+    p.add_argument("--stalled", type=int, default=1100, help="connections that never finish their request (0: skip)")
     p.add_argument("--probe-limit", type=float, default=5.0, help="seconds within which a probe must be answered")
     p.add_argument("--data", type=Path, default=None, help="refer data set for the images (default: SynthRef tiny)")
     p.add_argument("--work", type=Path, default=None)
@@ -455,7 +536,8 @@ def main() -> int:
     samples = synthref_samples(data)
     big = big_jpeg(samples[0][0]) if args.big_clients else None
     port = free_port()
-    server = start_server(args.model, port, args.threads, args.max_concurrent, work / "server.log")
+    server = start_server(args.model, port, args.threads, args.max_concurrent, work / "server.log",
+                          ["--max-megapixels", args.max_megapixels, "--max-work-megapixels", args.max_work_megapixels])
     try:
         t = time.monotonic()
         health = wait_healthy(port, server)
@@ -464,6 +546,10 @@ def main() -> int:
         figures = run_load(port, samples, args.clients, args.duration, big, args.big_clients, args.slow_clients,
                            server_pid=server.pid)
         figures["health_after"] = wait_healthy(port, server, timeout=30)["status"]
+        figures["worst_request"] = worst_request(port, server.pid, args.max_megapixels, args.max_work_megapixels)
+        if args.stalled:
+            figures["stalled"] = stalled_connections(port, server.pid, args.stalled, wait=40.0)
+        figures["health_end"] = wait_healthy(port, server, timeout=30)["status"]
     finally:
         server.terminate()
         try:
