@@ -42,7 +42,7 @@ COMMANDS = {
     "predict": ("refseg.predict_cli", "segment the object an expression names in an image"),
     "demo": ("refseg.demo_cli", "serve the web demo and the REST API (/segment) on one port"),
     "export": ("refseg.export", "export a model to ONNX (image encoder + text/head graphs)"),
-    "bench": ("refseg.bench", "every method under every supervision budget: train/load, evaluate, write a report"),
+    "bench": ("refseg.bench.run", "every method under every supervision budget: train/load, evaluate, write a report"),
 }
 
 

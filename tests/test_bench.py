@@ -24,7 +24,7 @@ from PIL import Image
 
 from refseg import bench
 from refseg.annotation import COSTS, annotation_cost
-from refseg.bench_report import judge_targets
+from refseg.bench.report import judge_targets
 from refseg.cli import main as cli
 
 # ---- pieces ------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ What it does:
    `refseg eval`), measures its objective on that split, and counts what its
    training labels cost (refseg.annotation). `--preset tiny` also evaluates
    each method's untrained instance (the same seed, no step taken).
-4. Writes the report folder (refseg.bench_report): report.md (the table,
+4. Writes the report folder (refseg.bench.report): report.md (the table,
    the cost assumptions with their sources, targets, commands), results.json,
    accuracy_vs_cost.png and overlays/<row>.png (correct and failed cases).
 """
@@ -480,7 +480,7 @@ def main(args: argparse.Namespace) -> int:
 
     import torch
 
-    from refseg.bench_report import judge_targets, write_report
+    from refseg.bench.report import judge_targets, write_report
 
     preset = PRESETS[args.preset]
     names = [e.name for e in ENTRIES]

@@ -107,14 +107,14 @@ def main(args: argparse.Namespace) -> int:
             evaluate_model(model, data, split=args.split, batch_size=args.batch_size, device=device,
                            max_samples=args.save_vis, progress=False, save_vis=vis_dir, outputs=outs)
         if args.markdown:
-            from refseg.bench_report import METRIC_COLUMNS, markdown_table
+            from refseg.bench.report import METRIC_COLUMNS, markdown_table
 
             rows = [{"name": name, "metrics": results}]
             rows += [{"name": f"{name} / {form}", "metrics": r} for form, r in sorted(results["by_form"].items())]
             outs.write_text(args.markdown, markdown_table(rows, [("model / split", lambda r: r["name"])]
                                                           + METRIC_COLUMNS) + "\n")
         if args.out:
-            from refseg.bench_report import jsonable
+            from refseg.bench.report import jsonable
 
             out = {"checkpoint": str(args.checkpoint), "data": str(Path(args.data).resolve()), "split": args.split,
                    "split_by": data.split_by, "seconds": round(seconds, 2), "metrics": results}
