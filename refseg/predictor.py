@@ -19,7 +19,6 @@ that upsamples each logit map once and thresholds it in logit space.
 """
 
 import inspect
-import math
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
 
@@ -29,6 +28,7 @@ import torch
 from refseg.data.image import load_image_rgb
 from refseg.data.transforms import Letterbox
 from refseg.expressions import check_expressions
+from refseg.postprocess import postprocess
 
 
 class ModelOutputError(RuntimeError):
@@ -85,8 +85,6 @@ class Predictor:
         self.model = model.for_inference() if hasattr(model, "for_inference") else model
         self.device = _device_of(self.model)
         self.mask_threshold = float(mask_threshold)
-        # sigmoid(x) > t  <=>  x > log(t / (1 - t)): threshold the logits, no full-resolution sigmoid
-        self._logit_threshold = math.log(self.mask_threshold / (1.0 - self.mask_threshold))
         self.text_batch_size = int(text_batch_size)
         self.letterbox = Letterbox(int(getattr(model, "image_size", 320)))
         self._trim = "trim" in inspect.signature(self.model.encode_text).parameters
@@ -186,10 +184,8 @@ class Predictor:
     def _postprocess(self, out: dict, hw: tuple) -> Prediction:
         """Decoder outputs for B sentences about one image of size ``hw`` -> Prediction at full resolution.
 
-        The (B, 1, S, S) logits are un-letterboxed (cropped, resized once,
-        bilinear) to (B, H, W); the mask is ``logit > logit(threshold)``
-        (= probability > threshold), the score the mean probability over
-        the mask's pixels only, the point the logits' argmax.
+        Refuses non-finite outputs (ModelOutputError), then calls
+        ``refseg.postprocess.postprocess``, the post-processing `refseg eval` scores.
         """
         if out["mask_logits"] is None or out["mask_logits"].shape[0] == 0:  # an image with no expressions
             return Prediction(
@@ -201,32 +197,8 @@ class Predictor:
             if bool(bad.any()):
                 raise ModelOutputError(f"the model's {key} hold NaN or infinite values for {int(bad.sum())} of "
                                        f"{len(bad)} expressions; its weights or this input break it")
-        # numpy from here on (single-threaded): the maps are small, and torch's intra-op threads cost more
-        # in start-up and synchronisation than they save (much more on a busy machine)
-        nt_prob = _sigmoid(out["no_target_logits"].float().cpu().numpy())  # (B,)
-        no_target = nt_prob > 0.5  # (B,)
-        h, w = hw
-        p = self.letterbox.params(h, w)
-        mask_logits = out["mask_logits"][:, 0].float()  # (B, S, S)
-        if (p.new_h, p.new_w) == (h, w):  # no resize: the un-letterboxing is a crop
-            logits = np.array(mask_logits.cpu().numpy()[:, :h, :w])  # (B, H, W), a copy
-        else:
-            logits = self.letterbox.invert(mask_logits, hw).cpu().numpy()  # (B, H, W)
-        masks = logits > self._logit_threshold  # (B, H, W) bool
-        masks[no_target] = False
-        flat = logits.reshape(len(logits), -1).argmax(1)  # (B,)
-        points = np.stack([flat % w, flat // w], 1).astype(np.int64)  # (B, 2) x, y
-        scores = np.zeros(len(logits), np.float32)
-        for b in np.flatnonzero(masks.reshape(len(masks), -1).any(1)):
-            scores[b] = _sigmoid(logits[b][masks[b]]).mean(dtype=np.float32)
-        return Prediction(masks=masks, scores=scores, no_target=no_target,
-                          no_target_prob=nt_prob.astype(np.float32), logits=logits, points=points)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    """float32 logistic function, elementwise (1 / (1 + exp(-x)); exp overflows to inf -> 0 quietly)."""
-    with np.errstate(over="ignore"):
-        return (1.0 / (1.0 + np.exp(-x, dtype=np.float32))).astype(np.float32, copy=False)
+        return Prediction(*postprocess(out["mask_logits"], out["no_target_logits"], hw, self.letterbox,
+                                       self.mask_threshold))
 
 
 def _concat(parts: list) -> Prediction:

@@ -1,11 +1,11 @@
 """Evaluate a model on a refer-format split: the loop behind `refseg eval`
 and the periodic validation of `refseg train`.
 
-Per sentence: the (1, S, S) mask logits are un-letterboxed to the original
-(H, W) with `Letterbox.invert`; the predicted mask is `logits > 0`, emptied
-when `no_target_logits > 0`; the point is the argmax of the un-letterboxed
-logits. Both go into `RISMetrics` with the original-resolution ground truth.
-Sentences are visited image by image, so each image is encoded once per batch.
+Per sentence, the decoder outputs go through `refseg.postprocess.postprocess`
+(the post-processing `Predictor` serves): the mask and the response-map point
+at the image's original (H, W) go into `RISMetrics` with the original-resolution
+ground truth. Sentences are visited image by image, so each image is encoded
+once per batch.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import nn
 from refseg.data.transforms import Letterbox
 from refseg.engine.distributed import DistInfo, gather_objects
 from refseg.metrics import RISMetrics
+from refseg.postprocess import postprocess
 
 
 def image_ordered(samples: Sequence) -> List[int]:
@@ -40,20 +41,23 @@ def eval_batches(samples: Sequence, batch_size: int, rank: int = 0, world_size: 
 
 @torch.no_grad()
 def predict_masks(out: Dict[str, torch.Tensor], orig_hw: torch.Tensor, letterbox: Letterbox):
-    """Model outputs of B sentences -> [(pred (H, W) bool ndarray, point (x, y), logits (H, W) tensor)].
+    """Model outputs of B sentences -> [(pred (H, W) bool ndarray, point (x, y), logits (H, W) float32 ndarray)].
 
     orig_hw: (B, 2) original height, width of each sentence's image.
+    Runs of sentences with one image size go through `refseg.postprocess.postprocess`
+    together, the post-processing `Predictor` serves (threshold 0.5).
     """
-    logits = out["mask_logits"].float()  # (B, 1, S, S)
-    no_target = out["no_target_logits"].float() > 0  # (B,)
+    sizes = [(int(h), int(w)) for h, w in orig_hw.tolist()]
     results = []
-    for i in range(logits.shape[0]):
-        h, w = (int(v) for v in orig_hw[i])
-        lg = letterbox.invert(logits[i, 0], (h, w))  # (H, W)
-        flat = int(torch.argmax(lg))
-        point = (flat % w, flat // w)
-        pred = torch.zeros_like(lg, dtype=torch.bool) if no_target[i] else lg > 0
-        results.append((pred.cpu().numpy(), point, lg))
+    start = 0
+    while start < len(sizes):
+        stop = start + 1
+        while stop < len(sizes) and sizes[stop] == sizes[start]:
+            stop += 1
+        post = postprocess(out["mask_logits"][start:stop], out["no_target_logits"][start:stop], sizes[start], letterbox)
+        for mask, (x, y), logits in zip(post.masks, post.points.tolist(), post.logits):
+            results.append((mask, (x, y), logits))
+        start = stop
     return results
 
 
