@@ -44,11 +44,11 @@ TEXT = "the red star left of the blue circle"
 
 
 def load_model(spec: str, kwargs: dict):
-    """``untrained:<name>``: refseg.modeling.MODELS[name](**kwargs) with seed 0; anything else: refseg.load."""
+    """``untrained:<name>``: refseg.methods.MODELS[name](**kwargs) with seed 0; anything else: refseg.load."""
     import torch
 
     if spec.startswith("untrained:"):
-        from refseg.modeling import MODELS
+        from refseg.methods import MODELS
 
         torch.manual_seed(0)
         return MODELS[spec.split(":", 1)[1]](**kwargs).eval()

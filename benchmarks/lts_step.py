@@ -21,8 +21,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from refseg.losses import lts_loss
-from refseg.modeling.lts import LTSHead
+from refseg.methods.lts.loss import lts_loss
+from refseg.methods.lts import LTSHead
 from refseg.modeling.text import TextFeatures
 
 

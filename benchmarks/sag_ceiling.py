@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from sag_slots import referents_by_image  # benchmarks/ is on sys.path when this script runs
 
-from refseg.modeling.sag import RGB_SCALE
+from refseg.methods.sag.model import RGB_SCALE
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 30, gen=None) -> torch.Tensor:

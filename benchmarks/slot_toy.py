@@ -5,7 +5,7 @@
 Each toy image is a 20 x 20 grid (SaG's stride-16 grid at 320 px) of colour
 tokens: a uniform background with 6 random flat-coloured rectangles of 2-4
 cells a side, scaled as SaG scales its colour map ((c - 0.5) / 0.25). The
-modules of refseg.modeling.sag (input MLP + position code, SlotAttention with
+modules of refseg.methods.sag.model (input MLP + position code, SlotAttention with
 Gaussian slots, the spatial-broadcast SlotDecoder) are trained on colour
 reconstruction alone, Adam at --lr, batch 32, and every 250 steps the script
 prints the reconstruction MSE and the mean best-slot IoU of the rectangles
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from refseg.modeling.common import MLP, sine_position_encoding
-from refseg.modeling.sag import RGB_SCALE, SlotAttention, SlotDecoder
+from refseg.methods.sag.model import RGB_SCALE, SlotAttention, SlotDecoder
 
 GRID = 20
 OBJECTS = 6

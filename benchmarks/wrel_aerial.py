@@ -67,7 +67,7 @@ def ensure_run(condition: str, args, seed: int) -> Path:
     """Train the run, resume it, or leave it when finished; returns its folder."""
     from refseg.cli import main as cli
     from refseg.engine.checkpoint import find_checkpoint
-    from refseg.engine.wrel import stage_done
+    from refseg.methods.wrel.train import stage_done
 
     out = Path(args.runs) / run_name(condition, args.accurate_fraction, seed)
     if (out / "config.json").exists() and stage_done(out):

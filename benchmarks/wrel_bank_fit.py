@@ -8,12 +8,12 @@ Takes --n sentences of a split, replaces each by its class name (what
 `refseg weaken` does to a weak ref), and prints the teacher's mean IoU
 (letterboxed, logits > 0) with the accurate text and with the class name
 alone; then, for each site and learning rate, the IoU with the class name +
-bank prompts after every few Adam steps of stage 2 (engine/wrel.py: same
+bank prompts after every few Adam steps of stage 2 (refseg/methods/wrel/train.py: same
 initialisation, loss, optimiser and text path, all --n refs in one batch,
 as stage 2 does with --wrel-bank-batch n), and the cost: seconds per step
 and milliseconds per ref and step, measured in this one process, so that
 the sites compare fairly. Sites: `encoder` and `features` as in
-modeling/bank.py; `features-abs` is the alternative to `features` not taken
+refseg/methods/wrel/bank.py; `features-abs` is the alternative to `features` not taken
 (the prompts are absolute output-space vectors from N(0, 0.02^2), not
 offsets from the class name's sentence vector). The class-name features
 of site features are rounded to fp16, as the feature cache stores them.
@@ -48,9 +48,9 @@ def main() -> int:
     from refseg.data import load_refer
     from refseg.data.dataset import RefSegDataset, collate
     from refseg.engine.evaluate_core import unique_images
-    from refseg.engine.wrel import PROMPT_INIT_STD, bank_text
-    from refseg.losses import lts_loss
-    from refseg.modeling.bank import append_prompt_features, class_name_tokens
+    from refseg.methods.wrel.train import PROMPT_INIT_STD, bank_text
+    from refseg.methods.lts.loss import lts_loss
+    from refseg.methods.wrel.bank import append_prompt_features, class_name_tokens
     from refseg.modeling.text import TextFeatures
 
     torch.set_num_threads(args.threads)

@@ -84,6 +84,7 @@ from torch import nn
 
 from refseg.argtypes import positive_int
 from refseg.engine.config import write_text_atomic
+from refseg.modeling.base import EncoderHeadModel, RISModel
 from refseg.modeling.text import TextFeatures
 from refseg.predictor import Predictor
 
@@ -112,9 +113,8 @@ def export_paths(out: Union[str, Path]) -> Dict[str, Path]:
 
 
 def _image_features(model: nn.Module, image: torch.Tensor) -> List[torch.Tensor]:
-    """What the decoder graph reads: ``model.image_context(maps)`` when the model has it, else the maps."""
-    maps = model.encode_image(image)
-    return list(model.image_context(maps)) if hasattr(model, "image_context") else list(maps)
+    """What the decoder graph reads: ``model.image_context(maps)`` (the maps themselves by default)."""
+    return list(model.image_context(model.encode_image(image)))
 
 
 class ImageGraph(nn.Module):
@@ -141,7 +141,7 @@ class TextGraph(nn.Module):
 
 class DecoderGraph(nn.Module):
     """per-image tensors + encoded text -> (mask_logits, no_target_logits, prior_logits):
-    ``model.decode_context`` (``model.decode`` for a model without it)."""
+    ``model.decode_context``."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -149,8 +149,7 @@ class DecoderGraph(nn.Module):
 
     def forward(self, features: List[torch.Tensor], tokens, sentence, attention_mask, image_index):
         txt = TextFeatures(tokens, attention_mask.bool(), sentence)
-        decode = getattr(self.model, "decode_context", self.model.decode)
-        out = decode(features, txt, image_index)
+        out = self.model.decode_context(features, txt, image_index)
         return out["mask_logits"], out["no_target_logits"], out["prior_logits"]
 
 
@@ -339,9 +338,9 @@ def export_onnx(
     """
     if exporter not in ("auto", "dynamo", "legacy"):
         raise ValueError(f"exporter must be auto, dynamo or legacy, got {exporter!r}")
-    text = getattr(model, "text", None)
-    if text is None or getattr(text, "tokenizer", None) is None:
+    if not isinstance(model, EncoderHeadModel) or getattr(model.text, "tokenizer", None) is None:
         raise ValueError(f"{type(model).__name__}: export needs a text encoder with a Hugging Face `tokenizer`")
+    text = model.text
     model = model.eval().cpu()
     paths = export_paths(out)
     paths["image"].parent.mkdir(parents=True, exist_ok=True)
@@ -405,7 +404,7 @@ def export_onnx(
         "fused_ops": fused,
         "exporter_failures": failures, "torch": torch.__version__,
         "export_seconds": round(time.perf_counter() - start, 1),
-        "config": getattr(model, "config", {}),
+        "config": model.config,
         **(extra_meta or {}),
     }
     write_text_atomic(paths["meta"], json.dumps(meta, indent=2) + "\n")
@@ -444,7 +443,7 @@ def _quantize_text(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-class OnnxModel(nn.Module):
+class OnnxModel(RISModel):
     """The ``encode_image`` / ``encode_text`` / ``decode`` interface of a refseg model, on onnxruntime.
 
     Holds no parameters; tensors in and out are CPU torch tensors so that
@@ -495,6 +494,7 @@ class OnnxModel(nn.Module):
         except ModelConfigError as e:
             raise ModelConfigError(f"{meta_path}: {e}") from None
         self.image_size = int(self.meta["image_size"])
+        self.config = dict(self.meta.get("config") or {})
         self.max_length = int(self.meta["max_length"])
 
         def options(intra: int):
@@ -546,7 +546,7 @@ class OnnxModel(nn.Module):
         tokens, sentence = self.text_session.run(self.meta["text_outputs"], feeds)
         return TextFeatures(torch.from_numpy(tokens), attention_mask.bool(), torch.from_numpy(sentence))
 
-    def encode_text(self, texts: Sequence[str]) -> TextFeatures:
+    def encode_text(self, texts: Sequence[str], trim: bool = False) -> TextFeatures:
         """list[str] (B) -> TextFeatures, as the PyTorch model's ``encode_text(texts, trim=True)``."""
         return self.encode_tokens(**self.tokenize(texts))
 

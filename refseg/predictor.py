@@ -18,7 +18,6 @@ that upsamples each logit map once and thresholds it in logit space.
     result.masks        # (N, H, W) bool, full resolution of the input image
 """
 
-import inspect
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
 
@@ -28,6 +27,7 @@ import torch
 from refseg.data.image import load_image_rgb
 from refseg.data.transforms import Letterbox
 from refseg.expressions import check_expressions
+from refseg.modeling.base import RISModel
 from refseg.postprocess import postprocess
 
 
@@ -70,10 +70,8 @@ class Predictor:
     """Caches one image's visual features and answers expressions about it.
 
     Arguments:
-      model: a refseg model exposing ``encode_image``, ``encode_text`` and
-        ``decode`` (see docs/DESIGN.md); it is put in eval mode. Optional
-        hooks, used when present: ``for_inference()``, ``image_context`` +
-        ``decode_context``, ``encode_text(texts, trim=True)``.
+      model: a ``refseg.modeling.RISModel`` (see docs/DESIGN.md); it is put in
+        eval mode and its ``for_inference()`` form answers.
       mask_threshold: probability above which a pixel is foreground, in (0, 1).
       text_batch_size: expressions decoded per forward pass.
     """
@@ -81,13 +79,14 @@ class Predictor:
     def __init__(self, model: torch.nn.Module, mask_threshold: float = 0.5, text_batch_size: int = 32):
         if not 0.0 < float(mask_threshold) < 1.0:
             raise ValueError(f"Predictor: mask_threshold must be in (0, 1), got {mask_threshold!r}")
+        if not isinstance(model, RISModel):
+            raise TypeError(f"Predictor: model must be a refseg.modeling.RISModel, got {type(model).__name__}")
         model = model.eval()
-        self.model = model.for_inference() if hasattr(model, "for_inference") else model
+        self.model = model.for_inference()
         self.device = _device_of(self.model)
         self.mask_threshold = float(mask_threshold)
         self.text_batch_size = int(text_batch_size)
-        self.letterbox = Letterbox(int(getattr(model, "image_size", 320)))
-        self._trim = "trim" in inspect.signature(self.model.encode_text).parameters
+        self.letterbox = Letterbox(model.image_size)
         self.reset_image()
 
     def reset_image(self) -> None:
@@ -105,15 +104,12 @@ class Predictor:
         return tensor, rgb.shape[:2]
 
     def _encode_image(self, images: torch.Tensor) -> list:
-        """(B, 3, S, S) uint8 -> what ``_decode`` reads: ``image_context(maps)`` if the model has it, else the maps."""
-        maps = self.model.encode_image(images.to(self.device))
-        return self.model.image_context(maps) if hasattr(self.model, "image_context") else maps
+        """(B, 3, S, S) uint8 -> what ``_decode`` reads: ``image_context(maps)``."""
+        return self.model.image_context(self.model.encode_image(images.to(self.device)))
 
     def _decode(self, features: list, texts: Sequence[str], index: torch.Tensor) -> dict:
-        txt = self.model.encode_text(texts, trim=True) if self._trim else self.model.encode_text(texts)
-        if hasattr(self.model, "decode_context"):
-            return self.model.decode_context(features, txt, index)
-        return self.model.decode(features, txt, index)
+        txt = self.model.encode_text(texts, trim=True)
+        return self.model.decode_context(features, txt, index)
 
     @torch.inference_mode()
     def set_image(self, image: ImageLike) -> None:

@@ -39,7 +39,7 @@ def training_record(run: Path) -> dict:
         "cached_step_samples_per_s_median": round(statistics.median(speeds), 1) if speeds else None,
         "config": config,
     }
-    if (run / "stage1-teacher" / "log.csv").exists():  # an LRB-WREL run (engine/wrel.py): stages 1 and 2 too
+    if (run / "stage1-teacher" / "log.csv").exists():  # an LRB-WREL run (refseg/methods/wrel/): stages 1 and 2 too
         record["stages"] = {"teacher": training_record(run / "stage1-teacher"),
                             "bank": bank_record(run / "stage2-bank")}
     return record

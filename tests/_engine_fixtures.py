@@ -5,7 +5,7 @@ each with a red and a blue square on a noisy background, one ref per square
 ("the red square" / "the blue square", plus a location sentence); masks as
 COCO RLE. A head overfits it within a few dozen steps.
 
-`TINY_LTS` are model kwargs for `refseg.modeling.MODELS["lts"]` that build a
+`TINY_LTS` are model kwargs for `refseg.methods.MODELS["lts"]` that build a
 small LTS on randomly initialised encoders (no pretrained weights read).
 """
 
@@ -104,7 +104,7 @@ def tiny_model(seed: int = 0):
 def _tiny_model(seed: int):
     import torch
 
-    from refseg.modeling import MODELS
+    from refseg.methods import MODELS
 
     torch.manual_seed(seed)
     return MODELS["lts"](image_size=SIZE, **TINY_LTS)

@@ -19,21 +19,22 @@ import torch
 from PIL import Image
 from torch import nn
 
+from refseg.modeling.base import RISModel
+
 SQUARE = (20, 30, 60, 70)  # y0, x0, y1, x1 of the red square in red_square_image()
 
 
-class RedModel(nn.Module):
+class RedModel(RISModel):
     """mask logit = (R - (G + B) / 2 - 60) / 8 per letterboxed pixel; no-target when the text says "nothing"."""
 
     def __init__(self, image_size: int = 64):
-        super().__init__()
-        self.image_size = image_size
+        super().__init__(image_size)
         self.register_buffer("scale", torch.tensor(8.0))
 
     def encode_image(self, images: torch.Tensor):
         return [images.float()]  # (B, 3, S, S)
 
-    def encode_text(self, texts):
+    def encode_text(self, texts, trim=False):
         return torch.tensor([1.0 if "nothing" in t else 0.0 for t in texts])  # (B,)
 
     def decode(self, vis, txt, image_index):

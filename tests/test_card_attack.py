@@ -24,7 +24,8 @@ import refseg
 from refseg import hub
 from refseg.cli import main as cli
 from refseg.engine.checkpoint import CheckpointError, sha256_of
-from refseg.modeling import MODELS, build_model, build_text, build_visual
+from refseg.methods import MODELS, build_model
+from refseg.modeling import build_text, build_visual
 from refseg.modeling.limits import ModelConfigError
 from refseg.predictor import ModelOutputError, Predictor
 
@@ -257,9 +258,9 @@ def test_every_size_and_count_argument_of_every_head_is_bounded(model):
     import inspect
 
     from refseg.modeling.limits import FIELDS, known_fields
-    from refseg.modeling.lts import LTSHead
-    from refseg.modeling.pks import PKSHead
-    from refseg.modeling.sag import SaGHead
+    from refseg.methods.lts import LTSHead
+    from refseg.methods.pks import PKSHead
+    from refseg.methods.sag import SaGHead
 
     head = {"lts": LTSHead, "sag": SaGHead, "pks": PKSHead}[model]
     params = inspect.signature(head.__init__).parameters

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from refseg.data.dataset import RefSegDataset, collate
 from refseg.data.refer import load_refer
 from refseg.engine import cache as feature_cache
+from refseg.modeling.base import RISModel
 from refseg.engine import train as train_module
 from refseg.engine.config import TrainConfig, add_config_arguments, config_from_args
 from refseg.engine.evaluate_core import evaluate_model, predict_masks
@@ -226,19 +227,18 @@ def test_predict_masks_inverts_letterbox_and_honours_no_target():
     assert not pred1.any()  # no-target logit > 0: empty mask
 
 
-class _Oracle(torch.nn.Module):
+class _Oracle(RISModel):
     """Predicts the ground truth: returns the letterboxed masks of the sentences in the order evaluated."""
 
     def __init__(self, masks, size):
-        super().__init__()
-        self.image_size = size
+        super().__init__(size)
         self.masks = list(masks)  # (S, S) {0, 1}, in evaluation order
         self.w = torch.nn.Parameter(torch.zeros(()))
 
     def encode_image(self, images):
         return [images.float()]
 
-    def encode_text(self, texts):
+    def encode_text(self, texts, trim=False):
         return texts
 
     def decode(self, vis, txt, image_index):
@@ -391,7 +391,7 @@ def test_init_from_starts_from_the_given_weights(synthref_tiny, tmp_path):
     from safetensors.torch import save_file
 
     from refseg.engine import checkpoint as ckpt
-    from refseg.modeling import MODELS
+    from refseg.methods import MODELS
     from _engine_fixtures import TINY_LTS
 
     common = dict(val_split="", cache_features="off")

@@ -280,7 +280,7 @@ def test_pks_with_region_map_exports_and_matches(tmp_path):
     the click loss reads, and the ONNX predictor must still feed it the right inputs and match PyTorch."""
     from _engine_fixtures import SIZE, TINY_LTS
 
-    from refseg.modeling import MODELS
+    from refseg.methods import MODELS
 
     torch.manual_seed(0)
     kwargs = {k: v for k, v in TINY_LTS.items() if k in ("visual", "text", "max_length", "dim", "depth", "heads")}

@@ -5,15 +5,8 @@ import math
 import pytest
 import torch
 
-from refseg.losses import (
-    area_downsample,
-    bce_loss,
-    dice_loss,
-    heatmap_focal_loss,
-    locate_kl,
-    lts_loss,
-    sigmoid_focal_loss,
-)
+from refseg.losses import area_downsample, bce_loss, dice_loss, heatmap_focal_loss, sigmoid_focal_loss
+from refseg.methods.lts.loss import locate_kl, lts_loss
 
 
 def test_dice_perfect_logits_is_zero():

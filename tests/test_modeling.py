@@ -7,8 +7,9 @@ import pytest
 import torch
 from _engine_fixtures import one_thread  # noqa: F401 (autouse fixture: tiny models run faster on one thread)
 
-from refseg.losses import lts_loss
-from refseg.modeling import MODELS, build_model, build_text, build_visual
+from refseg.methods import MODELS, build_model
+from refseg.methods.lts.loss import lts_loss
+from refseg.modeling import build_text, build_visual
 
 TINY_VISUAL = {"model_type": "convnext", "hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1]}
 TINY_TEXT = {

@@ -14,7 +14,7 @@ import pytest
 import torch
 from _engine_fixtures import TINY_TEXT, TINY_VISUAL, make_shapes_refer, one_thread, tiny_config  # noqa: F401 (autouse fixture)
 
-from refseg.losses import (
+from refseg.methods.pks.loss import (
     box_bitmap,
     box_cover,
     box_projection_loss,
@@ -28,8 +28,9 @@ from refseg.losses import (
     pks_targets,
     region_terms,
 )
-from refseg.modeling import MODELS, build_model
-from refseg.modeling.pks import heatmap_peak, rgb_to_lab
+from refseg.methods import MODELS, build_model
+from refseg.methods.pks.model import heatmap_peak, rgb_to_lab
+from refseg.methods.pks.train import teacher_forcing
 
 S = 64
 TINY_PKS = {"visual": TINY_VISUAL, "text": TINY_TEXT, "max_length": 12, "dim": 32, "depth": 1, "heads": 2,
@@ -75,7 +76,7 @@ def test_pks_smoke(supervision):
     model = tiny_pks()
     batch = _full_batch() if supervision == "full" else _click_batch()
     vis, txt = model.encode_image(_images(2)), model.encode_text(TEXTS[:2])
-    out = model.decode(vis, txt, torch.arange(2), **model.teacher_forcing(batch))
+    out = model.decode(vis, txt, torch.arange(2), **teacher_forcing(model, batch))
     r = model.head.mask_stride
     assert r == 4  # the tiny ConvNeXt has no stride-2 map
     shapes = {"mask_logits": (2, 1, S, S), "prior_logits": (2, 1, S // 16, S // 16), "no_target_logits": (2,),
@@ -271,7 +272,7 @@ def test_click_loss_ignores_masks_and_full_loss_needs_them():
     model = tiny_pks()
     batch = _click_batch()
     out = model.decode(model.encode_image(_images(2)), model.encode_text(TEXTS[:2]), torch.arange(2),
-                       **model.teacher_forcing(batch))
+                       **teacher_forcing(model, batch))
     with_garbage = {**batch, "mask": torch.rand(2, 1, S, S)}
     a, b = pks_click_loss(out, batch), pks_click_loss(out, with_garbage)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -280,12 +281,12 @@ def test_click_loss_ignores_masks_and_full_loss_needs_them():
 
 
 def test_locate_term_is_off_by_default_and_zero_at_the_click_gaussian():
-    from refseg.losses import centre_heatmap, pks_targets
+    from refseg.methods.pks.loss import centre_heatmap, pks_targets
 
     model = tiny_pks()
     batch = _click_batch()
     out = model.decode(model.encode_image(_images(2)), model.encode_text(TEXTS[:2]), torch.arange(2),
-                       **model.teacher_forcing(batch))
+                       **teacher_forcing(model, batch))
     for loss_fn, b in ((pks_click_loss, batch), (pks_full_loss, _full_batch())):
         base, extra = loss_fn(out, b), loss_fn(out, b, w_locate=3.0)
         assert "locate" not in base and extra["locate"].item() > 0
@@ -369,7 +370,7 @@ def test_region_head_trains_and_stays_mask_free_with_clicks(supervision):
     model = MODELS["pks"](image_size=S, region_head=True, **TINY_PKS)
     batch = _full_batch() if supervision == "full" else _click_batch()
     out = model.decode(model.encode_image(_images(2)), model.encode_text(TEXTS[:2]), torch.arange(2),
-                       **model.teacher_forcing(batch))
+                       **teacher_forcing(model, batch))
     assert tuple(out["region_logits"].shape) == (2, 1, S // 16, S // 16)
     loss_fn = pks_full_loss if supervision == "full" else pks_click_loss
     losses = loss_fn(out, batch)

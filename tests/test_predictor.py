@@ -17,7 +17,7 @@ from _engine_fixtures import TINY_TEXT, one_thread  # noqa: F401 (autouse fixtur
 from _serve_fixtures import tiny_lts
 
 from refseg.data.transforms import Letterbox
-from refseg.modeling import MODELS
+from refseg.methods import MODELS
 from refseg.modeling.visual import EfficientNetLite0Encoder
 from refseg.predictor import Predictor
 

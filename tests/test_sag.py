@@ -11,9 +11,11 @@ import pytest
 import torch
 from _engine_fixtures import TINY_TEXT, TINY_VISUAL, one_thread  # noqa: F401 (autouse fixture)
 
-from refseg.losses import info_nce, sag_text_loss
-from refseg.modeling import MODELS, build_model
-from refseg.modeling.sag import SlotAttention
+from refseg.losses import info_nce
+from refseg.methods import MODELS, build_model
+from refseg.methods.sag.loss import sag_text_loss
+from refseg.methods.sag.model import SlotAttention
+from refseg.methods.sag.train import teacher_forcing
 
 S = 64
 TINY_SAG = dict(visual=TINY_VISUAL, text=TINY_TEXT, max_length=12, dim=32, num_slots=6, iters=2, heads=2,
@@ -377,7 +379,7 @@ def test_word_negatives_reach_the_head():
     model = _tiny(word_negatives=2)
     batch = {"text": ["the large red star", "the star", "the blue circle on the left"],
              "no_target": torch.tensor([False, False, True])}
-    extra = model.teacher_forcing(batch)
+    extra = teacher_forcing(model, batch)
     of = extra["word_negative_of"].tolist()
     assert of == [0, 0]  # 2 for the first; "the star" has no word to swap; the no-target one gets none
     assert extra["word_negatives"].tokens.shape[0] == 2
@@ -391,11 +393,11 @@ def test_word_negatives_reach_the_head():
     assert torch.equal(out["mask_logits"], plain["mask_logits"])  # no effect on prediction
     # embedded exactly as the sentence the swap came from would be
     neg = model.encode_text(["the small red star"])
-    as_negative = model.decode(vis, txt, torch.tensor([0, 0, 1]), neg, torch.tensor([0]))
+    as_negative = model.decode(vis, txt, torch.tensor([0, 0, 1]), word_negatives=neg, word_negative_of=torch.tensor([0]))
     as_sentence = model.decode(vis, neg, torch.tensor([0]))
     assert torch.allclose(as_negative["word_negative_embedding"][0], as_sentence["text_embedding"][0], atol=1e-5)
-    assert _tiny().teacher_forcing(batch) == {}  # off by default
-    assert model.teacher_forcing({"no_target": batch["no_target"]}) == {}  # no texts
+    assert teacher_forcing(_tiny(), batch) == {}  # off by default
+    assert teacher_forcing(model, {"no_target": batch["no_target"]}) == {}  # no texts
     with pytest.raises(ValueError, match="word_negatives"):
         _tiny(word_negatives=-1)
 
@@ -516,7 +518,7 @@ def test_levels_choose_the_maps_kept_and_grouped():
 
 
 def test_colour_segments_split_clusters_into_connected_regions():
-    from refseg.modeling.sag import colour_segments
+    from refseg.methods.sag.model import colour_segments
 
     grey, red, blue = torch.tensor([0.5, 0.5, 0.5]), torch.tensor([1.0, 0, 0]), torch.tensor([0, 0, 1.0])
     c = grey.view(1, 3, 1, 1).repeat(2, 1, 4, 5)  # (2, 3, 4, 5)
@@ -614,7 +616,7 @@ def test_entity_colour_reads_each_entity_s_mean_colour():
 
 
 def test_refine_entities_follows_colour_edges_inside_the_grid_cells():
-    from refseg.modeling.sag import refine_entities
+    from refseg.methods.sag.model import refine_entities
 
     # a red rectangle on blue, its edges inside grid cells: rows 6..21, columns 10..25 of a 32 x 32
     # picture whose grid is 4 x 4 (cells of 8 x 8 pixels); a third, padding entity holds nothing
@@ -661,7 +663,7 @@ def test_mask_refine_draws_the_mask_edge_at_the_colour_edge():
 
 
 def test_relation_features_hand_made_row_of_three():
-    from refseg.modeling.sag import relation_features
+    from refseg.methods.sag.model import relation_features
 
     # image 0: entities at x = 0.2, 0.5, 0.8 on one row (sizes 1, 2, 3 cells of 100), a padding 4th
     centre = torch.tensor([[[0.2, 0.5], [0.5, 0.5], [0.8, 0.5], [0.0, 0.0]]])

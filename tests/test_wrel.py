@@ -1,4 +1,4 @@
-"""LRB-WREL (engine/wrel.py, modeling/bank.py): the EMA schedule and update, the reference bank,
+"""LRB-WREL (refseg/methods/wrel/: train.py, bank.py): the EMA schedule and update, the reference bank,
 the hand-over between the three stages, resume inside a stage, and the baselines' runs."""
 
 import csv
@@ -16,8 +16,8 @@ import refseg
 from refseg.cli import main as cli
 from refseg.engine import train as engine
 from refseg.engine.config import ConfigError, TrainConfig
-from refseg.engine.wrel import StudentHooks, ema_copy, ema_momentum
-from refseg.modeling.bank import (append_prompt_features, class_name_tokens, encode_with_prompts, insert_prompts,
+from refseg.methods.wrel.train import StudentHooks, ema_copy, ema_momentum
+from refseg.methods.wrel.bank import (append_prompt_features, class_name_tokens, encode_with_prompts, insert_prompts,
                                   prompt_slots)
 from refseg.modeling.text import TextFeatures
 
@@ -272,7 +272,7 @@ def test_encoder_site_bank_and_a_site_change_on_resume(wrel_run, shapes, tmp_pat
     from refseg.data import load_refer
     from refseg.data.dataset import RefSegDataset
     from refseg.engine.cache import get_cache
-    from refseg.engine.wrel import train_bank
+    from refseg.methods.wrel.train import train_bank
 
     run = wrel_run.run
     teacher = refseg.load(run / "stage1-teacher")
@@ -302,7 +302,7 @@ def test_bank_resumed_with_another_batch_size_is_refused(wrel_run, shapes, tmp_p
     from refseg.data import load_refer
     from refseg.data.dataset import RefSegDataset
     from refseg.engine.cache import get_cache
-    from refseg.engine.wrel import train_bank
+    from refseg.methods.wrel.train import train_bank
 
     run = wrel_run.run
     teacher = refseg.load(run / "stage1-teacher")

@@ -49,7 +49,7 @@ def encoders_frozen(model: nn.Module) -> bool:
     """True when neither encode_image nor encode_text produce outputs that
     need gradients, checked by running both on a dummy input."""
     device = next(model.parameters()).device
-    size = int(getattr(model, "image_size", 64))
+    size = model.image_size
     with torch.enable_grad():
         vis = model.encode_image(torch.zeros(1, 3, size, size, dtype=torch.uint8, device=device))
         txt = model.encode_text(["a"])
@@ -87,7 +87,7 @@ def encoder_fingerprint(model: nn.Module) -> str:
             h.update(name.encode())
             h.update(str(t.dtype).encode())
             h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    config = getattr(model, "config", None) or {}
+    config = model.config
     encoder_keys = ("visual", "text", "pretrained", "stride2", "levels", "max_length", "text_tokenizer", "image_size")
     h.update(json.dumps({k: config.get(k) for k in encoder_keys}, sort_keys=True, default=str).encode())
     if config.get("rgb"):  # SaG's colour map is part of what encode_image returns (hashed only when on: old keys hold)
@@ -96,10 +96,7 @@ def encoder_fingerprint(model: nn.Module) -> str:
             h.update(f"grid_stride={config['grid_stride']}".encode())
     if config.get("mask_refine"):  # SaG's fine colour map for the mask refinement
         h.update(f"mask_refine={config['mask_refine']}".encode())
-    for attr in ("max_length",):  # tokenisation length changes the text features' shape
-        text = getattr(model, "text", None)
-        if text is not None and hasattr(text, attr):
-            h.update(f"{attr}={getattr(text, attr)}".encode())
+    h.update(f"max_length={model.text.max_length}".encode())  # tokenisation length: the text features' shape
     return h.hexdigest()
 
 

@@ -396,8 +396,8 @@ def resume_candidates(run: PathLike) -> List[Path]:
 
 
 def build_model(config: Dict[str, Any]) -> nn.Module:
-    """Rebuild a model from its `config` dict (refseg.modeling.build.build_model)."""
-    from refseg.modeling.build import build_model as build
+    """Rebuild a model from its `config` dict (refseg.methods.build_model)."""
+    from refseg.methods import build_model as build
 
     return build(config)
 

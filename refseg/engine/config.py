@@ -27,7 +27,7 @@ METHOD_CHOICES = ("plain", "wrel")
 SUBSET_CHOICES = ("all", "accurate")
 WREL_FINAL_CHOICES = ("teacher", "student")
 WREL_EMA_RESCALE_CHOICES = ("horizon", "breaks")
-WREL_BANK_SITE_CHOICES = ("encoder", "features")  # modeling/bank.py SITES
+WREL_BANK_SITE_CHOICES = ("encoder", "features")  # refseg/methods/wrel/bank.py SITES
 FLIP_CHOICES = ("none", "h", "hv", "hvt")  # data/augment.py FLIP_CHOICES
 
 
@@ -38,10 +38,10 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     # model
-    model: str = "lts"  # a name in refseg.modeling.MODELS
+    model: str = "lts"  # a model name in refseg.methods.METHODS
     model_kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the model factory (JSON on the command line)
     init_from: Optional[str] = None  # start from these weights (a shipped model name, checkpoint or run folder, .safetensors): fine-tuning; parameters the file lacks (e.g. a head switched on by model_kwargs) keep their fresh init
-    loss_kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the training loss, e.g. term weights (JSON on the command line; see refseg.losses)
+    loss_kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the training loss, e.g. term weights (JSON on the command line; see refseg/methods/<model>/loss.py)
     # data
     data: str = ""  # refer-format folder holding refs(<split_by>).p and instances.json
     split_by: Optional[str] = None  # refs file to read: unc, google, umd (None = the only one present)
@@ -62,7 +62,7 @@ class TrainConfig:
     max_steps: int = 0  # optimiser steps to run (0 = epochs x steps per epoch)
     time_budget: float = 0.0  # wall-clock seconds from the start of the run (cache building included) to its last step (0 = none): the run measures its step rate during warm-up, shortens the schedule to fit, and stops at the budget in any case
     # method
-    method: str = "plain"  # plain (one model, the loop below) or wrel (LRB-WREL: teacher, reference bank, EMA student; engine/wrel.py)
+    method: str = "plain"  # plain (one model, the loop below) or wrel (LRB-WREL: teacher, reference bank, EMA student; refseg/methods/wrel/)
     wrel_teacher_steps: int = 0  # wrel stage 1 (teacher on the accurate refs) optimiser steps (0 = as max_steps / epochs)
     wrel_bank_prompts: int = 20  # wrel stage 2: learnable prompt vectors per weak ref, placed after the class-name tokens
     wrel_bank_site: str = "features"  # wrel stage 2: where the prompts enter: features (extra tokens of the frozen text encoder's output; a step costs the head only) or encoder (word embeddings read by the text encoder)

@@ -129,8 +129,7 @@ def evaluate_model(model: nn.Module, dataset_or_data, split: str = "val", batch_
     max_samples = None if max_samples is None else _count("max_samples", max_samples, 0)
     dist = dist or DistInfo()
     device = torch.device(device) if device is not None else _device_of(model)
-    size = int(getattr(model, "image_size", 320))
-    dataset, data = _resolve_dataset(dataset_or_data, split, size)
+    dataset, data = _resolve_dataset(dataset_or_data, split, model.image_size)
     if max_samples:
         dataset.samples = dataset.samples[:max_samples]
     samples = dataset.samples

@@ -6,10 +6,10 @@
     refseg train --overwrite --data D --out runs/lts ...   # start anew in a folder that holds a run
     refseg train --nproc 2 ...                             # = torchrun --nproc_per_node 2 -m refseg.cli train ...
     refseg train --accurate-fraction 0.1 --data D ...      # on the weak split of D (made in RUN/data)
-    refseg train --method wrel --accurate-fraction 0.1 --data D ...   # LRB-WREL, three stages (engine/wrel.py)
+    refseg train --method wrel --accurate-fraction 0.1 --data D ...   # LRB-WREL, three stages (refseg/methods/wrel/)
 
 What a run does:
-1. Builds the model (`refseg.modeling.MODELS[model](**model_kwargs)`), with
+1. Builds the model (`refseg.methods.METHODS[model].build(**model_kwargs)`), with
    the seed set, and the data set (`RefSegDataset`, one item per sentence).
 2. When both encoders are frozen (cache_features=auto), encodes every image
    and sentence of the training split (and the validation subset) once into
@@ -42,7 +42,7 @@ one line; the last complete checkpoint stays in place for --resume.
 With `accurate_fraction` set, the run first writes the weak-expression split
 of DATA into RUN/data (`refseg weaken`, reused when it is already there) and
 trains on that; `train_subset accurate` trains on the refs it left accurate
-only. `method wrel` runs LRB-WREL's three stages (engine/wrel.py), which use
+only. `method wrel` runs LRB-WREL's three stages (refseg/methods/wrel/), which use
 this loop for stages 1 and 3 through `TrainHooks`.
 """
 
@@ -85,7 +85,7 @@ class TrainError(ValueError):
 class TrainHooks:
     """What a training method adds to the loop; the defaults add nothing (a plain run).
 
-    engine/wrel.py's student stage uses them: it swaps the text features of
+    LRB-WREL's student stage (refseg/methods/wrel/train.py) uses them: it swaps the text features of
     weak sentences, moves an EMA teacher after every step, validates and
     ships the teacher, and keeps it in RUN/last/ for --resume.
     """
@@ -118,15 +118,6 @@ class TrainHooks:
 
     def load_state(self, ckpt: Path) -> None:
         """Restore what state_tensors saved, from a resumed checkpoint folder."""
-
-
-# (model name, supervision) -> name of the loss in refseg.losses: loss(out, batch) -> {"loss": ..., parts}
-LOSSES = {
-    ("lts", "full"): "lts_loss",
-    ("pks", "full"): "pks_full_loss",
-    ("pks", "click"): "pks_click_loss",
-    ("sag", "text"): "sag_text_loss",
-}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -190,28 +181,35 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def build_model(cfg: TrainConfig) -> nn.Module:
-    from refseg.modeling import MODELS
+def method_of(cfg: TrainConfig):
+    """The registry entry (refseg.methods.METHODS) of cfg.model."""
+    from refseg.methods import METHODS, MODELS
 
     if cfg.model not in MODELS:
         raise TrainError(f"unknown model {cfg.model!r}; known: {', '.join(sorted(MODELS))}")
+    return METHODS[cfg.model]
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
     kwargs = dict(cfg.model_kwargs)
     kwargs.setdefault("image_size", cfg.size)
-    model = MODELS[cfg.model](**kwargs)
-    if int(getattr(model, "image_size", cfg.size)) != cfg.size:
+    model = method_of(cfg).build(**kwargs)
+    if model.image_size != cfg.size:
         raise TrainError(f"the model's image_size {model.image_size} differs from --size {cfg.size}")
     return model
 
 
 def loss_function(cfg: TrainConfig) -> Callable:
-    from refseg import losses
+    """The training loss of cfg.model under cfg.supervision, with cfg.loss_kwargs bound."""
+    from refseg.methods import METHODS
 
-    name = LOSSES.get((cfg.model, cfg.supervision))
-    if name is None:
-        known = ", ".join(f"{m}/{s}" for m, s in sorted(LOSSES))
+    fn = method_of(cfg).losses.get(cfg.supervision)
+    if fn is None:
+        known = ", ".join(f"{m}/{s}" for m in sorted(METHODS) if METHODS[m].name == METHODS[m].model
+                          for s in sorted(METHODS[m].losses))
         raise TrainError(f"no loss for model {cfg.model!r} with supervision {cfg.supervision!r} "
                          f"(known: {known})")
-    fn = getattr(losses, name)
+    name = fn.__name__
     if not cfg.loss_kwargs:
         return fn
     params = inspect.signature(fn).parameters
@@ -234,19 +232,22 @@ def set_train_mode(model: nn.Module) -> None:
 class StepModule(nn.Module):
     """forward(batch) -> the model's output dict. A cached batch carries `vis`
     and `txt` and runs decode only; otherwise the encoders run on `images`
-    (the batch's unique images) and `text`. DDP wraps this module."""
+    (the batch's unique images) and `text`. The model's method may add
+    training-only decode arguments (its teacher_forcing). DDP wraps this module."""
 
     def __init__(self, model: nn.Module):
+        from refseg.methods import teacher_forcing
+
         super().__init__()
         self.model = model
+        self.teacher_forcing = teacher_forcing(model)
 
     def forward(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         if "vis" in batch:
             vis, txt = batch["vis"], batch["txt"]
         else:
             vis, txt = self.model.encode_image(batch["images"]), self.model.encode_text(batch["text"])
-        # a model may take training-only decode arguments from the supervision (PKS: where to read its kernel)
-        extra = self.model.teacher_forcing(batch) if hasattr(self.model, "teacher_forcing") else {}
+        extra = self.teacher_forcing(self.model, batch) if self.teacher_forcing is not None else {}
         return self.model.decode(vis, txt, batch["image_index"], **extra)
 
 
@@ -545,14 +546,14 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
     model / data: ready-built objects to use instead of building them from
     cfg.model / cfg.data (tests, notebooks); cfg still names them in config.json.
     hooks: a training method's additions to the loop (see TrainHooks). A
-    `method wrel` config without hooks runs the three LRB-WREL stages.
+    config whose method is not plain, without hooks, runs that method's stages (METHODS[method].train).
     opened: the caller (a method running this as one of its stages) has
     already checked and locked the run folder (open_run); otherwise this does.
     """
-    if cfg.method == "wrel" and hooks is None:
-        from refseg.engine.wrel import train_wrel
+    if cfg.method != "plain" and hooks is None:  # a multi-stage method runs its own stages
+        from refseg.methods import METHODS
 
-        return train_wrel(cfg, model, data)
+        return METHODS[cfg.method].train(cfg, model, data)
     with ExitStack() as cleanup:
         return _train(cfg, model, data, hooks or TrainHooks(), opened, cleanup)
 

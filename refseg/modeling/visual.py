@@ -168,6 +168,10 @@ class FusedEfficientNetLite0(FrozenMixin, nn.Module):
                 maps.append(x.contiguous())
         return maps
 
+    def fused(self) -> "FusedEfficientNetLite0":
+        """Already the inference form: itself."""
+        return self
+
 
 class HFBackboneEncoder(FrozenMixin, nn.Module):
     """Any ``transformers`` AutoBackbone (Swin, ConvNeXt, ResNet, DINOv2 ...).
@@ -227,6 +231,10 @@ class HFBackboneEncoder(FrozenMixin, nn.Module):
                 for m, s in zip(maps, self.strides)
             ]
         return maps
+
+    def fused(self) -> "HFBackboneEncoder":
+        """The inference form: itself (no folded variant)."""
+        return self
 
 
 def build_visual(

@@ -57,83 +57,18 @@ frozen cached encoders on a CPU budget; contracts in docs/DESIGN.md):
 """
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refseg.modeling.common import MLP, LocateLayer, TextLayer, conv, conv_gn, coord_grid, sine_position_encoding
-from refseg.modeling.text import TextFeatures, masked_mean
-
-
-class FuseLocate(nn.Module):
-    """LTS steps 1-2 (fuse, locate), shared by the LTS and PKS heads.
-
-    Subclasses call ``_build_fuse_locate`` in ``__init__`` and
-    ``fuse_locate`` in ``forward``; the sub-module names are part of the
-    shipped checkpoints' keys, so keep them.
-    """
-
-    def _build_fuse_locate(self, channels: dict, text_dim: int, dim: int, depth: int, heads: int,
-                           mlp_ratio: float, text_layers: int, grid_strides: Sequence[int] = (32, 16)) -> None:
-        self.dim = dim
-        self.grid_strides = tuple(int(s) for s in grid_strides)
-        if self.grid_strides[0] != 32 or not set(self.grid_strides) <= set(channels) or len(set(self.grid_strides)) != len(self.grid_strides):
-            raise ValueError(f"grid_strides must start with 32 and name distinct encoder strides {sorted(channels)}, "
-                             f"got {list(grid_strides)}")
-        # fuse: each stride-32 cell + the (32/s)^2 cells under it of every finer grid stride s (space-to-depth)
-        self.grid_in = nn.Linear(sum(channels[s] * (32 // s) ** 2 for s in self.grid_strides), dim)
-        self.grid_norm = nn.LayerNorm(dim)
-        self.text_in = nn.Linear(text_dim, dim)
-        self.text_layers = nn.ModuleList([TextLayer(dim, heads, mlp_ratio) for _ in range(text_layers)])
-        self.sent_in = nn.Linear(text_dim, dim)
-        self.sent_norm = nn.LayerNorm(dim)
-        self.fuse_vis = nn.Linear(dim, dim)
-        self.fuse_mul = nn.Linear(dim, dim, bias=False)
-        self.fuse_coord = nn.Linear(2, dim, bias=False)
-        # locate
-        self.locate = nn.ModuleList([LocateLayer(dim, heads, mlp_ratio) for _ in range(depth)])
-        self.out_norm = nn.LayerNorm(dim)
-
-    def fuse_grid(self, maps: Dict[int, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The language-free part of step 1, once per *image*.
-
-        maps: {stride: (B_img, C, H/stride, W/stride)}. Returns the grid
-        tokens g (B_img, N, D) on the h x w stride-32 grid (N = h*w) and
-        their visual term ``fuse_vis(g)`` (B_img, N, D).
-        """
-        g = torch.cat([maps[s] if s == 32 else F.pixel_unshuffle(maps[s], 32 // s) for s in self.grid_strides], 1)
-        # g: (B_img, sum_s C_s (32/s)^2, h, w)
-        g = self.grid_norm(self.grid_in(g.flatten(2).transpose(1, 2)))  # (B_img, N, D), N = h*w
-        return g, self.fuse_vis(g)
-
-    def locate_grid(self, g: torch.Tensor, g_vis: torch.Tensor, hw: Tuple[int, int], txt: TextFeatures,
-                    idx: torch.Tensor) -> tuple:
-        """Steps 1-2 per *sentence*, from ``fuse_grid``'s (g, g_vis) of shape (B_img, N, D) on the h x w
-        grid; idx: (B,) image row of each sentence. Returns as ``fuse_locate``."""
-        h, w = hw
-        t = self.text_in(txt.tokens)  # (B, L, D)
-        for layer in self.text_layers:
-            t = layer(t, txt.mask)
-        s = self.sent_norm(self.sent_in(txt.sentence) + masked_mean(t, txt.mask))  # (B, D)
-        pos = sine_position_encoding(h, w, self.dim, g.device, g.dtype)  # (N, D)
-        coords = self.fuse_coord(coord_grid(h, w, g.device, g.dtype))  # (N, D)
-        x = g_vis[idx] + self.fuse_mul(g[idx] * s[:, None, :]) + coords + pos  # (B, N, D)
-        for layer in self.locate:
-            x = layer(x, pos, t, txt.mask)
-        return self.out_norm(x), t, s, (h, w)
-
-    def fuse_locate(self, maps: Dict[int, torch.Tensor], txt: TextFeatures, idx: torch.Tensor) -> tuple:
-        """Located tokens of each sentence.
-
-        maps: {stride: (B_img, C, H/stride, W/stride)}; idx: (B,) image row
-        of each sentence. Returns x (B, N, D) located tokens on the h x w
-        stride-32 grid (N = h*w), the refined text tokens t (B, L, D), the
-        sentence vector s (B, D), and (h, w).
-        """
-        h, w = maps[32].shape[-2:]
-        return self.locate_grid(*self.fuse_grid(maps), (h, w), txt, idx)
+from refseg.modeling.base import EncoderHeadModel
+from refseg.modeling.build import build_head, checked, depth_field, model_config
+from refseg.modeling.common import MLP, conv, conv_gn
+from refseg.modeling.locate import FuseLocate
+from refseg.modeling.text import TextFeatures, build_text
+from refseg.modeling.visual import build_visual
 
 
 class LTSHead(FuseLocate):
@@ -262,85 +197,55 @@ def _up(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
 
-class LTS(nn.Module):
-    """visual encoder + text encoder + LTSHead; owns its preprocessing.
-
-    visual: maps float (B, 3, S, S), normalised with its ``pixel_mean`` /
-      ``pixel_std`` (0..255 units), to a list of maps at ``visual.strides``.
-    text: ``tokenize`` + ``forward(input_ids, attention_mask)``, see text.py.
-    config: the JSON-able dict that ``build.build_model`` rebuilds it from.
-    """
-
-    def __init__(self, visual: nn.Module, text: nn.Module, head: nn.Module, image_size: int = 320, config=None):
-        super().__init__()
-        self.visual = visual
-        self.text = text
-        self.head = head
-        self.image_size = int(image_size)
-        self.config = dict(config or {})
-        self.register_buffer("pixel_mean", torch.tensor(visual.pixel_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(visual.pixel_std).view(1, 3, 1, 1), persistent=False)
-
-    def encode_image(self, images: torch.Tensor) -> List[torch.Tensor]:
-        """(B, 3, S, S) uint8 RGB in [0, 255] -> list of maps (B, C_i, S/s_i, S/s_i), finest first."""
-        x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
-        return self.visual(x)
-
-    def encode_text(self, texts: Sequence[str], trim: bool = False) -> TextFeatures:
-        """list[str] (B) -> TextFeatures(tokens (B, L, D), mask (B, L) bool, sentence (B, D)).
-
-        L is ``text.max_length``; with ``trim`` it is the longest expression's
-        length instead (inference: the features of real tokens are the same,
-        and the encoder runs on fewer positions; feature caches keep L fixed).
-        """
-        tokens = self.text.tokenize(texts, trim=trim)
-        batch = {k: v.to(self.pixel_mean.device) for k, v in tokens.items()}
-        tokens, sentence = self.text(batch["input_ids"], batch["attention_mask"])
-        return TextFeatures(tokens, batch["attention_mask"].bool(), sentence)
-
-    def decode(self, vis: List[torch.Tensor], txt: TextFeatures, image_index: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Maps of B_img images + B sentences -> dict of logits.
-
-        image_index: (B,) int64, the row of ``vis`` each sentence is about.
-        Returns mask_logits (B, 1, S, S), prior_logits (B, 1, S/16, S/16),
-        no_target_logits (B,); all raw logits (apply sigmoid for probabilities).
-        """
-        dtype = next(self.head.parameters()).dtype  # cached features may be stored in fp16
-        vis = [m.to(dtype) for m in vis]
-        txt = txt.to(dtype)
-        return self.head(vis, txt, image_index.to(vis[0].device))
+class LTS(EncoderHeadModel):
+    """visual encoder + text encoder + LTSHead (modeling/base.py); the head's language-free part runs
+    once per image through ``image_context``."""
 
     def image_context(self, vis: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Maps of B_img images -> the list of per-image tensors that ``decode_context`` reads.
-
-        ``decode(vis, ...) == decode_context(image_context(vis), ...)``; the
-        split lets a ``Predictor`` run the language-free part of the head
-        (``head.image_context``) once per image. A head without that split
-        gets the maps themselves.
-        """
-        dtype = next(self.head.parameters()).dtype
-        vis = [m.to(dtype) for m in vis]
-        return self.head.image_context(vis) if hasattr(self.head, "image_context") else vis
+        """Maps of B_img images -> ``head.image_context``'s per-image tensors."""
+        return self.head.image_context([m.to(self.head_dtype) for m in vis])
 
     def decode_context(self, ctx: List[torch.Tensor], txt: TextFeatures, image_index: torch.Tensor
                        ) -> Dict[str, torch.Tensor]:
-        """``decode`` from ``image_context(vis)`` instead of the maps; same outputs."""
-        if not hasattr(self.head, "decode_context"):
-            return self.decode(ctx, txt, image_index)
-        dtype = next(self.head.parameters()).dtype
-        txt = txt.to(dtype)
-        return self.head.decode_context(ctx, txt, image_index.to(ctx[0].device))
+        """``decode`` from ``image_context(vis)``; same outputs up to float rounding."""
+        return self.head.decode_context(ctx, txt.to(self.head_dtype), image_index.to(ctx[0].device))
 
-    def for_inference(self) -> "LTS":
-        """This model with the visual encoder's inference form (``visual.fused()``: BatchNorm folded
-        into the convolutions, channels-last), sharing the text encoder and head; the model itself
-        when the encoder has none. Same outputs up to float rounding; for ``Predictor``, not training."""
-        if not hasattr(self.visual, "fused"):
-            return self
-        model = type(self)(self.visual.fused(), self.text, self.head, self.image_size, self.config)
-        return model.to(self.pixel_mean.device).eval()
 
-    def forward(self, images: torch.Tensor, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
-        """images (B, 3, S, S) uint8 + B expressions (sentence b is about image b)."""
-        index = torch.arange(len(texts), device=images.device)
-        return self.decode(self.encode_image(images), self.encode_text(texts), index)
+@checked("lts", LTSHead)
+def build_lts(
+    visual: Union[str, dict] = "efficientnet-lite0",
+    text: Union[str, dict] = "minilm",
+    *,
+    pretrained: bool = True,
+    freeze_visual: bool = True,
+    freeze_text: bool = True,
+    stride2: Optional[bool] = None,
+    max_length: int = 24,
+    text_tokenizer: Optional[str] = None,
+    text_depth: Optional[int] = None,
+    image_size: int = 320,
+    **head_kwargs,
+) -> LTS:
+    """LTS on a visual and a text encoder.
+
+    pretrained: load the visual encoder's pretrained weights (False: random,
+      for tests; "hf:" encoders always load theirs).
+    freeze_visual / freeze_text: keep the encoder fixed (eval mode, no grads)
+      so that the engine can cache its features.
+    stride2: feed the stride-2 map to the decoder; default True for
+      EfficientNet-Lite0, the only encoder with one.
+    max_length: text tokens per expression. image_size: S, the letterbox side.
+    text_depth: keep only the text encoder's first layers (None: all; a
+      truncated MiniLM for a per-expression latency budget).
+    head_kwargs: LTSHead arguments (dim, depth, heads, mlp_ratio, text_layers,
+      decoder_widths, fine_rank, prior_init).
+    """
+    if stride2 is None:
+        stride2 = visual == "efficientnet-lite0"
+    v = build_visual(visual, frozen=freeze_visual, pretrained=pretrained, return_stride2=stride2)
+    t = build_text(text, frozen=freeze_text, max_length=max_length, tokenizer=text_tokenizer, depth=text_depth)
+    head = build_head(LTSHead, v.channels, v.strides, t.dim, **head_kwargs)
+    config = model_config("lts", head_kwargs, visual=visual, text=text, pretrained=pretrained, freeze_visual=freeze_visual,
+                     freeze_text=freeze_text, stride2=stride2, max_length=max_length,
+                     text_tokenizer=text_tokenizer, image_size=image_size, **depth_field(text_depth))
+    return LTS(v, t, head, image_size=image_size, config=config)

@@ -94,15 +94,18 @@ mask_logits_low (B, 1, S/r, S/r); image_lab (B, 3, S/r, S/r) (L in
 """
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from refseg.modeling.base import EncoderHeadModel
+from refseg.modeling.build import build_head, checked, depth_field, model_config
 from refseg.modeling.common import MLP, conv_gn
-from refseg.modeling.lts import LTS, FuseLocate
-from refseg.modeling.text import TextFeatures
+from refseg.modeling.locate import FuseLocate
+from refseg.modeling.text import TextFeatures, build_text
+from refseg.modeling.visual import build_visual
 
 HEATMAP_STRIDE = 16
 PEAK_SOURCES = ("heatmap", "joint")
@@ -249,7 +252,7 @@ class PKSHead(FuseLocate):
         joint = region.detach() if self.peak_source == "joint" else None
         peak = heatmap_peak(heat.detach(), HEATMAP_STRIDE, joint)  # (B, 2) pixels
         if centers is not None:
-            centers = centers.to(peak.dtype)
+            centers = centers.to(peak.device, peak.dtype)
             peak = torch.where(torch.isfinite(centers).all(1, keepdim=True), centers, peak)
         kf = self.kernel_feat(x).transpose(1, 2).reshape(B, 4 * self.dim, h, w)  # (B, 4D, h, w)
         kf = F.pixel_shuffle(kf, 2)  # (B, D, 2h, 2w)
@@ -357,9 +360,9 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     return torch.cat([L, a, b], 1)
 
 
-class PKS(LTS):
-    """visual encoder + text encoder + PKSHead; LTS's wrapper (preprocessing, encode_text,
-    forward) with the pooled image appended to the visual maps and ``centers`` in decode."""
+class PKS(EncoderHeadModel):
+    """visual encoder + text encoder + PKSHead (modeling/base.py), with the pooled image appended to
+    the visual maps; ``decode(..., centers=)`` in training (the method's teacher_forcing)."""
 
     def encode_image(self, images: torch.Tensor) -> List[torch.Tensor]:
         """(B, 3, S, S) uint8 RGB -> encoder maps (finest first) + [image avg-pooled to the mask
@@ -368,25 +371,37 @@ class PKS(LTS):
         r = self.head.mask_stride
         return list(maps) + [F.avg_pool2d(images.to(self.pixel_mean.dtype), r)]
 
-    def decode(
-        self, vis: List[torch.Tensor], txt: TextFeatures, image_index: torch.Tensor, centers: Optional[torch.Tensor] = None
-    ) -> Dict[str, torch.Tensor]:
-        """Maps of B_img images + B sentences -> dict of logits (see the module docstring).
 
-        centers: (B, 2) letterboxed (x, y) pixels at which to read the kernel
-        (training), NaN rows or None: the predicted heatmap peak.
-        """
-        dtype = next(self.head.parameters()).dtype
-        vis = [m.to(dtype) for m in vis]
-        txt = txt.to(dtype)
-        index = image_index.to(vis[0].device)
-        return self.head(vis, txt, index, None if centers is None else centers.to(vis[0].device))
+@checked("pks", PKSHead)
+def build_pks(
+    visual: Union[str, dict] = "efficientnet-lite0",
+    text: Union[str, dict] = "minilm",
+    *,
+    pretrained: bool = True,
+    freeze_visual: bool = True,
+    freeze_text: bool = True,
+    stride2: Optional[bool] = None,
+    max_length: int = 24,
+    text_tokenizer: Optional[str] = None,
+    text_depth: Optional[int] = None,
+    image_size: int = 320,
+    **head_kwargs,
+) -> PKS:
+    """PKS (full masks or clicks) on a visual and a text encoder.
 
-    def teacher_forcing(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Training-time decode keyword arguments from a batch's supervision:
-        ``centers`` from click_center (click) or the mask's interior point (full)."""
-        from refseg.losses import pks_targets
-
-        if "click_center" not in batch and "mask" not in batch:
-            return {}
-        return {"centers": pks_targets(batch)["center"]}
+    Arguments as build_lts; stride2 (default True for EfficientNet-Lite0)
+    feeds the stride-2 map to the language-free mask branch, whose
+    ``mask_stride`` then defaults to 2. head_kwargs: PKSHead arguments (dim,
+    depth, heads, mlp_ratio, text_layers, fpn_width, fine_width,
+    mask_channels, kernel_channels, kernel_layers, mask_stride,
+    heatmap_init, mask_init).
+    """
+    if stride2 is None:
+        stride2 = visual == "efficientnet-lite0"
+    v = build_visual(visual, frozen=freeze_visual, pretrained=pretrained, return_stride2=stride2)
+    t = build_text(text, frozen=freeze_text, max_length=max_length, tokenizer=text_tokenizer, depth=text_depth)
+    head = build_head(PKSHead, v.channels, v.strides, t.dim, **head_kwargs)
+    config = model_config("pks", head_kwargs, visual=visual, text=text, pretrained=pretrained, freeze_visual=freeze_visual,
+                     freeze_text=freeze_text, stride2=stride2, max_length=max_length,
+                     text_tokenizer=text_tokenizer, image_size=image_size, **depth_field(text_depth))
+    return PKS(v, t, head, image_size=image_size, config=config)

@@ -178,15 +178,18 @@ engine's ``loss(out, batch)``; decode echoes it as
 """
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from refseg.modeling.base import EncoderHeadModel
+from refseg.modeling.build import build_head, checked, depth_field, model_config
 from refseg.modeling.common import MLP, TextLayer, coord_grid, sine_position_encoding
-from refseg.modeling.lts import LTS
-from refseg.modeling.text import TextFeatures, masked_mean
+from refseg.modeling.limits import ModelConfigError
+from refseg.modeling.text import TextFeatures, build_text, masked_mean
+from refseg.modeling.visual import build_visual
 
 RGB_CHANNELS = 3  # the optional colour map (``rgb``): mean RGB per cell
 RGB_SCALE = 0.25  # (colour - 0.5) / RGB_SCALE: about unit scale, like the layer-normalised features
@@ -715,7 +718,7 @@ class SaGHead(nn.Module):
 
         extra = {}
         if word_negatives is not None:  # embedded like the sentences: the text side of the contrast
-            s_neg, _ = self.encode_sentence(word_negatives)  # (M, D)
+            s_neg, _ = self.encode_sentence(word_negatives.to(s.dtype))  # (M, D)
             extra = {"word_negative_embedding": F.normalize(self.text_embed(s_neg), dim=-1),
                      "word_negative_of": word_negative_of.to(s.device).long()}
 
@@ -735,11 +738,11 @@ class SaGHead(nn.Module):
         }
 
 
-class SaG(LTS):
+class SaG(EncoderHeadModel):
     """visual encoder + text encoder + SaGHead.
 
-    The preprocessing, ``encode_text``, ``decode`` (dtype handling) and
-    ``forward`` are LTS's; ``encode_image`` keeps only the maps the head
+    The preprocessing, ``encode_text``, ``decode`` and ``forward`` are
+    EncoderHeadModel's; ``encode_image`` keeps only the maps the head
     reads (``head.strides``, by default stride 16 and 32), so a feature
     cache holds nothing else.
 
@@ -758,46 +761,51 @@ class SaG(LTS):
         with ``head.mask_refine`` r last the mean colour per r x r block (B, 3, S/r, S/r) in [0, 1]."""
         maps = dict(zip(self.visual.strides, super().encode_image(images)))
         out = [maps[s] for s in self.head.strides]
-        cells, r = getattr(self.head, "rgb", False), getattr(self.head, "mask_refine", 0)
+        cells, r = self.head.rgb, self.head.mask_refine
         rgb = images.to(maps[16].dtype) / 255.0 if cells or r else None  # (B, 3, S, S) in [0, 1]
         if cells:  # mean colour of each grid cell (cached with the maps)
-            out.append(F.adaptive_avg_pool2d(rgb, maps[getattr(self.head, "grid_stride", 16)].shape[-2:]))
+            out.append(F.adaptive_avg_pool2d(rgb, maps[self.head.grid_stride].shape[-2:]))
         if r:  # the colour map the mask is refined on (mean RGB per r x r block)
             out.append(F.adaptive_avg_pool2d(rgb, (rgb.shape[-2] // r, rgb.shape[-1] // r)))
         return out
 
-    def decode(self, vis: List[torch.Tensor], txt: TextFeatures, image_index: torch.Tensor,
-               word_negatives: Optional[TextFeatures] = None, word_negative_of: Optional[torch.Tensor] = None
-               ) -> Dict[str, torch.Tensor]:
-        """LTS's decode; word_negatives / word_negative_of (training, from ``teacher_forcing``) are
-        passed to the head, which returns their embeddings (``word_negative_embedding``)."""
-        if word_negatives is None:
-            return super().decode(vis, txt, image_index)
-        dtype = next(self.head.parameters()).dtype
-        vis = [m.to(dtype) for m in vis]
-        return self.head(vis, txt.to(dtype), image_index.to(vis[0].device), word_negatives.to(dtype), word_negative_of)
 
-    def teacher_forcing(self, batch: Dict) -> Dict:
-        """Training-time decode arguments: with ``head.word_negatives`` n > 0, up to n one-word swaps of
-        each expression of ``batch["text"]`` (refseg.data.word_negatives; no-target sentences get none),
-        encoded by the frozen text encoder: {"word_negatives": TextFeatures (M rows), "word_negative_of":
-        (M,) long}. {} when off, without texts, or when no expression has a word to swap."""
-        from refseg.data.word_negatives import word_negatives
+@checked("sag", SaGHead)
+def build_sag(
+    visual: Union[str, dict] = "efficientnet-lite0",
+    text: Union[str, dict] = "minilm",
+    *,
+    pretrained: bool = True,
+    freeze_visual: bool = True,
+    freeze_text: bool = True,
+    max_length: int = 24,
+    text_tokenizer: Optional[str] = None,
+    text_depth: Optional[int] = None,
+    image_size: int = 320,
+    levels: tuple[int, ...] = (16, 32),
+    **head_kwargs,
+) -> SaG:
+    """SaG (trained from text alone) on a visual and a text encoder.
 
-        n = getattr(self.head, "word_negatives", 0)
-        if not n or "text" not in batch:
-            return {}
-        no_target = batch.get("no_target")
-        texts, of = [], []
-        for i, text in enumerate(batch["text"]):
-            if no_target is not None and bool(no_target[i]):
-                continue
-            negs = word_negatives(text, n)
-            texts += negs
-            of += [i] * len(negs)
-        if not texts:
-            return {}
-        trainable_text = any(p.requires_grad for p in self.text.parameters())
-        with torch.set_grad_enabled(trainable_text and torch.is_grad_enabled()):
-            neg = self.encode_text(texts)
-        return {"word_negatives": neg, "word_negative_of": torch.tensor(of, dtype=torch.long)}
+    Arguments as build_lts (no stride2). levels: the encoder strides whose
+    maps, resampled to the stride-16 grid and concatenated, SaG groups into
+    slots and reconstructs (16 required; any of 4, 8, 32 besides); only
+    these maps are kept by encode_image and the feature cache.
+    head_kwargs: SaGHead arguments (dim, num_slots, iters, heads,
+    mlp_ratio, text_layers, context_layers, decoder_hidden, decoder_depth,
+    logit_scale_init, hard_negatives, slot_init, rgb, rgb_weight,
+    feature_weight, detach_slots, pretrain_steps, slot_input, shatter,
+    colour_clusters, grid_stride, entity_colour).
+    """
+    v = build_visual(visual, frozen=freeze_visual, pretrained=pretrained)
+    t = build_text(text, frozen=freeze_text, max_length=max_length, tokenizer=text_tokenizer, depth=text_depth)
+    channels = dict(zip(v.strides, v.channels))
+    levels = tuple(sorted(int(s) for s in levels))
+    if 16 not in levels or not set(levels) <= set(channels):
+        raise ModelConfigError(f"config field 'levels' must include 16 and name only the visual encoder's strides "
+                               f"{sorted(channels)}, got {list(levels)}")
+    head = build_head(SaGHead, [channels[s] for s in levels], levels, t.dim, **head_kwargs)
+    config = model_config("sag", head_kwargs, visual=visual, text=text, pretrained=pretrained, freeze_visual=freeze_visual,
+                     freeze_text=freeze_text, max_length=max_length, text_tokenizer=text_tokenizer,
+                     image_size=image_size, levels=list(levels), **depth_field(text_depth))
+    return SaG(v, t, head, image_size=image_size, config=config)

@@ -4,7 +4,7 @@ A weak ref's expression is only its class name ("vehicle"). The bank keeps,
 for each weak training ref, P learnable vectors, placed right after the
 class name's tokens in the padding slots, with the attention mask switched
 on there, so that they can say what the class name leaves out ("the one
-left of the tank"). Optimising them through a frozen teacher (engine/wrel.py,
+left of the tank"). Optimising them through a frozen teacher (refseg/methods/wrel/train.py,
 stage 2) makes the bank store "what was not said". Two sites (SITES):
 
     encoder   the prompts are word embeddings, read by the frozen text
@@ -40,7 +40,7 @@ SITES = ("encoder", "features")  # where the prompts enter (module docstring)
 
 class ReferenceBank(nn.Module):
     """prompts: (R, P, D) float, P learnable vectors of width D (the text encoder's) for each of R weak refs
-    (what a row means depends on the site: engine/wrel.py).
+    (what a row means depends on the site: refseg/methods/wrel/train.py).
 
     init_std: the prompts start as N(0, init_std^2) draws from `generator`
     (seeded by the caller, so that a run starts from the same bank).

@@ -25,7 +25,7 @@ Stages (choices marked as such; METHODS.md leaves them open):
    accurate refs only (`train_subset accurate`), wrel_teacher_steps steps
    (0: as max_steps / epochs). Its best/ (last/ without validation) is the
    teacher of stage 2 and the starting point of stage 3.
-2. Learnable Reference Bank (modeling/bank.py): for each weak train ref,
+2. Learnable Reference Bank (bank.py): for each weak train ref,
    wrel_bank_prompts vectors in the word-embedding space (N(0, 0.02^2),
    seeded by --seed), written after its class-name tokens in the padding
    slots with the attention mask on (a class name too long for all of them
@@ -291,11 +291,11 @@ def bank_text(site: str, text: nn.Module, input_ids: torch.Tensor, attention_mas
     vector in the encoder's output space: prompt j of ref b is
     class_txt.sentence[b] + prompts[b, j], appended to class_txt (the
     encoder's output for the class names, e.g. the feature cache's) as
-    extra tokens (modeling/bank.py). Offsets, so that a bank starting near
+    extra tokens (bank.py). Offsets, so that a bank starting near
     zero starts near "the class name said again" rather than at tokens of
     an unseen scale (choice; benchmarks/wrel_bank_fit.py compares).
     """
-    from refseg.modeling.bank import append_prompt_features, encode_with_prompts
+    from refseg.methods.wrel.bank import append_prompt_features, encode_with_prompts
 
     if site == "encoder":
         return encode_with_prompts(text, input_ids, attention_mask, prompts)
@@ -314,7 +314,7 @@ def train_bank(cfg: TrainConfig, teacher: nn.Module, train_ds, cache, out: Path,
 
     from refseg.engine.optim import resolve_amp
     from refseg.engine.runlog import RunLog
-    from refseg.modeling.bank import ReferenceBank, class_name_tokens, prompt_slots
+    from refseg.methods.wrel.bank import ReferenceBank, class_name_tokens, prompt_slots
 
     refs = weak_refs(train_ds.samples)
     if not refs:
