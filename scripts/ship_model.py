@@ -10,7 +10,9 @@ encoders come from their pip packages) and `<name>.json` (model config,
 SHA-256, the training command(s), the training record read from the run's
 log.csv, and the measured scores). An LRB-WREL run (`refseg train --method
 wrel`) ships its best/ (the EMA teacher by default) and records its three
-stages.
+stages. A recipe's run folder (`refseg train --config configs/<model>.yaml
+--out RUN`) ships its final stage and records the recipe file in the card
+(training.recipe; --recipe names it otherwise).
 """
 
 import argparse
@@ -57,6 +59,17 @@ def bank_record(folder: Path) -> dict:
             "logged_span_minutes": round((max(times) - min(times)) / 60, 1) if times else None}
 
 
+def recipe_run(run: Path):
+    """(the run folder to ship, the recipe file): a recipe's run folder (RUN/recipe.json) gives its final
+    stage and the recipe it was trained with; any other run folder gives itself and None."""
+    from refseg.engine.recipe import RUN_FILE, final_stage
+
+    final = final_stage(run)
+    if final is None:
+        return run, None
+    return final, json.loads((run / RUN_FILE).read_text())["recipe"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True)
@@ -65,6 +78,8 @@ def main() -> int:
                          "LRB-WREL run's student, whose best/ holds the EMA teacher")
     ap.add_argument("--name", required=True)
     ap.add_argument("--command", action="append", default=[], help="the command(s) that trained it, in order")
+    ap.add_argument("--recipe", default=None, help="the recipe file that trains it (configs/<model>.yaml; default: "
+                    "the one a recipe's run folder records)")
     ap.add_argument("--note", default="", help="free text for the card (machine, caveats)")
     ap.add_argument("--eval-data", required=True)
     ap.add_argument("--split", default="test")
@@ -72,8 +87,8 @@ def main() -> int:
     ap.add_argument("--model-kwargs", type=json.loads, default={},
                     help="JSON of inference options merged into the model config before evaluating and shipping "
                          "(e.g. SaG's {\"mask_refine\": 4}); the trained weights must fit the new model exactly")
-    ap.add_argument("--metrics-json", help="reuse the figures of `refseg eval --out` or `benchmarks/lts_synthref.py "
-                    "--json` (any JSON with 'model' or 'checkpoint', 'split', 'metrics') for this run and split "
+    ap.add_argument("--metrics-json", help="reuse the figures of `refseg eval --out` "
+                    "(any JSON with 'model' or 'checkpoint', 'split', 'metrics') for this run and split "
                     "instead of evaluating again")
     args = ap.parse_args()
 
@@ -82,7 +97,7 @@ def main() -> int:
     from refseg.engine.evaluate_core import evaluate_model
     from refseg.hub import WEIGHTS_DIR
 
-    run = Path(args.run)
+    run, recipe = recipe_run(Path(args.run))
     target = run / args.checkpoint if args.checkpoint else run
     model = with_options(load_model(target).eval(), args.model_kwargs)  # inference options: same weights
     data = load_refer(args.eval_data)
@@ -101,7 +116,8 @@ def main() -> int:
     synth = json.loads((Path(args.eval_data) / "synthref.json").read_text()) if (Path(args.eval_data) / "synthref.json").exists() else {}
     meta = {
         "name": args.name,
-        "training": {"commands": args.command, "note": args.note, "inference_options": args.model_kwargs, "checkpoint": args.checkpoint or ("best" if (run / "best").exists() else "last"),
+        "training": {"commands": args.command, **({"recipe": args.recipe or recipe} if args.recipe or recipe else {}),
+                     "note": args.note, "inference_options": args.model_kwargs, "checkpoint": args.checkpoint or ("best" if (run / "best").exists() else "last"),
                      **training_record(run)},
         "evaluation": {"data": {k: synth.get(k) for k in ("domain", "preset", "seed", "version")},
                        "split": args.split, "metrics": results},

@@ -462,6 +462,11 @@ def _resolve(path: PathLike) -> Tuple[Path, Path]:
         if found is not None:
             verify_manifest(found)
             return found / MODEL_FILE, found / MODEL_JSON
+    from refseg.engine.recipe import final_stage
+
+    final = final_stage(path)  # a recipe's run folder (RUN/recipe.json): its final stage's run folder
+    if final is not None:
+        return _resolve(final)
     raise CheckpointError(f"{path} holds no complete checkpoint (looked for {MODEL_FILE}, best/, last/)")
 
 

@@ -124,11 +124,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--nproc", type=positive_int, default=1,
                         help="processes to train with (launches torchrun --nproc_per_node N); batch_size is split between them")
+    parser.add_argument("--data-root", default="data",
+                        help="where a recipe's SynthRef split is found, or made when missing (default: data)")
 
 
 def main(args: argparse.Namespace) -> int:
     from refseg.data.refer import ReferFormatError
+    from refseg.engine import recipe
 
+    if recipe.is_recipe_run(args):  # configs/<model>.yaml: stages into OUT/<stage>/ (engine/recipe.py)
+        return recipe.main(args)
     if args.nproc > 1 and "RANK" not in os.environ:
         return distributed.launch(args.nproc, _to_argv(args))
     try:
@@ -613,7 +618,7 @@ def _train(cfg: TrainConfig, model: Optional[nn.Module], data, hooks: TrainHooks
         model = build_model(cfg)
     if cfg.init_from:  # a resumed run's last/ overrides these weights below
         try:
-            fresh = ckpt.init_weights(model, cfg.init_from)
+            fresh = ckpt.init_weights(model, weights_path(cfg.init_from))
         except (ckpt.CheckpointError, FileNotFoundError) as e:
             raise TrainError(f"--init-from {cfg.init_from}: {e}") from None
         if main_rank and progress:

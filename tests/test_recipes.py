@@ -1,0 +1,194 @@
+"""Recipes (configs/<model>.yaml, refseg/engine/recipe.py): every shipped model has one, it resolves to the
+configuration its card recorded, a staged recipe trains its stages in order and resumes, and a malformed
+recipe is refused in one line naming the file and the field."""
+
+import argparse
+import importlib.util
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from refseg.cli import main as cli
+from refseg.engine import recipe as recipe_module
+from refseg.engine.config import ConfigError, TrainConfig, add_config_arguments, config_from_args
+from refseg.hub import WEIGHTS_DIR, available_models
+
+ROOT = Path(__file__).resolve().parents[1]
+MACHINE = ("threads", "cache_dir", "out", "resume", "progress", "device", "workers")
+
+
+def _card(name):
+    return json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
+
+
+def _recorded_configs(name):
+    """[(recorded --out, TrainConfig dict)] of the card's `refseg train` commands, parsed by the real CLI parser.
+
+    Machine flags are dropped before resolving (--device cuda does not validate on a CPU build). The last
+    command's fields it does not give come from the card's stored training.config (the defaults it ran with)."""
+    training = _card(name)["training"]
+    commands = [shlex.split(c)[2:] for c in training["commands"] if c.startswith("refseg train ")]
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    names = set(TrainConfig.__dataclass_fields__)
+    out = []
+    for i, argv in enumerate(commands):
+        ns = parser.parse_args(argv)
+        recorded_out = ns.out
+        for k in MACHINE:
+            if hasattr(ns, k):
+                delattr(ns, k)
+        base = {}
+        if i == len(commands) - 1:
+            base = {k: v for k, v in training["config"].items() if k in names and k not in MACHINE}
+        out.append((recorded_out, config_from_args(ns, base).to_dict()))
+    return out
+
+
+def test_every_shipped_model_has_a_recipe_named_by_its_card():
+    names = available_models()
+    assert len(names) == 10
+    for name in names:
+        assert _card(name)["training"]["recipe"] == f"configs/{name}.yaml"
+        assert (ROOT / "configs" / f"{name}.yaml").is_file()
+    assert sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")) == sorted(names)
+
+
+@pytest.mark.parametrize("name", available_models())
+def test_recipe_resolves_to_the_configuration_the_card_recorded(name):
+    recipe = recipe_module.load_recipe(ROOT / "configs" / f"{name}.yaml")
+    configs = recipe_module.stage_configs(recipe, "runs/X", "data")
+    recorded = _recorded_configs(name)
+    assert len(configs) == len(recorded)
+    stage_of = {}  # a recorded --out -> the stage folder the recipe trains it in
+    for stage, cfg, (recorded_out, expected) in zip(recipe.stages, configs, recorded):
+        got = cfg.to_dict()
+        init = expected["init_from"]
+        for old, new in stage_of.items():
+            if init is not None and (init == old or init.startswith(old + "/")):
+                expected["init_from"] = new + init[len(old):]
+        different = {k: (got[k], expected[k]) for k in got if k not in MACHINE and got[k] != expected[k]}
+        assert different == {}, f"{name} stage {stage.name}"
+        stage_of[recorded_out] = f"runs/X/{stage.name}"
+
+
+def _tiny_recipe(data, **second):
+    from _engine_fixtures import SIZE, TINY_LTS
+
+    common = dict(model="lts", model_kwargs=TINY_LTS, size=SIZE, batch_size=4, images_per_batch=2, lr=3e-3,
+                  warmup_steps=1, val_split="", log_every=1, save_frozen=True, cache_features="off")
+    return {"data": str(data), "stages": [{"name": "first", **common, "max_steps": 2, "seed": 0},
+                                          {"name": "second", **common, "init_from": "first", "max_steps": 1,
+                                           "lr": 0.0, "min_lr": 0.0, "seed": 1, **second}]}
+
+
+def test_two_stage_recipe_trains_in_order_starts_from_the_first_and_resumes(synthref_tiny, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from refseg.engine.checkpoint import load_model
+
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(_tiny_recipe(synthref_tiny)))
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(path), "--out", str(run), "--threads", "1", "--no-progress"]
+    assert cli(argv) == 0
+    first = load_file(str(run / "first" / "last" / "model.safetensors"))
+    second = load_file(str(run / "second" / "last" / "model.safetensors"))
+    # lr 0 in the second stage: its weights are the first stage's, so it was initialised from them
+    assert first.keys() == second.keys() and all((first[k] == second[k]).all() for k in first)
+    assert json.loads((run / "second" / "config.json").read_text())["init_from"] == str(run / "first")
+    state = json.loads((run / "recipe.json").read_text())
+    assert state["finished"] == ["first", "second"] and state["final"] == "second"
+    # the run folder loads as its final stage (refseg eval --checkpoint RUN, refseg.load(RUN))
+    assert load_model(run).config == json.loads((run / "second" / "last" / "model.json").read_text())["config"]
+    # scripts/ship_model.py ships the final stage and records the recipe file
+    spec = importlib.util.spec_from_file_location("ship_model", ROOT / "scripts" / "ship_model.py")
+    ship_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship_model)
+    assert ship_model.recipe_run(run) == (run / "second", str(path))
+    # stage two interrupted: re-running skips the finished first stage and resumes the second
+    state["finished"] = ["first"]
+    (run / "recipe.json").write_text(json.dumps(state))
+    stamp = (run / "first" / "last" / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli(["train", "--resume", str(run), "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "stage 'first' is finished" in err and "stage 'second'" in err and "(resumed)" in err
+    assert (run / "first" / "last" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert json.loads((run / "recipe.json").read_text())["finished"] == ["first", "second"]
+    # the same command again: everything finished, nothing trained
+    assert cli(argv) == 0
+    assert (run / "first" / "last" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_a_plain_config_file_still_trains_one_run(synthref_tiny, tmp_path):
+    from _engine_fixtures import SIZE, TINY_LTS
+
+    path = tmp_path / "plain.yaml"
+    path.write_text(yaml.safe_dump(dict(model="lts", model_kwargs=TINY_LTS, size=SIZE, data=str(synthref_tiny),
+                                        batch_size=4, images_per_batch=2, max_steps=1, val_split="",
+                                        cache_features="off", save_frozen=True)))
+    assert cli(["train", "--config", str(path), "--out", str(tmp_path / "run"), "--threads", "1",
+                "--no-progress"]) == 0
+    assert (tmp_path / "run" / "last" / "model.safetensors").exists()
+    assert not (tmp_path / "run" / "recipe.json").exists()
+
+
+BAD = {
+    "unknown field": ({"data": {"domain": "natural", "preset": "tiny", "seed": 0},
+                       "stages": [{"name": "a", "lrr": 0.1}]}, "stage 'a': unknown TrainConfig field(s): lrr"),
+    "unknown stage": ({"data": "d", "stages": [{"name": "a"}, {"name": "b", "init_from": "nosuch"}]},
+                      "stage 'b': field 'init_from' 'nosuch' names no stage"),
+    "cycle": ({"data": "d", "stages": [{"name": "a", "init_from": "b"}, {"name": "b", "init_from": "a"}]},
+              "stage 'a': field 'init_from' names stage 'b', which does not run before it"),
+    "self": ({"data": "d", "stages": [{"name": "a", "init_from": "a"}]}, "field 'init_from' names stage 'a'"),
+    "empty stages": ({"data": "d", "stages": []}, "field 'stages' must be a non-empty list"),
+    "data type": ({"data": 5, "stages": [{"name": "a"}]}, "field 'data' must be a SynthRef split"),
+    "data list": ({"data": ["natural"], "stages": [{"name": "a"}]}, "field 'data' must be a SynthRef split"),
+    "data keys": ({"data": {"domain": "natural", "preset": "tiny"}, "model": "lts"},
+                  "field 'data' must give exactly domain, preset, seed"),
+    "duplicate stage": ({"data": "d", "stages": [{"name": "a"}, {"name": "a"}]}, "stage 'a' is listed twice"),
+    "wrong value type": ({"data": {"domain": "natural", "preset": "tiny", "seed": 0}, "lr": "3e-4"},
+                         "TrainConfig.lr must be float"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_malformed_recipe_is_one_line_naming_file_and_field(case, tmp_path, capsys):
+    values, message = BAD[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(values))
+    assert cli(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("refseg train: error: ") and str(path) in err, err
+    assert message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_finished_stage_with_other_values_is_refused(synthref_tiny, tmp_path, capsys):
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(_tiny_recipe(synthref_tiny)))
+    run = tmp_path / "run"
+    state = {"recipe": str(path), "data": str(synthref_tiny), "final": "second", "finished": ["first"],
+             "stages": [{"name": s.name, "values": recipe_module.stage_values(recipe_module.load_recipe(path), s, run)}
+                        for s in recipe_module.load_recipe(path).stages]}
+    state["stages"][0]["values"]["lr"] = 0.5
+    run.mkdir()
+    (run / "recipe.json").write_text(json.dumps(state))
+    assert cli(["train", "--config", str(path), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "finished stage 'first' was trained with other values of lr" in err and err.count("\n") == 1
+
+
+def test_synthref_data_block_is_generated_when_missing_and_checked_when_present(tmp_path):
+    spec = {"domain": "natural", "preset": "tiny", "seed": 3}
+    folder = tmp_path / "natural-tiny-s3"
+    (folder).mkdir()
+    (folder / "synthref.json").write_text(json.dumps({"domain": "natural", "preset": "tiny", "seed": 0}))
+    with pytest.raises(ConfigError, match="holds SynthRef"):
+        recipe_module.make_data(spec, folder)
+    recipe = recipe_module.parse_recipe({"data": spec, "model": "lts"}, "r.yaml")
+    assert recipe.data_folder(tmp_path) == folder and not recipe.staged
