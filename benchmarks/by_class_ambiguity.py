@@ -1,5 +1,7 @@
 """Accuracy split by how much the class name alone says: referents alone in their category vs with look-alikes.
 
+Reproduces the look-alike table of "LRB-WREL on SynthRef aerial" in docs/RESULTS.md.
+
     refseg eval --checkpoint lts-aerial --data data/aerial-small-s0 --split test --per-sample --out upper.json
     python benchmarks/by_class_ambiguity.py --data data/aerial-small-s0 --split test upper.json naive.json wrel.json
 

@@ -1,5 +1,7 @@
 """Evaluate a model with inference options merged into its config (same weights).
 
+Reproduces the table "PKS from clicks: the fine-tuning rounds" of docs/RESULTS.md.
+
     python benchmarks/eval_with_options.py --model sag-synthref --options '{"mask_refine": 2}' --split val
 
 For options that add no parameter (SaG's ``mask_refine``, ``refine_sigma``,

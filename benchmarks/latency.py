@@ -1,5 +1,7 @@
 """Inference latency of a refseg model: PyTorch Predictor vs onnxruntime OnnxPredictor, on CPU.
 
+Reproduces the table "Inference latency" of docs/RESULTS.md (the command printed there).
+
     python benchmarks/latency.py --model lts-synthref        # a shipped model, a checkpoint or run path
     python benchmarks/latency.py --model untrained:lts       # the default architecture, untrained head
     python benchmarks/latency.py --model lts-synthref --runs 100 --skip-onnx

@@ -1,5 +1,7 @@
 """LRB-WREL on SynthRef aerial small: the upper bound, the naive baseline and LRB-WREL, side by side.
 
+Reproduces the table "LRB-WREL on SynthRef aerial" of docs/RESULTS.md (the commands printed there).
+
     python benchmarks/wrel_aerial.py --accurate-fraction 0.1 --seed 0 1 --steps 3000 --cache-dir cache
     python benchmarks/wrel_aerial.py --accurate-fraction 0.5 --seed 0 1 --steps 3000 --cache-dir cache
     python benchmarks/wrel_aerial.py --accurate-fraction 0.1 --seed 0 1 --upper-seed 0 ...   # one upper-bound run
@@ -18,7 +20,7 @@ then evaluates each run's best/ on the accurate expressions of --split
 for WREL also the network best/ does not hold (the student, or the EMA
 teacher with --wrel-final student; shown as an extra row, left out of the
 verdicts), and prints oIoU / mIoU / PointM with the ratios to the upper bound, and the
-issue's targets: WREL oIoU >= 0.92 x upper at p = 0.1, >= 0.97 x at
+targets: WREL oIoU >= 0.92 x upper at p = 0.1, >= 0.97 x at
 p = 0.5, and (with two or more seeds) WREL beats naive by more than the
 seed-to-seed spread (max - min over seeds of either). --json writes it all.
 

@@ -57,8 +57,8 @@ boxes or clicks); losses in ``refseg.losses.sag_text_loss``.
    wrong picks were mostly an object of the right shape and another
    colour, 34 % of test sentences against 4 % of the right colour). No
    reconstruction (``recon_mse`` is 0). What it is for: it puts
-   the gather on entities close to the colour ceiling of
-   ``benchmarks/sag_ceiling.py``, so a run shows what the gather and the
+   the gather on entities close to the best a colour partition allows,
+   so a run shows what the gather and the
    negatives reach when the shatter stage is not the bottleneck. It uses
    no annotation either: the clustering reads only the image.
    Decoder: DINOSAUR's spatial-broadcast MLP; each slot plus the position
@@ -167,7 +167,7 @@ val, the model fine-tuned with ``distill`` found the colour-worded
 referent in 60.6 % of attribute sentences against 88.5 % without a colour
 word (the colour is used exactly when two objects share the shape), and
 swapping the colour word for the other object's colour moved its point to
-that object in only 83 of 446 such sentences (benchmarks/sag_misses.py).
+that object in only 83 of 446 such sentences.
 Fine-tuned 2000 steps with two swaps per expression (the shipped model):
 75.9 % and 175 of 446; val PointM 68.79 -> 76.96, ordinals 48.9 -> 65.2.
 ``hard_negatives`` is a training setting (the weight of the same-image

@@ -293,7 +293,7 @@ def bank_text(site: str, text: nn.Module, input_ids: torch.Tensor, attention_mas
     encoder's output for the class names, e.g. the feature cache's) as
     extra tokens (bank.py). Offsets, so that a bank starting near
     zero starts near "the class name said again" rather than at tokens of
-    an unseen scale (choice; benchmarks/wrel_bank_fit.py compares).
+    an unseen scale.
     """
     from refseg.methods.wrel.bank import append_prompt_features, encode_with_prompts
 
