@@ -1,4 +1,4 @@
-"""`refseg make-data`: generate a SynthRef data set (shared/SYNTHREF.md) in the refer format.
+"""`refseg make-data`: generate a SynthRef data set (docs/SYNTHREF.md) in the refer format.
 
     refseg make-data --domain natural --preset small --seed 0 --out data/synthref-natural
 
@@ -100,7 +100,7 @@ def generate(out, domain: str = "natural", preset: str = "tiny", seed: int = 0, 
         vocab = VOCABS[domain]
         metadata = {
             "name": "SynthRef",
-            "spec": "shared/SYNTHREF.md",
+            "spec": "docs/SYNTHREF.md",
             "version": VERSION,
             "domain": domain,
             "preset": preset,

@@ -35,8 +35,8 @@ frozen cached encoders on a CPU budget; contracts in docs/DESIGN.md):
    the text tokens (padding masked) -> MLP]. Self-attention lets a position
    find the relation anchor or the other candidates of an ordinal
    ("left of the blue circle", "the leftmost green square"); the earlier
-   cross-attention-only design stalled on exactly those forms
-   (shared/MEASURED.md). A linear layer gives 2 x 2 sub-cell logits per
+   cross-attention-only design stalled on exactly those forms.
+   A linear layer gives 2 x 2 sub-cell logits per
    token: the position prior (B, 1, S/16, S/16).
 3. No-target: a sentence-conditioned query attention-pools the located
    tokens; an MLP over [pooled, s, max prior logit] gives one logit.

@@ -7,9 +7,9 @@
     out = model.decode(vis, txt, image_index, centers=c)  # training: kernel read at the target centre
 
 Localisation and segmentation run in parallel, and language never enters the
-features the mask is cut from (shared/METHODS.md section 2). Same
+features the mask is cut from (docs/methods/pks.md). Same
 encode_image / encode_text / decode contract as LTS (docs/DESIGN.md); the
-choices (marked *(choice)* in METHODS.md or left open there) are:
+choices the method leaves open are:
 
 1. Position branch (per sentence). LTS's fusion (FuseLocate), unchanged:
    stride-32 cells + the cells of the finer ``grid_strides`` maps under

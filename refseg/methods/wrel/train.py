@@ -1,4 +1,4 @@
-"""LRB-WREL: training with scarce referring expressions (shared/METHODS.md section 4), on top of LTS.
+"""LRB-WREL: training with scarce referring expressions (docs/methods/wrel.md), on top of LTS.
 
     refseg train --method wrel --accurate-fraction 0.1 --data data/aerial-small --out runs/wrel-p10 \\
         --wrel-teacher-steps 3000 --max-steps 3000 --cache-dir cache/
@@ -19,7 +19,7 @@ Run folder:
     RUN/stage1-teacher/                       stage 1, an ordinary run folder (train_subset accurate)
     RUN/stage2-bank/                          stage 2: log.csv, last/ (bank, ref ids, enriched text features)
 
-Stages (choices marked as such; METHODS.md leaves them open):
+Stages (choices marked as such; the method leaves them open):
 
 1. Teacher: the plain loop (engine/train.py) on the sentences of the
    accurate refs only (`train_subset accurate`), wrel_teacher_steps steps
@@ -57,7 +57,7 @@ Stages (choices marked as such; METHODS.md leaves them open):
    fitted to the unflipped image: "the left one" is another object in the
    mirror image).
 
-EMA schedule: METHODS.md gives m = 0.95 -> 0.99 (linear) over epochs 0-1,
+EMA schedule: the method gives m = 0.95 -> 0.99 (linear) over epochs 0-1,
 0.99 -> 0.999 over epochs 1-3, then 0.9995. It is written for a long run;
 we take that run to be E_ref = wrel_ema_epochs epochs (default 40, choice:
 RMSIN's recipe on RRSIS-D, which LRB-WREL builds on). Rescaling: a stage 3
@@ -101,7 +101,7 @@ saved (batches are independent of each other, so that is exact too).
 
 Requirements and omissions: frozen encoders with the feature cache (the
 bank, the enriched features and the EMA teacher all assume encoders that do
-not change); one process (no --nproc). Left out: METHODS.md's optional
+not change); one process (no --nproc). Left out: the method's optional
 confidence-thresholded teacher-student consistency loss.
 """
 
