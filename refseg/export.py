@@ -33,28 +33,18 @@ expression only); the image size S is fixed.
 
 int8 text encoder (opt-in: ``refseg export --int8-text``, then ``OnnxPredictor(path,
 int8_text=True)``): onnxruntime's dynamic quantisation of the text graph's MatMul weights,
-per output channel; activations stay float. It halves the text encoder's time but is not
-exact: on 1500 SynthRef val sentences (``benchmarks/int8_text_parity.py``) the masks
-agree with the float graph at mean IoU 0.976, 1.5% of the sentences pick another object,
-and mIoU / oIoU move by -0.1 point. The float graph stays the default; the export's
-parity check holds it to ``PARITY_TOLERANCE`` and only records the int8 graph's difference.
+per output channel; activations stay float. Faster, not exact: the float graph stays the
+default; the export's parity check holds it to ``PARITY_TOLERANCE`` and only records the
+int8 graph's difference.
 
 Per-expression graphs (what every further expression on a cached image costs) are
 fused at export time (``optimize=True``, the default; ``refseg export --no-optimize``
 writes them unfused): the head's attention layers are exported as onnxruntime's
 ``com.microsoft.MultiHeadAttention`` nodes, the text encoder with its Hugging Face
 "eager" attention, and both graphs then go through onnxruntime's transformer optimiser
-offline (pure graph rewriting: Attention, EmbedLayerNormalization, (Bias)Gelu,
-LayerNormalization; no hardware-specific kernels are baked in; not SkipLayerNormalization,
-slower here than the Add + LayerNormalization it replaces, see ``_optimize``). For
-lts-synthref the text graph (all-MiniLM-L6-v2) goes from 319 nodes to 99 (+ 15 Constant),
-the head's from 470 to 272 (+ 76 Constant, folded when onnxruntime loads it); the JSON
-records the fused operators (``fused_ops``), and the parity check below runs on the
-fused graphs (mask logits within 2.7e-5 of PyTorch on lts-synthref). Measured on the
-2-core dev machine under two trainings (interleaved runs of each graph alone, 1 thread):
-the text graph takes 0.88-0.91x and the head graph 0.92-0.95x the time of the unfused
-ones; with the numpy post-processing and the direct tokenizer call, an extra expression on
-a cached image 0.83-0.90x (see the README).
+offline (graph rewriting only: Attention, EmbedLayerNormalization, (Bias)Gelu,
+LayerNormalization; no hardware-specific kernels; see ``_optimize``). The JSON records
+the fused operators (``fused_ops``); the parity check runs on the fused graphs.
 
 Exporters: the image graph tries the new (``dynamo=True``) exporter first, the
 per-expression graphs the legacy TorchScript exporter (``dynamo=False``) first, whose

@@ -250,12 +250,10 @@ def build_cache(model: nn.Module, dataset, device: torch.device, dtype: torch.dt
                 folder: Optional[Path] = None, progress: bool = True, desc: str = "cache") -> FeatureCache:
     """Encode every unique image and every distinct expression text of `dataset` (a RefSegDataset) once.
 
-    Sentences repeating an earlier text get a copy of its features (SynthRef
-    natural full: 70,340 training sentences, 2,932 distinct texts).
+    Sentences repeating an earlier text get a copy of its features.
 
     folder: write memory-mapped arrays there (it must not exist yet); None keeps them in memory.
-    image_batch: images per encode_image call (default 1 on CPU, where larger
-    batches were slower per image, 32 on cuda).
+    image_batch: images per encode_image call (default 1 on CPU, 32 on cuda).
     """
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
