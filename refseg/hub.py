@@ -3,10 +3,10 @@
 Each shipped model is a pair ``<name>.safetensors`` (head weights only; the
 frozen encoders come from their own pip packages) and ``<name>.json`` (the
 model config, the SHA-256 of the weights file, the command that trained it
-and its measured scores). Nothing is ever downloaded.
+and its measured scores). Nothing is ever downloaded. This module reads
+checkpoints through refseg.engine.checkpoint, which never imports it.
 """
 
-import hashlib
 import json
 from pathlib import Path
 from typing import List, Optional, Union
@@ -26,12 +26,10 @@ def model_card(name: str) -> dict:
     return json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
 
 
-def sha256_of(path: Union[str, Path]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def weights_path(name_or_path: Union[str, Path]) -> Path:
+    """The weights file of a shipped model name; any other string as a path (checkpoint, run folder, file)."""
+    name = str(name_or_path)
+    return WEIGHTS_DIR / f"{name}.safetensors" if name in available_models() else Path(name)
 
 
 def load(name_or_path: Union[str, Path], device: str = "cpu", options: Optional[dict] = None
@@ -49,7 +47,7 @@ def load(name_or_path: Union[str, Path], device: str = "cpu", options: Optional[
     request: it serves only the models it was started with). The shipped weights are checked against the SHA-256 in their JSON card
     before use. Returns the model in eval mode on ``device``.
     """
-    from refseg.engine.checkpoint import CheckpointError, load_model
+    from refseg.engine.checkpoint import CheckpointError, load_model, sha256_of
 
     name = str(name_or_path)
     if name in available_models():

@@ -8,12 +8,13 @@ import torch
 
 import refseg
 from refseg import hub
+from refseg.engine import checkpoint as ckpt
 
 
 def test_default_model_is_listed_and_has_a_card():
     assert "lts-synthref" in refseg.available_models()
     card = hub.model_card("lts-synthref")
-    assert card["sha256"] == hub.sha256_of(hub.WEIGHTS_DIR / "lts-synthref.safetensors")
+    assert card["sha256"] == ckpt.sha256_of(hub.WEIGHTS_DIR / "lts-synthref.safetensors")
     assert card["training"]["commands"], "the card must record the command that trained the model"
 
 

@@ -67,7 +67,7 @@ def data_fingerprint(data) -> Dict[str, Any]:
     size and mtime are unchanged. Images are identified by their resolved
     folder (hashing thousands of images would cost more than caching them).
     """
-    from refseg.hub import sha256_of
+    from refseg.engine.checkpoint import sha256_of
 
     files = {}
     for path in (Path(data.refs_file), Path(data.ann_dir) / "instances.json", Path(data.ann_dir) / "synthref.json"):

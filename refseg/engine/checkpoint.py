@@ -31,6 +31,7 @@ of `--resume` when last/ was damaged after it was written (`verify_resume_point`
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import re
@@ -44,7 +45,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from refseg.hub import sha256_of  # noqa: F401 (also this module's name for it)
 from refseg.engine.state import (StateError, check_training_state, load_optimizer_state, optimizer_state,
                                  rng_state, set_rng_state)
 
@@ -395,6 +395,15 @@ def resume_candidates(run: PathLike) -> List[Path]:
 # ---- models -------------------------------------------------------------------------
 
 
+def sha256_of(path: PathLike) -> str:
+    """The hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def build_model(config: Dict[str, Any]) -> nn.Module:
     """Rebuild a model from its `config` dict (refseg.methods.build_model)."""
     from refseg.methods import build_model as build
@@ -515,17 +524,14 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "cpu", strict:
 def init_weights(model: nn.Module, source: PathLike) -> List[str]:
     """Start ``model`` from the weights of ``source`` (fine-tuning; ``refseg train --init-from``).
 
-    source: a shipped model name (``refseg.available_models()``), a checkpoint or
-    run folder, or a ``.safetensors`` file with its JSON. The stored model must be
+    source: a checkpoint or run folder, or a ``.safetensors`` file with its JSON
+    (a shipped model's: ``refseg.hub.weights_path(name)``). The stored model must be
     the same kind (config "model", "visual", "text"); its weights must all exist in
     ``model`` with the same shapes. Parameters of ``model`` that the file lacks (a
     head switched on by ``model_kwargs``) keep their fresh initialisation: their
     names are returned. Anything else raises CheckpointError naming the file and field.
     """
-    from refseg.hub import WEIGHTS_DIR, available_models
-
-    path = WEIGHTS_DIR / f"{source}.safetensors" if str(source) in available_models() else Path(source)
-    weights_path, json_path, meta, weights = _read_checkpoint(path)
+    weights_path, json_path, meta, weights = _read_checkpoint(Path(source))
     own_config = getattr(model, "config", {}) or {}
     for key in ("model", "visual", "text"):
         if key in own_config and meta["config"].get(key) != own_config[key]:

@@ -571,6 +571,7 @@ def _train(cfg: TrainConfig, model: Optional[nn.Module], data, hooks: TrainHooks
     from refseg.engine import checkpoint as ckpt
     from refseg.engine.evaluate_core import evaluate_model
     from refseg.engine.sampler import GroupBatchSampler
+    from refseg.hub import weights_path
 
     cfg.validate()
     started = time.perf_counter()  # the time budget counts from here
