@@ -1,6 +1,7 @@
 """Encoders and models: one smoke test over MODELS on tiny random encoders,
 a consistency test of the two execution paths, the real offline encoders once."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,7 +10,7 @@ from _engine_fixtures import one_thread  # noqa: F401 (autouse fixture: tiny mod
 
 from refseg.methods import MODELS, build_model
 from refseg.methods.lts.loss import lts_loss
-from refseg.modeling import build_text, build_visual
+from refseg.modeling import ModelConfigError, build_text, build_visual
 
 TINY_VISUAL = {"model_type": "convnext", "hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1]}
 TINY_TEXT = {
@@ -210,3 +211,58 @@ def test_text_depth_in_config_and_cache_key():
     for bad in (0, 4):
         with pytest.raises(ValueError, match=f"text_depth'? must be .*in 1\\.\\.(3|64).*got {bad}"):
             _tiny("lts", text=dict(TINY_TEXT, num_hidden_layers=3), text_depth=bad)
+
+
+# ---- the method registry and the model interface ---------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_config_class_lists_exactly_the_factory_arguments_with_their_defaults(name):
+    import inspect
+
+    from refseg.methods import METHODS
+    from refseg.modeling.limits import head_defaults, known_fields
+
+    method = METHODS[name]
+    head = type(_tiny(name).head)
+    fields = {f.name: f.default for f in dataclasses.fields(method.config)}
+    assert set(fields) == set(known_fields(method.build, head))
+    factory = {n: p.default for n, p in inspect.signature(method.build).parameters.items()
+               if p.default is not p.empty}
+    for field, default in {**head_defaults(head), **factory}.items():
+        assert fields[field] == default, field
+    method.config().validate()
+
+
+def test_config_class_refuses_bad_fields_through_the_model_limits():
+    from refseg.methods import METHODS
+
+    with pytest.raises(ModelConfigError, match="'image_size'"):
+        METHODS["lts"].config(image_size=100).validate()
+    with pytest.raises(ModelConfigError, match="'num_slots'"):
+        METHODS["sag"].config.from_dict({"model": "sag", "num_slots": 0})
+    with pytest.raises(ModelConfigError, match="'nope' is not an argument of 'pks'"):
+        METHODS["pks"].config.from_dict({"nope": 1})
+
+
+def test_no_model_file_imports_a_loss_or_an_augmentation():
+    import ast
+    from pathlib import Path
+
+    import refseg
+
+    root = Path(refseg.__file__).parent
+    for path in [*root.glob("methods/*/model.py"), *root.glob("modeling/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for name in names:
+                assert not any(bad in name for bad in ("loss", "augment", "word_negatives", ".train", "engine")), \
+                    f"{path.relative_to(root)} imports {name}"
+
+
+def test_predictor_refuses_a_module_that_is_not_a_model():
+    from refseg.predictor import Predictor
+
+    with pytest.raises(TypeError, match="RISModel"):
+        Predictor(torch.nn.Linear(2, 2))
