@@ -42,10 +42,7 @@ def lts_loss(
                   referent is one cell of 400, every sample weighs the same
                   whatever the referent's size: it is a "which object"
                   classification, the term that PointM on small referents
-                  needs. Measured (SynthRef natural full s1, 4500 steps, the
-                  same head and schedule, small test): w_locate 0 -> 0.5
-                  raised PointM 94.74 -> 95.94, mIoU 87.55 -> 89.44, oIoU
-                  89.25 -> 90.49.
+                  needs (docs/methods/lts.md).
     Returns dict(loss, mask_bce, mask_dice, prior_bce, no_target[, locate]); ``loss``
     is the weighted sum, the others are detached for logging.
     """

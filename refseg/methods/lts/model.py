@@ -1,59 +1,17 @@
 """LTS: Locate then Segment (Jing et al., CVPR 2021), refseg's fully supervised head.
 
-    model = LTS(visual, text, LTSHead(visual.channels, visual.strides, text.dim))
-    vis = model.encode_image(images)          # (B_img, 3, S, S) uint8 -> list of maps
-    txt = model.encode_text(texts)            # list[str] -> TextFeatures
-    out = model.decode(vis, txt, image_index) # sentence b reads vis[...][image_index[b]]
-    ctx = model.image_context(vis)            # the head's language-free part, once per image
-    out = model.decode_context(ctx, txt, image_index)   # the rest: == decode(vis, txt, image_index)
+    model = build_lts()                                # EfficientNet-Lite0 + MiniLM, both frozen
+    vis = model.encode_image(images)                   # (B_img, 3, S, S) uint8 -> list of maps
+    txt = model.encode_text(texts)                     # list[str] -> TextFeatures
+    out = model.decode(vis, txt, image_index)          # sentence b reads vis[...][image_index[b]]
+    ctx = model.image_context(vis)                     # the head's language-free part, once per image
+    out = model.decode_context(ctx, txt, image_index)  # the rest: == decode(vis, txt, image_index)
 
-Design (choices beyond the paper, made to reach the SynthRef targets with
-frozen cached encoders on a CPU budget; contracts in docs/DESIGN.md):
-
-1. Fuse, on the stride-32 grid (10 x 10 at 320 px). Each token is a
-   stride-32 cell concatenated with the cells under it of the finer maps
-   in ``grid_strides`` (space-to-depth: 2 x 2 stride-16, 4 x 4 stride-8,
-   8 x 8 stride-4 cells, so no detail is lost), projected to width D.
-   The fine maps matter for colour: with stride 32 + 16 only (the first
-   shipped model) most misses picked an object of the right shape and the
-   wrong colour (the deep ImageNet stages are nearly colour-invariant); the
-   early stride-8/4 stages still carry colour. It costs one wider linear
-   layer per image.
-   This grid is language-free and computed once per *image*. Per sentence:
-   ``x = A(g) + B(g * s) + C(coords) + pe``: ``s`` is the sentence vector
-   projected to D (LTS's element-wise multiplicative fusion), ``coords``
-   the CoordConv x/y channels in [-1, 1], ``pe`` a 2D sine encoding.
-   Text: tokens are projected to D and refined by ``text_layers`` small
-   self-attention layers (task-specific context on top of the frozen
-   encoder); ``s`` = projected encoder sentence vector + masked mean of the
-   refined tokens.
-   Why 10 x 10 and not 20 x 20: the locate layers run once per *sentence*;
-   at 400 tokens x batch 32 four layers cost ~4x more than the whole step
-   budget (0.5 s on 2 cores), while space-to-depth keeps the 16-px detail.
-2. Locate: ``depth`` pre-norm layers of [self-attention among the grid
-   positions (position encoding on q/k in every layer) -> cross-attention to
-   the text tokens (padding masked) -> MLP]. Self-attention lets a position
-   find the relation anchor or the other candidates of an ordinal
-   ("left of the blue circle", "the leftmost green square"); the earlier
-   cross-attention-only design stalled on exactly those forms.
-   A linear layer gives 2 x 2 sub-cell logits per
-   token: the position prior (B, 1, S/16, S/16).
-3. No-target: a sentence-conditioned query attention-pools the located
-   tokens; an MLP over [pooled, s, max prior logit] gives one logit.
-4. Segment (laterals: 3x3 conv-GN projections of the encoder maps, once per
-   image, indexed per sentence; the rest per sentence, no norms, thin
-   widths ``decoder_widths`` so that most compute stays on the grid):
-   stride 16: sub-pixel (pixel-shuffle) expansion of the located tokens +
-   the stride-16 lateral gated by the sentence, concatenated with
-   sigmoid(prior) -> 3x3 conv; stride 8: reduce (1x1) -> bilinear x2 +
-   the stride-8 lateral gated by the sentence -> 3x3 conv; stride 4: the
-   same with the stride-4 lateral -> 1x1 conv to 1 + K channels.
-   Stride 2 (when the encoder gives that map, for small-object boundaries):
-   the coarse logit upsampled x2 plus a per-sentence mix of K per-image
-   stride-2 channels with the K upsampled weights (a full conv stage at
-   160 x 160 per sentence would cost more than everything else together).
-   Logits are upsampled bilinearly to S. The output layer starts at zero
-   weight and a "mostly background" bias (as does the prior).
+Steps: 1-2 fuse and locate on the stride-32 grid (modeling/locate.py), a
+2 x 2 sub-cell position prior per token (B, 1, S/16, S/16); 3 a no-target
+logit from the located tokens; 4 a thin text-gated decoder over the
+stride-16/8/4(/2) laterals to mask_logits (B, 1, S, S). Design reasoning:
+docs/methods/lts.md.
 """
 
 import math

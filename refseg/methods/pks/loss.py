@@ -303,10 +303,8 @@ def pks_full_loss(
     heatmap's softmax over cells against the normalised Gaussian, KL, target
     samples only; see ``lts_loss``); region and region_locate (weights
     ``w_region``, ``w_region_locate``; only for a head with the region map:
-    ``region_terms``). Unlike LTS's BCE prior, the focal
-    heatmap loss is already normalised per referent; measured on the click
-    mode (SynthRef natural full s1, 4500 steps, small test), w_locate 0.5
-    gave PointM 93.94 vs 93.76 and mIoU 85.94 vs 85.94, so it stays off.
+    ``region_terms``). The focal heatmap loss is already normalised per
+    referent, so locate is off by default (docs/methods/pks.md).
     Returns dict(loss, heatmap, mask_bce, mask_dice, no_target[, locate][, region, region_locate]).
     """
     targets = pks_targets(batch)
@@ -357,12 +355,9 @@ def pks_click_loss(
     initialisation the mask is near-constant and the term near 0);
     no_target (BCE); outside and center (``click_mask_terms``: cells outside
     the box are background, the centre click is foreground). The last two
-    are our addition to BoxInst's pair: both follow from the clicks
-    exactly, and give dense gradients where the projection's max passes one
-    pixel per row/column. In 60-step runs on SynthRef tiny (real encoders)
-    the projection term reached 0.83 without them, 0.58 with outside only,
-    1.47 with center only and 0.24 with both (val mIoU 0.00 / 0.04 / 0.01
-    / 0.14). locate (weight ``w_locate``, off by default): as in
+    are additions to BoxInst's pair: both follow from the clicks exactly,
+    and give dense gradients where the projection's max passes one pixel
+    per row/column (docs/methods/pks.md). locate (weight ``w_locate``, off by default): as in
     ``pks_full_loss``, from the click Gaussian. region and region_locate
     (weights ``w_region``, ``w_region_locate``; only for a head with the
     region map): ``region_terms`` from the clicks. Returns dict(loss, heatmap,

@@ -1,96 +1,23 @@
 """PKS: parallel Position-Kernel-Segmentation (Li, Sun, Xiao, Lim, Zhao), trainable on masks or clicks.
 
-    model = PKS(visual, text, PKSHead(visual.channels, visual.strides, text.dim, mask_stride=4))
-    vis = model.encode_image(images)                  # encoder maps + the pooled image (see below)
+    model = build_pks()
+    vis = model.encode_image(images)                       # encoder maps + the pooled image
     txt = model.encode_text(texts)
-    out = model.decode(vis, txt, image_index)         # inference: kernel read at the heatmap peak
-    out = model.decode(vis, txt, image_index, centers=c)  # training: kernel read at the target centre
+    out = model.decode(vis, txt, image_index)              # inference: kernel read at the heatmap peak
+    out = model.decode(vis, txt, image_index, centers=c)   # training (teacher_forcing): at the target centre
 
-Localisation and segmentation run in parallel, and language never enters the
-features the mask is cut from (docs/methods/pks.md). Same
-encode_image / encode_text / decode contract as LTS (docs/DESIGN.md); the
-choices the method leaves open are:
+Branches: 1 position (LTS's FuseLocate -> centre heatmap on the stride-16
+grid), 2 kernel (sub-cell kernel features sampled at the peak -> controller
+-> a CondInst dynamic mask head), 3 language-free mask features (FPN, once
+per image), 4 no-target logit, 5 optional referent-region map. ``vis`` is
+the encoder maps (finest first) + [the image average-pooled to
+``mask_stride``, (B, 3, S/r, S/r) in 0..255], which the click loss reads.
 
-1. Position branch (per sentence). LTS's fusion (FuseLocate), unchanged:
-   stride-32 cells + the cells of the finer ``grid_strides`` maps under
-   each (space-to-depth), multiplied with
-   the projected sentence vector, CoordConv + sine position encodings; then
-   ``depth`` LocateLayers (self-attention among positions + cross-attention
-   to the text tokens) on that 10 x 10 grid (at 320 px); a linear layer
-   gives 2 x 2 sub-cell logits per token, i.e. the **centre heatmap** on
-   the stride-16 grid (20 x 20): ``prior_logits`` = ``heatmap_logits``.
-   Trained CenterNet-style (refseg.losses.pks_full_loss / pks_click_loss):
-   a Gaussian at the centre cell, penalty-reduced focal loss. The attention
-   runs on 10 x 10 and not 20 x 20 for the cost reason given in lts.py.
-2. Kernel branch (per sentence). Each located token is expanded to 2 x 2
-   sub-cell kernel features (linear + pixel shuffle: a (B, D, 2h, 2w) map
-   aligned with the heatmap). They are sampled bilinearly at the peak
-   point, concatenated with the sentence vector, and an MLP (the
-   "controller") outputs the ``n_params`` weights and biases of a
-   CondInst-style dynamic mask head: ``kernel_layers`` 1 x 1 convolutions,
-   ``kernel_channels`` wide, ReLU between, one output channel. The peak:
-   - training (``centers`` given): the target centre point (the centre
-     click; in full supervision an interior point of the mask, the same
-     definition as the SynthRef click), continuous, not snapped to a cell;
-   - inference (``centers`` None, or NaN rows: no-target samples): the
-     heatmap argmax cell refined by the probability-weighted centroid of
-     its 3 x 3 neighbourhood.
-   Sampling the kernel features bilinearly at continuous points in training
-   means that a peak that lands a little off at inference still reads a
-   kernel trained nearby.
-3. Segmentation branch. **Language-free** mask features, once per image
-   (``MaskBranch``): an FPN over the stride-32/16/8/4 maps (1 x 1 conv-GN
-   laterals, top-down bilinear sums) -> 3 x 3 conv-GN at stride 4; with
-   ``mask_stride`` 2 the result is upsampled and summed with a stride-2
-   lateral, then another 3 x 3 conv-GN; a 1 x 1 conv gives
-   ``mask_channels`` channels. Per sentence, two relative-coordinate
-   channels ((x - peak_x, y - peak_y) in units of S/4 pixels) are appended
-   and the dynamic head is applied (batched matrix products) ->
-   ``mask_logits_low`` at ``mask_stride``, upsampled bilinearly to S ->
-   ``mask_logits``. No text tensor reaches MaskBranch (tests check this).
-4. No-target logit: as in LTS (a sentence-conditioned query pools the
-   located tokens; an MLP over [pooled, sentence, max heatmap logit]).
-5. Referent-region map (``region_head=True``; the first shipped models
-   lack it): a second linear layer on the located tokens gives 2 x 2
-   sub-cell logits of "this cell is part of the referent" on the heatmap's
-   grid, ``region_logits``. Why: the language-free mask branch sends the
-   located tokens a gradient only through the kernel read at one point,
-   while LTS's text-gated decoder sends every mask pixel's; with the same
-   locate layers and schedule, the first click model picked a wrong object
-   (peak > 16 px from the referent) on 97 of 1748 test sentences against
-   LTS's 65. The map is trained densely (``refseg.losses.region_terms``:
-   from masks, LTS's prior terms; from clicks, only what the box of the
-   corner clicks and the centre click imply) and, with
-   ``peak_source="joint"``, also weighs the peak choice.
-
-Losses (refseg/losses.py). Full: heatmap focal + mask BCE + Dice (+ the
-no-target BCE). Click: heatmap focal (Gaussian at the centre click, sigma
-from the corner clicks' box, TTFNet-style alpha = 0.54) + BoxInst's
-projection loss (on the full-resolution mask) and pairwise LAB colour
-affinity (on ``mask_logits_low``; 8 neighbours at dilation 2, similarity
-threshold 0.3, theta 2) + two terms the clicks give exactly: cells outside
-the box are background, the centre click is foreground (without them the
-mask drifted off the peak in short runs; see pks_click_loss).
-
-The weak (click) mode needs the image colours inside the loss (BoxInst's
-pairwise colour affinity), and the engine's feature cache stores only the
-encoders' outputs. So ``encode_image`` appends one more "map" to the
-encoder's list: the letterboxed image average-pooled to ``mask_stride``,
-(B, 3, S/r, S/r) float in 0..255 (cached in fp16 like the other maps, 0.125
-precision at 255), and ``decode`` returns it converted to CIE LAB per
-sentence as ``image_lab``. Hence the model's ``vis`` list is
-``encoder maps (finest first) + [pooled image]``.
-
-``teacher_forcing(batch)`` gives the engine's training step the decode
-keyword arguments (``centers``) derived from the batch's supervision (the
-engine calls it when a model has it); without it PKS trains its kernels at
-the predicted peak, which also works but learns more slowly.
-
-``out`` (training and evaluation alike): mask_logits (B, 1, S, S);
-prior_logits = heatmap_logits (B, 1, S/16, S/16); no_target_logits (B,);
-mask_logits_low (B, 1, S/r, S/r); image_lab (B, 3, S/r, S/r) (L in
-[0, 100], a/b roughly in [-128, 127]); kernel (B, n_params); peak (B, 2)
-(x, y) letterboxed pixels, pixel centres at integers.
+``out``: mask_logits (B, 1, S, S); prior_logits = heatmap_logits (B, 1,
+S/16, S/16); no_target_logits (B,); mask_logits_low (B, 1, S/r, S/r);
+image_lab (B, 3, S/r, S/r); kernel (B, n_params); peak (B, 2) letterboxed
+(x, y) pixels; region_logits (B, 1, S/16, S/16) with ``region_head``.
+Design reasoning: docs/methods/pks.md.
 """
 
 import math
@@ -154,7 +81,7 @@ class PKSHead(FuseLocate):
     mask_stride: 4, or 2 (needs the stride-2 map); None = the finest available.
     heatmap_init / mask_init: initial probabilities (biases) of the heatmap and mask.
     grid_strides: encoder maps folded into each grid token (LTS's FuseLocate).
-    region_head: add the referent-region map (module docstring, 5): a dense
+    region_head: add the referent-region map (docs/methods/pks.md): a dense
       training signal for the located tokens; off in the first shipped models.
     peak_source: "heatmap" (the heatmap alone picks the peak) or "joint" (the
       product of the heatmap's and the region map's probabilities; needs

@@ -1,180 +1,19 @@
 """SaG: Shatter and Gather (Kim, Kim, Lan, Kwak, ICCV 2023), refseg's text-only head.
 
-    model = SaG(visual, text, SaGHead(channels, strides, text.dim))
-    vis = model.encode_image(images)          # (B_img, 3, S, S) uint8 -> [stride-16, stride-32 maps] (``levels``)
+    model = build_sag()
+    vis = model.encode_image(images)          # (B_img, 3, S, S) uint8 -> the maps at ``levels`` (+ colour maps)
     txt = model.encode_text(texts)            # list[str] -> TextFeatures
     out = model.decode(vis, txt, image_index) # sentence b is about vis[...][image_index[b]]
 
-Trained from (image, expression) pairs alone (supervision "text": no masks,
-boxes or clicks); losses in ``refseg.losses.sag_text_loss``.
-
-1. Shatter, once per image, on the stride-16 grid (20 x 20 at 320 px).
-   Input tokens: the stride-16 map concatenated with the stride-32 map
-   upsampled bilinearly to that grid (``levels``, default (16, 32); finer
-   maps are average-pooled to it), layer-normalised (no affine): this is
-   also the reconstruction target. An MLP maps them to width D and a projected 2D
-   sine position encoding is added (so two identical shapes are told apart
-   and each slot knows where it is). Slot attention (Locatello et al.
-   2020), ``iters`` rounds: attention logits q(slot) . k(position), softmax
-   over the *slots* (at each position the K weights sum to one: slots
-   compete for positions), a weighted mean of the values per slot, GRU
-   update, residual MLP. *(choice)* Slots start from K learned vectors
-   (as BO-QSA; without its bi-level gradient trick, which did not help in
-   short runs), not from Gaussian noise, so a forward pass is
-   deterministic and training and evaluation see the same slots.
-   ``slot_init="gaussian"`` instead draws them as in the original slot
-   attention, mu + sigma * noise (learned mu, sigma; i.i.d. over slots, so
-   slots are interchangeable and a slot can only be selected by its
-   content, not by its index); fresh noise per image in training, and in
-   eval mode a fixed draw (generator seeded with 0, the same for every
-   image), so evaluation stays deterministic and batch-independent.
-   ``rgb=True`` (object-centric option): ``encode_image`` also returns the
-   mean RGB colour of every stride-16 cell (in [0, 1], so the feature cache
-   keeps it with the maps), appended as (colour - 0.5) / 0.25 to the input
-   tokens and to the reconstruction target: SynthRef's objects are
-   flat-coloured shapes that the stride-16/32 Lite0 cells separate poorly
-   (a linear probe gets their colour right only 79 % of the time).
-   ``recon_mse = feature_weight * MSE(features) + rgb_weight * MSE(colour)``
-   (each a mean over its own channels, so the 3 colour channels weigh as
-   much as all the encoder channels at rgb_weight = feature_weight = 1).
-   ``slot_input="rgb"`` (with ``rgb``): the slot-attention input tokens are
-   built from the colour map alone (+ the position code); the
-   reconstruction target stays features + colour. Why: in the default
-   input the 3 colour channels are 3 of the ~430 the input MLP reads, and
-   after ~1100 reconstruction-only steps (colour-weighted target, feature
-   weight 0.02) the slots reconstructed colour at MSE ~0.28 where a plain
-   16-cluster colour k-means of the same cells reaches 0.015.
-   ``shatter="colour"`` (with ``rgb``; a diagnostic, not the paper's
-   shatter): the entities are fixed, not learned. ``colour_segments``
-   clusters the cells' mean colours (k-means, ``colour_clusters`` seeds
-   by farthest-point sampling, so deterministic) and splits every cluster
-   into its 4-connected regions; each region is one entity (as many as
-   the image has, padded to the batch's largest count and masked out of
-   the slot context and the gather), its attention map is one-hot and
-   its slot is the mean of its input tokens + a learned term of its log
-   size (+ with ``entity_colour`` a linear term of its mean colour: in the
-   input tokens the colour is 3 channels of ~430, and the first model's
-   wrong picks were mostly an object of the right shape and another
-   colour, 34 % of test sentences against 4 % of the right colour). No
-   reconstruction (``recon_mse`` is 0). What it is for: it puts
-   the gather on entities close to the best a colour partition allows,
-   so a run shows what the gather and the
-   negatives reach when the shatter stage is not the bottleneck. It uses
-   no annotation either: the clustering reads only the image.
-   Decoder: DINOSAUR's spatial-broadcast MLP; each slot plus the position
-   code of every cell goes through an MLP to a feature vector and an alpha
-   logit; alphas are a softmax over slots and the reconstruction is the
-   alpha-weighted sum. Its per-image MSE against the input tokens
-   (``recon_mse``) makes the slots partition the image into entities.
-   Two training options keep the contrastive terms from undoing the
-   partition: ``pretrain_steps`` N > 0 trains the shatter stage on
-   reconstruction alone for the first N training steps (a persistent
-   ``steps_seen`` buffer counts training-mode decodes, so a resumed run
-   keeps its phase; ``out["contrast_weight"]`` is 0 before step N, 1 after,
-   and sag_text_loss multiplies the contrastive and no-target terms by it),
-   DINOSAUR-style; ``detach_slots=True`` stops the gather's gradient at the
-   slots, so they only ever learn from reconstruction and the slot
-   context / gather learn to select among them.
-2. Slot context *(choice)*: ``context_layers`` pre-norm self-attention
-   layers among the K slots of an image, so that an entity embedding can
-   carry what is around it ("left of the blue circle", "the leftmost ...").
-3. Gather: the sentence vector s (projected encoder sentence vector + masked
-   mean of the tokens refined by ``text_layers`` self-attention layers, as
-   in LTS) is the query of a single-head cross-attention over the context
-   slots. ``relevance`` = softmax over the K slots of q(s) . k(slot) /
-   sqrt(D); the gathered embedding is the relevance-weighted sum of the
-   slot values, projected and L2-normalised. Single head *(choice)*: the
-   distribution that builds the embedding is the one the mask is made from,
-   so the contrastive signal shapes exactly what inference reads.
-   ``gather="relational"`` *(choice; MAttNet-like location and relation
-   cues, for "the leftmost hexagon" and "the cross below the red star")*:
-   the single gather's logits also give each entity a soft membership of
-   the kind the sentence names, a second query (with an attention-pooled
-   phrase of the tokens) picks an anchor, and every entity gets geometric
-   features per (sentence, image) pair (``relation_features``: is it the
-   extreme one of its kind left / right / up / down / in size, where is the
-   anchor from it); an MLP embeds them, a zero-initialised query adds their
-   score to the logits and the value carries them, so the contrastive
-   loss can tell a right from a wrong pick among same-kind entities.
-   The gather runs for *every* (sentence, image) pair of the batch:
-   ``gathered`` (B, B_img, D); the text side is ``text_embedding`` (B, D),
-   a separate projection of s, L2-normalised.
-4. Mask (inference): map = sum_k relevance_k * attention_k (the slot
-   attention maps of the sentence's own image, each in [0, 1]), min-max
-   normalised per sentence to [0, 1]; ``prior_logits`` = logit(map) on the
-   grid (clamped at 1e-4), the response map whose argmax is the PointM
-   point; ``mask_logits`` = logit of the map upsampled bilinearly to S
-   (whose argmax, what the evaluator takes, lies in the same 16-px cell),
-   so ``mask_logits > 0`` is exactly "normalised map > 0.5" and
-   sigmoid(mask_logits) gives the normalised map back.
-   ``mask_refine=r`` (8, 4 or 2, finer than the grid; inference quality, no new parameter):
-   ``encode_image`` also returns the mean colour of every r x r block, and
-   the mask is built on that finer grid: ``refine_entities`` gives each
-   entity its share of every block, from the block's colour and the
-   entities holding its grid cell or a neighbour (a local colour k-means,
-   ``refine_iters`` rounds, colour scale ``refine_sigma``); the map is
-   sum_k relevance_k * share_k, min-max normalised, plus 1e-3 x the grid
-   map so that ties inside the chosen entity go to its interior (the
-   argmax stays in the same entity), upsampled bilinearly to S. The grid's
-   entities are 16 px cells, so without it an object's outline is off by
-   up to 8 px. The first sag-synthref (single gather) on natural small
-   test: mIoU 35.15 -> 47.51, P@0.9 0.1 -> 11.6 %, PointM 55.8 -> 58.1 with
-   ``mask_refine=4`` (PointM moves too: a one-cell fragment of mixed colour
-   that took the most relevance gives its pixels to its neighbours, and the
-   argmax moves to the next entity). ``prior_logits`` stays the grid map.
-5. No target *(choice)*: a learned, calibrated score
-   ``exp(a) * (b - cos(text_embedding, gathered own image))`` with the cosine
-   detached, so that only a and b learn (BCE on the data set's no_target
-   flag, an image-level fact about the pair, never a location). Initialised
-   to a >= 5 margin below zero, so it never fires unless trained on
-   no-target sentences; with data that has none (SynthRef's default) the
-   BCE only pushes it further down.
-
-Batches and negatives. Train with the image-grouped sampler (the engine's
-default: ``images_per_batch`` images, batch / images_per_batch sentences of
-each). InfoNCE (the paper's) contrasts each expression with the embeddings
-gathered *by its own query* from every image of the batch: the query is
-the same on both sides, only the image differs, so what separates the
-positive is what the query finds in the own image and not in the others.
-Several expressions of one image with different referents share their
-image but each has its own query, so each has to find its own referent's
-evidence. Whole-image cues help only as far as they tell the images apart
-(SynthRef draws its backgrounds from 13 photos, so a batch of 8 images
-often holds two crops of one photo).
-``sag_text_loss`` also has a sentence-level term (``hard_negatives`` > 0)
-whose negatives are the embeddings gathered from the sentence's own image by
-the queries of its other sentences with a different referent. It looked like
-the direct way to demand referent-specific selection, and it is **off by
-default because it defeats itself**: positive and negatives differ only in
-the query, so a gather that writes the query into its output (any
-sentence-specific mixture of slots, grounded or not) solves it, and
-training takes that shortcut. Measured on SynthRef natural small (colour
-shatter, 3000 steps of 32, val 400 sentences): with the term at weight 1
-its accuracy reached 100 % within ~1000 steps and val PointM stayed at
-4-7 %; without it val PointM was 50 % at 1000 steps (test: PointM 51.6,
-mIoU 31.8).
-Text-side negatives (``word_negatives`` n > 0, a training setting like
-``hard_negatives``) ask for the referent-specific selection without that
-shortcut: ``teacher_forcing`` draws up to n one-word swaps of each
-expression ("the purple hexagon" -> "the orange hexagon", "leftmost" ->
-"rightmost"; refseg.data.word_negatives), the frozen text encoder and the
-head's text path embed them, and sag_text_loss's ``word`` term makes the
-embedding the sentence gathered from its own image prefer its own text to
-the swaps. The gathered embedding depends on the query only through the
-relevance over the image's entities, so the only way to win is to select
-entities that hold the named colour, size or place. Why: on natural small
-val, the model fine-tuned with ``distill`` found the colour-worded
-referent in 60.6 % of attribute sentences against 88.5 % without a colour
-word (the colour is used exactly when two objects share the shape), and
-swapping the colour word for the other object's colour moved its point to
-that object in only 83 of 446 such sentences.
-Fine-tuned 2000 steps with two swaps per expression (the shipped model):
-75.9 % and 175 of 446; val PointM 68.79 -> 76.96, ordinals 48.9 -> 65.2.
-``hard_negatives`` is a training setting (the weight of the same-image
-sentence-level contrast in ``sag_text_loss``, 0 = off) that the model
-carries because model_kwargs is the only per-run setting that reaches the
-engine's ``loss(out, batch)``; decode echoes it as
-``out["hard_negative_weight"]``; no prediction depends on it.
+Trained from (image, expression) pairs alone (supervision "text"; loss:
+refseg/methods/sag/loss.py). Steps: 1 shatter, once per image: slot
+attention over the stride-16 grid (or fixed colour regions), reconstructed
+by a spatial-broadcast decoder (``recon_mse``); 2 self-attention among the
+slots; 3 gather: the sentence queries the slots of every image of the batch
+(``gathered`` (B, B_img, D)); 4 mask: the relevance-weighted slot attention
+of the own image, min-max normalised, as logits (optionally refined on a
+finer colour map, ``mask_refine``); 5 a calibrated no-target score.
+Design reasoning, options and negatives: docs/methods/sag.md.
 """
 
 import math
@@ -426,7 +265,7 @@ class SaGHead(nn.Module):
       logit_scale_init: initial InfoNCE inverse temperature (learned,
       clamped to at most 100); hard_negatives: weight of the same-image
       hard-negative contrast in sag_text_loss (default 0 = off: it is a
-      shortcut, see the module docstring); shatter: "slots" (slot attention)
+      shortcut, see docs/methods/sag.md); shatter: "slots" (slot attention)
       or "colour" (fixed colour regions, a diagnostic; needs rgb);
       colour_clusters: k-means clusters of the colour shatter; grid_stride:
       the grid the shatter works on, 16 (default) or 8 (needs 8 in levels;
@@ -441,8 +280,8 @@ class SaGHead(nn.Module):
       training steps of reconstruction alone before the contrastive terms;
       mask_refine: 0 (off), 8, 4 or 2: build the mask on that finer colour map
       (refine_sigma: colour scale of the entity shares, refine_iters: their
-      rounds; module docstring, 4); gather: "single" (the paper's) or
-      "relational" (module docstring, 3); relation_tau: the scale, in image
+      rounds; docs/methods/sag.md); gather: "single" (the paper's) or
+      "relational" (docs/methods/sag.md); relation_tau: the scale, in image
       widths, of "left of" in the relational features; word_negatives: in
       training, this many one-word swaps of each expression
       (refseg.data.word_negatives) are embedded as its text-side hard

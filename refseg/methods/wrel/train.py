@@ -1,15 +1,8 @@
-"""LRB-WREL: training with scarce referring expressions (docs/methods/wrel.md), on top of LTS.
+"""LRB-WREL's three stages on top of LTS: teacher, reference bank, EMA student.
 
     refseg train --method wrel --accurate-fraction 0.1 --data data/aerial-small --out runs/wrel-p10 \\
         --wrel-teacher-steps 3000 --max-steps 3000 --cache-dir cache/
     refseg train --resume runs/wrel-p10        # skips finished stages, continues the unfinished one exactly
-
-Data. With --accurate-fraction p, RUN/data is `refseg weaken`'s split of
-DATA (per category, a share p of the train refs keeps its expressions; the
-others are marked `weak: true` and say only their class name; seed
---weak-seed), made once and reused on resume. Without it, DATA must already
-be such a split. val / test are left accurate by weaken, so validation and
-`refseg eval` measure the model on accurate expressions.
 
 Run folder:
 
@@ -19,90 +12,15 @@ Run folder:
     RUN/stage1-teacher/                       stage 1, an ordinary run folder (train_subset accurate)
     RUN/stage2-bank/                          stage 2: log.csv, last/ (bank, ref ids, enriched text features)
 
-Stages (choices marked as such; the method leaves them open):
-
-1. Teacher: the plain loop (engine/train.py) on the sentences of the
-   accurate refs only (`train_subset accurate`), wrel_teacher_steps steps
-   (0: as max_steps / epochs). Its best/ (last/ without validation) is the
-   teacher of stage 2 and the starting point of stage 3.
-2. Learnable Reference Bank (bank.py): for each weak train ref,
-   wrel_bank_prompts vectors in the word-embedding space (N(0, 0.02^2),
-   seeded by --seed), written after its class-name tokens in the padding
-   slots with the attention mask on (a class name too long for all of them
-   within the text length gets those that fit). With the teacher frozen, each ref's
-   prompts are optimised for the teacher's own loss (LTS: mask BCE + Dice +
-   prior) against the ref's ground-truth mask: wrel_bank_iters Adam steps at
-   wrel_bank_lr. Refs go in image-grouped batches of wrel_bank_batch, each
-   batch with a fresh Adam (choice: a ref's prompts then depend on its own
-   image and mask only; one optimiser over the whole bank would keep moving
-   rows absent from a batch by their momentum). One row per weak *ref*, not
-   per sentence (choice): weaken gives every sentence of a weak ref the same
-   class name, so per-sentence rows would be copies (on RRSIS-D, one
-   sentence per ref, the two coincide). Once all batches are done, the
-   bank-enriched text features (the frozen text encoder's output on class
-   name + prompts) are computed once and stored in fp16, as the feature
-   cache stores text: stage 3 reads them, detached.
-3. Student: the plain loop on all train sentences, started from the stage-1
-   teacher's weights with a fresh optimiser and learning-rate schedule
-   (max_steps / epochs); a weak sentence's text features are replaced by its
-   ref's bank-enriched ones (StudentHooks.prepare). An EMA teacher, also
-   started from stage 1, follows the student after every optimiser step:
-   teacher = m * teacher + (1 - m) * student over the head (the frozen
-   encoders are shared), m = ema_momentum(step, ...).
-   Sampling (choices): wrel_accurate_repeat k lists each accurate sentence
-   k times per epoch (weak ones once), so that the few sentences that teach
-   the language are not drowned by the weak ones (at p = 0.1 and k = 1 a
-   batch of 32 holds ~3 of them); with --flip the accurate sentences are
-   shown in flipped views, weak ones never (a weak ref's prompts were
-   fitted to the unflipped image: "the left one" is another object in the
-   mirror image).
-
-EMA schedule: the method gives m = 0.95 -> 0.99 (linear) over epochs 0-1,
-0.99 -> 0.999 over epochs 1-3, then 0.9995. It is written for a long run;
-we take that run to be E_ref = wrel_ema_epochs epochs (default 40, choice:
-RMSIN's recipe on RRSIS-D, which LRB-WREL builds on). Rescaling: a stage 3
-of E < E_ref epochs (E = its steps / steps per epoch) reaches breakpoint
-epoch b at b * E / E_ref epochs, i.e. at the same fraction of the run as
-the reference does; a run of E >= E_ref epochs uses the schedule as
-written. The momenta of a shorter run (wrel_ema_rescale): "horizon" (the
-default) scales each 1 - m by r = E_ref / E, m' = max(0, 1 - (1 - m) r),
-so that the teacher averages over the same *fraction* of the run as in the
-reference (an EMA of momentum m averages over about 1 / (1 - m) steps);
-"breaks" keeps the momenta as written. Example: 4 epochs of 100 steps,
-E_ref 10 (r = 2.5): breaks gives 0.95 at step 0, 0.99 at step 40, 0.999
-just before step 120, 0.9995 from step 120 on; horizon gives 0.875,
-0.975, 0.9975 and 0.99875 there. Why horizon is the default: with breaks,
-0.9995 averages over about 2000 steps, so a stage 3 of a few thousand
-steps ends with a teacher that still carries much of the early weights
-(0.9995^2000 = 0.37). On SynthRef aerial small (GPU, stage 3 of 1600-1800
-steps, 5-6 epochs against E_ref 40) the breaks teacher scored oIoU 47.1 /
-48.3 at p = 0.1 (two seeds) and 70.7 at p = 0.5 where its own student
-scored 56.5 / 57.2 and 76.6.
-
-Evaluation: wrel_final chooses the network that validation scores, best/
-holds and a shipped model carries: the EMA teacher by default (choice:
-mean-teacher practice; without the optional consistency loss the teacher
-has no other effect on the result), or the student;
-benchmarks/wrel_aerial.py scores both networks so the choice can be checked. Without a validation
-split best/ is written at the end of stage 3. RUN/best is a plain LTS
-checkpoint, so `refseg.load(RUN)`, `refseg eval --checkpoint RUN` and
-`scripts/ship_model.py --run RUN` treat the run like any other.
-
-Time budget: with --time-budget T the three stages share T seconds: stage 1
-gets T times its share of the optimiser steps of stages 1 and 3, stage 3
-what is left after the bank (each fits its schedule as engine/train.py's
-TimeBudget does).
-
-Resume: without --resume every stage runs afresh. With it, a stage whose
-last/ has reached its length is skipped, and the unfinished one continues:
-stages 1 and 3 through the engine's exact resume (stage 3's last/ also holds
-the EMA teacher, ema.safetensors), stage 2 from the first batch it had not
-saved (batches are independent of each other, so that is exact too).
-
-Requirements and omissions: frozen encoders with the feature cache (the
-bank, the enriched features and the EMA teacher all assume encoders that do
-not change); one process (no --nproc). Left out: the method's optional
-confidence-thresholded teacher-student consistency loss.
+1. Teacher: the generic loop on the accurate refs (wrel_teacher_steps).
+2. Reference bank (bank.py): wrel_bank_prompts vectors per weak ref, fitted
+   through the frozen teacher to the ref's mask (``train_bank``); then the
+   bank-enriched text features, stored in fp16.
+3. Student: the generic loop on all train sentences from the teacher's
+   weights; weak sentences read their enriched features and an EMA teacher
+   follows the student (``StudentHooks``, ``ema_momentum``).
+Frozen encoders and the feature cache are required; one process. Design
+reasoning, the EMA schedule and the choices: docs/methods/wrel.md.
 """
 
 from __future__ import annotations
@@ -137,9 +55,9 @@ PROMPT_INIT_STD = 0.02
 
 def ema_momentum(step: int, total_steps: int, steps_per_epoch: int, reference_epochs: float,
                  rescale: str = "horizon") -> float:
-    """The EMA momentum used after optimiser step `step` (0-based) of a run of total_steps (module docstring).
+    """The EMA momentum used after optimiser step `step` (0-based) of a run of total_steps (docs/methods/wrel.md).
 
-    rescale: "horizon" or "breaks", how a run shorter than the reference is treated (module docstring)."""
+    rescale: "horizon" or "breaks", how a run shorter than the reference is treated (docs/methods/wrel.md)."""
     r = reference_epochs * steps_per_epoch / total_steps  # how many times longer the reference run is
     if r > 1:  # a shorter run: the same fraction of the run
         e = step * reference_epochs / total_steps  # position in epochs of the reference run
@@ -306,7 +224,7 @@ def bank_text(site: str, text: nn.Module, input_ids: torch.Tensor, attention_mas
 
 def train_bank(cfg: TrainConfig, teacher: nn.Module, train_ds, cache, out: Path, resume: bool,
                device: torch.device) -> Path:
-    """Stage 2 (module docstring): optimise the bank through the frozen teacher; returns out/last.
+    """Stage 2 (docs/methods/wrel.md): optimise the bank through the frozen teacher; returns out/last.
 
     train_ds: the RefSegDataset of the training split ("full"); cache: its FeatureCache.
     """
