@@ -93,7 +93,9 @@ def other_network(run: Path) -> tuple:
     import refseg
     from refseg.engine.checkpoint import load_extra, load_weights
 
-    final = json.loads((run / "config.json").read_text()).get("wrel_final", "teacher")
+    from refseg.engine.config import flat_view
+
+    final = flat_view(json.loads((run / "config.json").read_text())).get("wrel_final", "teacher")
     model = refseg.load(run / "last")  # the student
     if final == "teacher":
         return "student", model

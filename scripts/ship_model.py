@@ -33,7 +33,9 @@ def training_record(run: Path) -> dict:
                 steps.append(int(row["step"]))
             elif row["tag"] == "train/samples_per_s":
                 speeds.append(float(row["value"]))
-    config = json.loads((run / "config.json").read_text())
+    from refseg.engine.config import flat_view
+
+    config = flat_view(json.loads((run / "config.json").read_text()))  # the card keeps the flat form (the flags')
     record = {
         "steps": max(steps) if steps else 0,
         "batch_size": config.get("batch_size"),

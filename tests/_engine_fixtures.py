@@ -89,7 +89,7 @@ def tiny_config(data, out, **overrides):
                 images_per_batch=2, max_steps=6, lr=3e-3, warmup_steps=2, val_every=0, val_max_samples=0,
                 log_every=1, progress=False, threads=1, out=str(out), save_frozen=True, seed=0)
     base.update(overrides)
-    return TrainConfig(**base)
+    return TrainConfig.from_dict(base)
 
 
 def tiny_model(seed: int = 0):

@@ -259,11 +259,11 @@ def test_draw_views_one_per_image_reproducible_and_respects_the_method(synthref_
 
 
 def test_flip_config_is_checked(tmp_path):
-    with pytest.raises(ConfigError, match="flip must be one of"):
-        TrainConfig(data="x", flip="r90").validate()
+    with pytest.raises(ConfigError, match=r"data\.flip \(--flip\) must be one of"):
+        TrainConfig.from_dict(dict(data="x", flip="r90")).validate()
     assert set(CONFIG_FLIPS) == set(FLIP_CHOICES)  # the config's choices are the augmentation's
     for flip in FLIP_CHOICES:
-        TrainConfig(data="x", flip=flip).validate()
+        TrainConfig.from_dict(dict(data="x", flip=flip)).validate()
 
 
 @pytest.mark.parametrize("flip, cache", [("hv", "on"), ("hv", "off"), ("hvt", "on")])

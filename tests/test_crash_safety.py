@@ -55,7 +55,7 @@ def test_resume_before_the_first_checkpoint_starts_over(synthref_tiny, tmp_path)
 
 def test_config_is_written_atomically(tmp_path, monkeypatch):
     path = tmp_path / "config.json"
-    TrainConfig(lr=0.5).save(path)
+    TrainConfig.from_dict(dict(lr=0.5)).save(path)
 
     def crash(src, dst):
         raise OSError("disk full")
@@ -63,7 +63,7 @@ def test_config_is_written_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
         write_text_atomic(path, "{half")
-    assert TrainConfig.load(path).lr == 0.5  # the old file is intact
+    assert TrainConfig.load(path).optim.lr == 0.5  # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # and no temporary file is left
 
 

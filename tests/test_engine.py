@@ -36,7 +36,7 @@ def _train_losses(run):
 def test_config_file_roundtrip(tmp_path, suffix):
     if suffix == ".yaml":
         pytest.importorskip("yaml")  # PyYAML comes with transformers; JSON needs nothing
-    cfg = TrainConfig(data="d", model_kwargs={"dim": 64, "widths": [1, 2]}, lr=1e-4, split_by=None, max_steps=7)
+    cfg = TrainConfig.from_dict(dict(data="d", model_kwargs={"dim": 64, "widths": [1, 2]}, lr=1e-4, split_by=None, max_steps=7))
     cfg.save(tmp_path / f"c{suffix}")
     again = TrainConfig.load(tmp_path / f"c{suffix}")
     assert again == cfg
@@ -45,19 +45,19 @@ def test_config_file_roundtrip(tmp_path, suffix):
 
 
 def test_flags_override_config_file(tmp_path):
-    TrainConfig(data="d", lr=1e-4, batch_size=8, epochs=3).save(tmp_path / "c.json")
+    TrainConfig.from_dict(dict(data="d", lr=1e-4, batch_size=8, epochs=3)).save(tmp_path / "c.json")
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
     args = parser.parse_args(["--config", str(tmp_path / "c.json"), "--batch-size", "16",
                               "--model-kwargs", '{"dim": 32}', "--no-progress", "--split-by", "none"])
     cfg = config_from_args(args)
-    assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.model_kwargs, cfg.progress, cfg.split_by) == \
+    assert (cfg.optim.lr, cfg.optim.batch_size, cfg.optim.epochs, cfg.model.kwargs, cfg.run.progress, cfg.data.split_by) == \
         (1e-4, 16, 3, {"dim": 32}, False, None)
     assert "sentences per optimiser step" in parser.format_help()  # help comes from the field comments
     with pytest.raises(ValueError, match="unknown"):
         TrainConfig.from_dict({"learning_rate": 1})
     with pytest.raises(ValueError, match="amp"):
-        TrainConfig(amp="fp8").validate()
+        TrainConfig.from_dict(dict(amp="fp8")).validate()
 
 
 # ---- sampler and schedule ----------------------------------------------------------
@@ -111,7 +111,7 @@ def test_group_sampler_keeps_refs_together():
 
 
 def test_lr_schedule():
-    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
+    cfg = TrainConfig.from_dict(dict(lr=1.0, min_lr=0.1, warmup_steps=10)).optim
     assert lr_at(0, cfg, 110) == pytest.approx(0.1)
     assert lr_at(9, cfg, 110) == pytest.approx(1.0)
     assert lr_at(60, cfg, 110) == pytest.approx(0.55)
@@ -372,19 +372,19 @@ def test_time_budget_spent_ends_the_run_and_resume_keeps_its_length(tmp_path):
 
 def test_time_budget_must_not_be_negative(tmp_path):
     with pytest.raises(ValueError, match="time_budget"):
-        TrainConfig(data="x", max_steps=1, time_budget=-1.0).validate()
+        TrainConfig.from_dict(dict(data="x", max_steps=1, time_budget=-1.0)).validate()
 
 
 def test_loss_kwargs_reach_the_loss_and_unknown_ones_are_named():
-    cfg = TrainConfig(model="lts", supervision="full", loss_kwargs={"w_locate": 0.5, "w_dice": 2.0})
+    cfg = TrainConfig.from_dict(dict(model="lts", supervision="full", loss_kwargs={"w_locate": 0.5, "w_dice": 2.0}))
     fn = train_module.loss_function(cfg)
     assert fn.keywords == {"w_locate": 0.5, "w_dice": 2.0}
     with pytest.raises(train_module.TrainError, match="w_nope"):
-        train_module.loss_function(TrainConfig(model="lts", supervision="full", loss_kwargs={"w_nope": 1}))
+        train_module.loss_function(TrainConfig.from_dict(dict(model="lts", supervision="full", loss_kwargs={"w_nope": 1})))
     args = argparse.ArgumentParser()
     add_config_arguments(args)
     parsed = config_from_args(args.parse_args(["--loss-kwargs", '{"w_locate": 1.0}']))
-    assert parsed.loss_kwargs == {"w_locate": 1.0}
+    assert parsed.optim.loss_kwargs == {"w_locate": 1.0}
 
 
 def test_init_from_starts_from_the_given_weights(synthref_tiny, tmp_path):

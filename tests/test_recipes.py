@@ -13,7 +13,7 @@ import yaml
 
 from refseg.cli import main as cli
 from refseg.engine import recipe as recipe_module
-from refseg.engine.config import ConfigError, TrainConfig, add_config_arguments, config_from_args
+from refseg.engine.config import ConfigError, TrainConfig, add_config_arguments, config_from_args, flat_fields
 from refseg.hub import WEIGHTS_DIR, available_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def _recorded_configs(name):
     commands = [shlex.split(c)[2:] for c in training["commands"] if c.startswith("refseg train ")]
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    names = set(TrainConfig.__dataclass_fields__)
+    names = set(flat_fields())
     out = []
     for i, argv in enumerate(commands):
         ns = parser.parse_args(argv)
@@ -44,7 +44,7 @@ def _recorded_configs(name):
         base = {}
         if i == len(commands) - 1:
             base = {k: v for k, v in training["config"].items() if k in names and k not in MACHINE}
-        out.append((recorded_out, config_from_args(ns, base).to_dict()))
+        out.append((recorded_out, config_from_args(ns, base).to_flat()))
     return out
 
 
@@ -65,7 +65,7 @@ def test_recipe_resolves_to_the_configuration_the_card_recorded(name):
     assert len(configs) == len(recorded)
     stage_of = {}  # a recorded --out -> the stage folder the recipe trains it in
     for stage, cfg, (recorded_out, expected) in zip(recipe.stages, configs, recorded):
-        got = cfg.to_dict()
+        got = cfg.to_flat()
         init = expected["init_from"]
         for old, new in stage_of.items():
             if init is not None and (init == old or init.startswith(old + "/")):
@@ -99,7 +99,7 @@ def test_two_stage_recipe_trains_in_order_starts_from_the_first_and_resumes(synt
     second = load_file(str(run / "second" / "last" / "model.safetensors"))
     # lr 0 in the second stage: its weights are the first stage's, so it was initialised from them
     assert first.keys() == second.keys() and all((first[k] == second[k]).all() for k in first)
-    assert json.loads((run / "second" / "config.json").read_text())["init_from"] == str(run / "first")
+    assert json.loads((run / "second" / "config.json").read_text())["model"]["init_from"] == str(run / "first")
     state = json.loads((run / "recipe.json").read_text())
     assert state["finished"] == ["first", "second"] and state["final"] == "second"
     # the run folder loads as its final stage (refseg eval --checkpoint RUN, refseg.load(RUN))
@@ -152,7 +152,7 @@ BAD = {
                   "field 'data' must give exactly domain, preset, seed"),
     "duplicate stage": ({"data": "d", "stages": [{"name": "a"}, {"name": "a"}]}, "stage 'a' is listed twice"),
     "wrong value type": ({"data": {"domain": "natural", "preset": "tiny", "seed": 0}, "lr": "3e-4"},
-                         "TrainConfig.lr must be float"),
+                         "TrainConfig optim.lr (--lr) must be float"),
 }
 
 

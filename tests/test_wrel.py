@@ -16,7 +16,10 @@ import refseg
 from refseg.cli import main as cli
 from refseg.engine import train as engine
 from refseg.engine.config import ConfigError, TrainConfig
-from refseg.methods.wrel.train import StudentHooks, ema_copy, ema_momentum
+from refseg.engine import ema as ema_module
+from refseg.engine.ema import ema_copy, ema_update
+from refseg.methods.wrel.config import WRELConfig
+from refseg.methods.wrel.train import ema_momentum, student_extras
 from refseg.methods.wrel.bank import (append_prompt_features, class_name_tokens, encode_with_prompts, insert_prompts,
                                   prompt_slots)
 from refseg.modeling.text import TextFeatures
@@ -58,15 +61,15 @@ def wrel_run(shapes, tmp_path_factory):
     """One uninterrupted WREL run on the tiny data, recording what each stage saw."""
     run = tmp_path_factory.mktemp("wrel-run") / "run"
     record, start = [], {}
-    real_setup = StudentHooks.setup
+    real_copy = ema_module.ema_copy
 
-    def setup(self, model, train_ds, device):
+    def ema_copy_recording(model):  # the trainer makes the EMA teacher when stage 3 starts
         start.update({k: v.clone() for k, v in model.state_dict().items()})
-        real_setup(self, model, train_ds, device)
+        return real_copy(model)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine, "loss_function", _recording_losses(record))
-        mp.setattr(StudentHooks, "setup", setup)
+        mp.setattr(ema_module, "ema_copy", ema_copy_recording)
         summary = engine.train(tiny_config(shapes, run, **WREL), model=tiny_model())
     return SimpleNamespace(run=run, summary=summary, record=record, start=start)
 
@@ -96,9 +99,9 @@ def test_ema_schedule_by_hand():
 
 def test_ema_update_moves_teacher_by_the_scheduled_momentum():
     student = tiny_model()
-    hooks = StudentHooks({"ref_id": torch.zeros(0, dtype=torch.long)}, reference_epochs=10.0, rescale="breaks")
-    hooks.setup(student, SimpleNamespace(samples=[]), CPU)
-    teacher = hooks.teacher
+    extras = student_extras({"ref_id": torch.zeros(0, dtype=torch.long)}, WRELConfig(ema_epochs=10.0, ema_rescale="breaks"),
+                            CPU)
+    teacher = ema_copy(student)
     assert teacher.visual is student.visual and teacher.text is student.text  # frozen encoders shared
     assert teacher.head is not student.head
     visual_before = {k: v.clone() for k, v in student.visual.state_dict().items()}
@@ -107,11 +110,12 @@ def test_ema_update_moves_teacher_by_the_scheduled_momentum():
             p.fill_(1.0)
         for p in student.head.parameters():
             p.fill_(3.0)
-    hooks.after_step(20, 400, 100)  # m = 0.97: 0.97 * 1 + 0.03 * 3
-    assert hooks.momentum == pytest.approx(0.97)
+    momentum = extras.ema(20, 400, 100)  # m = 0.97: 0.97 * 1 + 0.03 * 3
+    assert momentum == pytest.approx(0.97)
+    ema_update(teacher, student, momentum)
     for p in teacher.head.parameters():
         assert torch.allclose(p, torch.full_like(p, 1.06), atol=1e-6, rtol=0)
-    hooks.after_step(80, 400, 100)  # m = 0.9945: 0.9945 * 1.06 + 0.0055 * 3
+    ema_update(teacher, student, extras.ema(80, 400, 100))  # m = 0.9945: 0.9945 * 1.06 + 0.0055 * 3
     for p in teacher.head.parameters():
         assert torch.allclose(p, torch.full_like(p, 1.07067), atol=1e-6, rtol=0)
     assert all(torch.equal(p, torch.full_like(p, 3.0)) for p in student.head.parameters())
@@ -262,7 +266,7 @@ def test_stage_handover_on_tiny_data(wrel_run):
     assert all(torch.equal(head[k], ema[k]) for k in head)
     student = load_file(str(run / "last" / "model.safetensors"))
     assert any(not torch.equal(head[k], student[k]) for k in head)
-    assert json.loads((run / "config.json").read_text())["method"] == "wrel"
+    assert json.loads((run / "config.json").read_text())["model"]["method"] == "wrel"
     assert cli(["eval", "--checkpoint", str(run), "--data", str(run / "data"), "--split", "val",
                 "--out", str(run / "eval.json")]) == 0
     assert json.loads((run / "eval.json").read_text())["metrics"]["n"] == 12
@@ -386,13 +390,11 @@ def test_upper_bound_and_naive_runs(shapes, tmp_path, capsys):
 
 
 def test_ema_rescale_default_and_choices():
-    hooks = StudentHooks({"ref_id": torch.zeros(0, dtype=torch.long)}, reference_epochs=10.0)
-    hooks.setup(tiny_model(), SimpleNamespace(samples=[]), CPU)
-    hooks.after_step(20, 400, 100)
-    assert hooks.momentum == pytest.approx(1 - 0.03 * 2.5)  # horizon by default
-    assert TrainConfig().wrel_ema_rescale == "horizon"
-    with pytest.raises(ConfigError, match="wrel_ema_rescale"):
-        TrainConfig(data="d", wrel_ema_rescale="steps").validate()
+    extras = student_extras({"ref_id": torch.zeros(0, dtype=torch.long)}, WRELConfig(ema_epochs=10.0), CPU)
+    assert extras.ema(20, 400, 100) == pytest.approx(1 - 0.03 * 2.5)  # horizon by default
+    assert TrainConfig().methods["wrel"].ema_rescale == "horizon"
+    with pytest.raises(ConfigError, match="wrel.ema_rescale"):
+        TrainConfig.from_dict(dict(data="d", wrel_ema_rescale="steps")).validate()
 
 
 def test_flip_shows_accurate_sentences_flipped_and_weak_ones_never(shapes, tmp_path):
@@ -431,5 +433,5 @@ def test_accurate_repeat_oversamples_accurate_sentences_in_stage_3(shapes, tmp_p
     n_acc = len(stage3) - n_weak
     # per epoch 12 weak rows against 36 accurate rows: in 36 rows about a quarter weak
     assert n_acc > 2 * n_weak, (n_acc, n_weak)
-    with pytest.raises(ConfigError, match="wrel_accurate_repeat"):
-        TrainConfig(data="x", wrel_accurate_repeat=0).validate()
+    with pytest.raises(ConfigError, match="wrel.accurate_repeat"):
+        TrainConfig.from_dict(dict(data="x", wrel_accurate_repeat=0)).validate()

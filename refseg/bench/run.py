@@ -235,9 +235,9 @@ def test_features(model, data, supervision: str, device, cache_dir: Path):
 def heldout_objective(model, ds, cache, cfg, device) -> float:
     """The mean training objective of `model` over a split (the row's own loss and supervision).
 
-    ds: RefSegDataset of the split under cfg.supervision; cache: its
-    FeatureCache or None. Batches are drawn as in training (cfg.batch_size
-    sentences from about cfg.images_per_batch images; seed 0, every sentence
+    ds: RefSegDataset of the split under cfg.data.supervision; cache: its
+    FeatureCache or None. Batches are drawn as in training (cfg.optim.batch_size
+    sentences from about cfg.optim.images_per_batch images; seed 0, every sentence
     once), so a trained and an untrained instance see the same batches.
     """
     import torch
@@ -246,7 +246,7 @@ def heldout_objective(model, ds, cache, cfg, device) -> float:
     from refseg.engine.sampler import GroupBatchSampler
     from refseg.engine.train import StepModule, loss_function, to_step_batch
 
-    sampler = GroupBatchSampler([s.image_id for s in ds.samples], cfg.batch_size, cfg.images_per_batch, seed=0,
+    sampler = GroupBatchSampler([s.image_id for s in ds.samples], cfg.optim.batch_size, cfg.optim.images_per_batch, seed=0,
                                 drop_last=False)
     loss_fn, step = loss_function(cfg), StepModule(model)
     was_training = model.training
@@ -269,7 +269,7 @@ def evaluate_row(model, data, cfg, ctx: "Context", vis_dir: Optional[Path]) -> D
     from refseg.engine.evaluate_core import evaluate_model
 
     start = time.perf_counter()
-    ds, cache = test_features(model, data, cfg.supervision if cfg is not None else "text", ctx.device,
+    ds, cache = test_features(model, data, cfg.data.supervision if cfg is not None else "text", ctx.device,
                               ctx.work / "cache")
     records: List[Dict[str, Any]] = []
     metrics = evaluate_model(model, ds, device=ctx.device, progress=False, cache=cache, per_sample=records)
@@ -378,11 +378,11 @@ def run_entry(entry: Entry, ctx: "Context") -> List[Dict[str, Any]]:
         model, info = shipped_model(shipped, ctx.device)
         cfg = info.pop("config")
         fresh = None
-        trained_on = Path(cfg.data) if cfg is not None else train_data
+        trained_on = Path(cfg.data.path) if cfg is not None else train_data
         if trained_on.name != train_data.name:  # e.g. lts-synthref: trained on SynthRef natural `full`
-            if getattr(cfg, "accurate_fraction", None) is not None:  # weakened by refseg train itself
-                info["note"] = (f"trained on {trained_on.name} weakened to {cfg.accurate_fraction:g} accurate "
-                                f"expressions (--accurate-fraction, weak seed {cfg.weak_seed}): the annotation cost "
+            if cfg.data.accurate_fraction is not None:  # weakened by refseg train itself
+                info["note"] = (f"trained on {trained_on.name} weakened to {cfg.data.accurate_fraction:g} accurate "
+                                f"expressions (--accurate-fraction, weak seed {cfg.data.weak_seed}): the annotation cost "
                                 f"is that of {train_data.name}'s training split")
             elif (trained_on / "instances.json").exists():
                 labels = trained_on
@@ -394,7 +394,7 @@ def run_entry(entry: Entry, ctx: "Context") -> List[Dict[str, Any]]:
         cfg = train_config(targs, train_data)
         fresh = None
         if ctx.untrained:
-            seed_everything(cfg.seed)  # the state the training starts from
+            seed_everything(cfg.run.seed)  # the state the training starts from
             fresh = build_model(cfg).to(ctx.device).eval()
         model, info = trained_model(entry, ctx, train_data, targs, like=fresh)
         info.pop("config")
@@ -405,7 +405,7 @@ def run_entry(entry: Entry, ctx: "Context") -> List[Dict[str, Any]]:
     rows = [row]
     if ctx.untrained and cfg is not None:
         if fresh is None:
-            seed_everything(cfg.seed)
+            seed_everything(cfg.run.seed)
             fresh = build_model(cfg).to(ctx.device).eval()
         rows.append({**{k: row[k] for k in ("method", "domain", "budget", "supervision")},
                      "name": f"{entry.name} (untrained)", "trained": False, "source": "untrained (seed init)",

@@ -1,10 +1,19 @@
-"""TrainConfig: every setting of `refseg train`, one comment per field.
+"""TrainConfig: every setting of `refseg train`, in sections, one comment per field.
 
-The command-line flags are derived from the dataclass (`batch_size` ->
-`--batch-size`, the field's comment -> its help), a `--config FILE` (JSON or
-YAML holding a subset of the fields) sets a base, and flags given on the
-command line override it. The resolved config is written as
-`RUN/config.json` beside each run, which `--config` reads back unchanged.
+    model:  {name: lts, method: plain, kwargs: {text_depth: 2}, init_from: null}
+    data:   {path: data/synthref, supervision: full, size: 320, flip: none, ...}
+    optim:  {batch_size: 32, max_steps: 4500, lr: 3.0e-4, loss_kwargs: {w_locate: 0.5}, ...}
+    run:    {device: auto, seed: 0, val_every: 500, out: runs/lts, ...}
+    wrel:   {bank_lr: 0.01, ...}      # a training method's own section (METHODS[name].options)
+
+Every field is also a command-line flag named by its flat name (`optim.lr`
+-> `--lr`, `data.path` -> `--data`, `model.kwargs` -> `--model-kwargs`,
+`wrel.bank_lr` -> `--wrel-bank-lr`; FLAT lists them all); the field's
+comment is its help. `--config FILE` (JSON or YAML, nested as above, or the
+flat mapping of flag names that earlier run folders and model cards hold)
+sets a base, and flags given on the command line override it. The resolved
+config is written, nested, as `RUN/config.json`, which `--config` reads
+back unchanged.
 """
 
 from __future__ import annotations
@@ -18,16 +27,12 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 CACHE_CHOICES = ("auto", "on", "off")
 SUPERVISION_CHOICES = ("full", "click", "text")
-METHOD_CHOICES = ("plain", "wrel")
 SUBSET_CHOICES = ("all", "accurate")
-WREL_FINAL_CHOICES = ("teacher", "student")
-WREL_EMA_RESCALE_CHOICES = ("horizon", "breaks")
-WREL_BANK_SITE_CHOICES = ("encoder", "features")  # refseg/methods/wrel/bank.py SITES
 FLIP_CHOICES = ("none", "h", "hv", "hvt")  # data/augment.py FLIP_CHOICES
 
 
@@ -36,14 +41,16 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class TrainConfig:
-    # model
-    model: str = "lts"  # a model name in refseg.methods.METHODS
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the model factory (JSON on the command line)
-    init_from: Optional[str] = None  # start from these weights (a shipped model name, checkpoint or run folder, .safetensors): fine-tuning; parameters the file lacks (e.g. a head switched on by model_kwargs) keep their fresh init
-    loss_kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the training loss, e.g. term weights (JSON on the command line; see refseg/methods/<model>/loss.py)
-    # data
-    data: str = ""  # refer-format folder holding refs(<split_by>).p and instances.json
+class ModelSection:
+    name: str = "lts"  # a model name in refseg.methods.METHODS
+    method: str = "plain"  # plain (one model, the generic loop) or a multi-stage training method of METHODS, e.g. wrel (LRB-WREL: teacher, reference bank, EMA student; refseg/methods/wrel/)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the model factory, checked by the method's config class (JSON on the command line)
+    init_from: Optional[str] = None  # start from these weights (a shipped model name, checkpoint or run folder, .safetensors): fine-tuning; parameters the file lacks (e.g. a head switched on by kwargs) keep their fresh init
+
+
+@dataclass
+class DataSection:
+    path: str = ""  # refer-format folder holding refs(<split_by>).p and instances.json
     split_by: Optional[str] = None  # refs file to read: unc, google, umd (None = the only one present)
     images: Optional[str] = None  # images folder (None = DATA/images)
     train_split: str = "train"  # split trained on
@@ -53,40 +60,33 @@ class TrainConfig:
     train_subset: str = "all"  # sentences of train_split trained on: all, or accurate (refs not marked weak by refseg weaken)
     accurate_fraction: Optional[float] = None  # first make the weak-expression split of DATA (refseg weaken, this share p of accurate train refs) in RUN/data and train on it (None = DATA as it is)
     weak_seed: int = 0  # seed of refseg weaken's per-category choice (with accurate_fraction)
-    # batching and length
+    flip: str = "none"  # flip augmentation, the direction words of the expression swapped to match (data/augment.py): none, h (left-right mirrors; natural photos), hv (also top-bottom mirrors and half turns; aerial scenes) or hvt (all eight symmetries of the square: also quarter turns and transposes; aerial scenes); each sentence is seen in one view drawn uniformly per epoch
+    group_refs: bool = False  # keep the sentences of one ref in the same batch (whole refs per image chunk; see engine/sampler.py): SaG's w_distill term learns from such pairs
+
+
+@dataclass
+class OptimSection:
     batch_size: int = 32  # sentences per optimiser step, summed over all processes
     images_per_batch: int = 8  # distinct images per batch; their sentences share one visual encoding (0 = sentences drawn independently)
-    group_refs: bool = False  # keep the sentences of one ref in the same batch (whole refs per image chunk; see engine/sampler.py): SaG's w_distill term learns from such pairs
-    flip: str = "none"  # flip augmentation, the direction words of the expression swapped to match (data/augment.py): none, h (left-right mirrors; natural photos), hv (also top-bottom mirrors and half turns; aerial scenes) or hvt (all eight symmetries of the square: also quarter turns and transposes; aerial scenes); each sentence is seen in one view drawn uniformly per epoch
     epochs: int = 10  # passes over the training sentences (ignored when max_steps > 0)
     max_steps: int = 0  # optimiser steps to run (0 = epochs x steps per epoch)
     time_budget: float = 0.0  # wall-clock seconds from the start of the run (cache building included) to its last step (0 = none): the run measures its step rate during warm-up, shortens the schedule to fit, and stops at the budget in any case
-    # method
-    method: str = "plain"  # plain (one model, the loop below) or wrel (LRB-WREL: teacher, reference bank, EMA student; refseg/methods/wrel/)
-    wrel_teacher_steps: int = 0  # wrel stage 1 (teacher on the accurate refs) optimiser steps (0 = as max_steps / epochs)
-    wrel_bank_prompts: int = 20  # wrel stage 2: learnable prompt vectors per weak ref, placed after the class-name tokens
-    wrel_bank_site: str = "features"  # wrel stage 2: where the prompts enter: features (extra tokens of the frozen text encoder's output; a step costs the head only) or encoder (word embeddings read by the text encoder)
-    wrel_bank_iters: int = 10  # wrel stage 2: Adam steps spent on each weak ref's prompts
-    wrel_bank_lr: float = 0.01  # wrel stage 2: Adam learning rate of the prompts
-    wrel_bank_batch: int = 0  # wrel stage 2: weak refs optimised together (0 = batch_size)
-    wrel_ema_epochs: float = 40.0  # wrel stage 3: length in epochs of the run the EMA schedule (epochs 0-1-3) is written for; shorter runs squeeze it
-    wrel_ema_rescale: str = "horizon"  # wrel stage 3, a run shorter than wrel_ema_epochs: horizon (breakpoints squeezed and each 1 - momentum scaled up by the same factor, so the EMA averages over the same fraction of the run) or breaks (breakpoints squeezed, momenta as written)
-    wrel_accurate_repeat: int = 1  # wrel stage 3: each accurate sentence appears this many times per epoch, weak ones once (1 = the mixed data as they are)
-    wrel_final: str = "teacher"  # wrel stage 3: the network validated, kept in best/ and shipped: teacher (the EMA) or student
-    # optimisation
     lr: float = 3e-4  # AdamW peak learning rate
     min_lr: float = 3e-6  # learning rate at the end of the cosine decay
     weight_decay: float = 0.01  # AdamW decoupled weight decay (not applied to biases and norms)
     warmup_steps: int = 200  # linear warm-up from 0 to lr, steps
     grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
     amp: str = "auto"  # mixed precision: auto (bf16, or fp16 + GradScaler, only on cuda), off, bf16, fp16
-    # machine
+    loss_kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the training loss, e.g. term weights (JSON on the command line; see refseg/methods/<model>/loss.py)
+
+
+@dataclass
+class RunSection:
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...
     threads: int = 0  # torch CPU threads per process (0 = torch's default, split between processes)
     workers: int = 0  # DataLoader worker processes for the uncached path
     cache_features: str = "auto"  # precompute frozen encoder features: auto (when both encoders are frozen), on, off
     cache_dir: Optional[str] = None  # keep the feature cache memory-mapped here, reused across runs (None = in memory; RUN/cache with several processes)
-    # validation, logging, checkpoints
     val_every: int = 500  # validate every this many steps, and at the end (0 = only at the end)
     val_max_samples: int = 1000  # validate on the first this many sentences of val_split (0 = all)
     log_every: int = 10  # write train metrics to log.csv / TensorBoard every this many steps
@@ -98,71 +98,165 @@ class TrainConfig:
     resume: Optional[str] = None  # run folder to continue from its last/ checkpoint
     overwrite: bool = False  # train anew into an --out that already holds a run (refused without this or --resume): the old run is renamed aside in one step (.<name>.replaced-* beside it) and deleted only once the new run has saved its first complete checkpoint
 
+
+SECTIONS: Dict[str, type] = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "run": RunSection}
+RENAMED = {("model", "name"): "model", ("model", "kwargs"): "model_kwargs", ("data", "path"): "data"}  # flat names
+CHOICES = {("model", "method"): None, ("data", "supervision"): SUPERVISION_CHOICES,
+           ("data", "train_subset"): SUBSET_CHOICES, ("data", "flip"): FLIP_CHOICES, ("optim", "amp"): AMP_CHOICES,
+           ("run", "cache_features"): CACHE_CHOICES}  # None: filled from the registry (method_choices)
+# flat fields of earlier versions that no longer exist, with the only value a flat file may still give them
+RETIRED: Dict[str, Any] = {}
+
+
+def method_sections() -> Dict[str, type]:
+    """{method name: its section's class} of the training methods with options (METHODS[name].options)."""
+    from refseg.methods import METHODS
+
+    return {name: m.options for name, m in METHODS.items() if m.options is not None}
+
+
+def method_choices() -> Tuple[str, ...]:
+    """model.method's values: plain, and every multi-stage method of the registry."""
+    from refseg.methods import METHODS
+
+    return ("plain",) + tuple(sorted(name for name, m in METHODS.items() if m.train is not None))
+
+
+def all_sections() -> Dict[str, type]:
+    return {**SECTIONS, **method_sections()}
+
+
+def flat_fields() -> Dict[str, Tuple[str, str]]:
+    """{flat name (the flag without --, as earlier flat files spell it): (section, field)}, in flag order."""
+    out = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            out[RENAMED.get((section, f.name), f.name)] = (section, f.name)
+    for section, cls in method_sections().items():
+        for f in dataclasses.fields(cls):
+            out[f"{section}_{f.name}"] = (section, f.name)
+    return out
+
+
+def flag_of(section: str, name: str) -> str:
+    """The command-line flag of a field: ("optim", "lr") -> "--lr"."""
+    flat = {v: k for k, v in flat_fields().items()}[(section, name)]
+    return "--" + flat.replace("_", "-")
+
+
+def field_name(section: str, name: str) -> str:
+    """How messages name a field: "optim.lr (--lr)"."""
+    return f"{section}.{name} ({flag_of(section, name)})"
+
+
+def _method_sections_default() -> Dict[str, Any]:
+    return {name: cls() for name, cls in method_sections().items()}
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)  # what is trained
+    data: DataSection = field(default_factory=DataSection)  # what it is trained on
+    optim: OptimSection = field(default_factory=OptimSection)  # batches, schedule, optimiser, loss weights
+    run: RunSection = field(default_factory=RunSection)  # the machine, validation, logging, checkpoints
+    methods: Dict[str, Any] = field(default_factory=_method_sections_default)  # method name -> its own section (written as top-level sections)
+
+    def section(self, name: str):
+        """The section `name` (model, data, optim, run, or a method's)."""
+        return self.methods[name] if name in self.methods else getattr(self, name)
+
     def validate(self) -> "TrainConfig":
-        """Raise ConfigError (a ValueError) on an inconsistent config; return self."""
-        if self.amp not in AMP_CHOICES:
-            raise ConfigError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
-        if self.cache_features not in CACHE_CHOICES:
-            raise ConfigError(f"cache_features must be one of {CACHE_CHOICES}, got {self.cache_features!r}")
-        if self.supervision not in SUPERVISION_CHOICES:
-            raise ConfigError(f"supervision must be one of {SUPERVISION_CHOICES}, got {self.supervision!r}")
-        for name, choices in (("method", METHOD_CHOICES), ("train_subset", SUBSET_CHOICES),
-                              ("wrel_final", WREL_FINAL_CHOICES), ("wrel_ema_rescale", WREL_EMA_RESCALE_CHOICES), ("wrel_bank_site", WREL_BANK_SITE_CHOICES),
-                              ("flip", FLIP_CHOICES)):
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        if self.accurate_fraction is not None and not 0.0 <= self.accurate_fraction <= 1.0:
-            raise ConfigError(f"accurate_fraction must be in [0, 1], got {self.accurate_fraction}")
-        if self.method == "wrel" and self.supervision != "full":
-            raise ConfigError(f"method wrel trains with full masks, got supervision {self.supervision!r}")
-        for name in ("wrel_bank_prompts", "wrel_bank_iters", "wrel_accurate_repeat"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.wrel_bank_lr <= 0 or self.wrel_ema_epochs <= 0:
-            raise ConfigError("wrel_bank_lr and wrel_ema_epochs must be positive")
-        for name in ("batch_size", "size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("images_per_batch", "epochs", "max_steps", "warmup_steps", "threads", "workers",
-                     "val_every", "val_max_samples", "log_every", "save_every", "wrel_teacher_steps", "wrel_bank_batch"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        """Raise ConfigError (a ValueError) naming the field (`section.field (--flag)`) of an inconsistent
+        config; return self."""
+        m, d, o, r = self.model, self.data, self.optim, self.run
+        choices = {**CHOICES, ("model", "method"): method_choices()}
+        for (section, name), allowed in choices.items():
+            if getattr(self.section(section), name) not in allowed:
+                raise ConfigError(f"{field_name(section, name)} must be one of {allowed}, "
+                                  f"got {getattr(self.section(section), name)!r}")
+        if d.accurate_fraction is not None and not 0.0 <= d.accurate_fraction <= 1.0:
+            raise ConfigError(f"{field_name('data', 'accurate_fraction')} must be in [0, 1], got {d.accurate_fraction}")
+        if m.method != "plain" and d.supervision != "full":
+            raise ConfigError(f"method {m.method} trains with full masks, got supervision {d.supervision!r}")
+        positive = [("data", "size"), ("optim", "batch_size")]
+        at_least_0 = [("optim", n) for n in ("images_per_batch", "epochs", "max_steps", "warmup_steps")] + \
+                     [("run", n) for n in ("threads", "workers", "val_every", "val_max_samples", "log_every",
+                                           "save_every")]
+        for section, name in positive + at_least_0:
+            value, low = getattr(self.section(section), name), 1 if (section, name) in positive else 0
+            if value < low:
+                raise ConfigError(f"{field_name(section, name)} must be {'positive' if low else '>= 0'}, got {value}")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip", "time_budget"):
-            value = getattr(self, name)
+            value = getattr(o, name)
             if not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
-        if self.epochs == 0 and self.max_steps == 0:
-            raise ConfigError("set epochs or max_steps")
+                raise ConfigError(f"{field_name('optim', name)} must be a finite number >= 0, got {value}")
+        if o.epochs == 0 and o.max_steps == 0:
+            raise ConfigError("set optim.epochs (--epochs) or optim.max_steps (--max-steps)")
         from refseg.argtypes import MAX_THREADS, check_device
 
-        if self.threads > MAX_THREADS:
-            raise ConfigError(f"threads must be at most {MAX_THREADS}, got {self.threads}")
+        if r.threads > MAX_THREADS:
+            raise ConfigError(f"{field_name('run', 'threads')} must be at most {MAX_THREADS}, got {r.threads}")
         try:
-            check_device(self.device)
+            check_device(r.device)
         except ValueError as e:
-            raise ConfigError(f"device: {e}") from None
-        if not isinstance(self.model_kwargs, dict):
-            raise ConfigError(f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}")
-        if not isinstance(self.loss_kwargs, dict):
-            raise ConfigError(f"loss_kwargs must be a dict, got {type(self.loss_kwargs).__name__}")
+            raise ConfigError(f"{field_name('run', 'device')}: {e}") from None
+        for section, name in (("model", "kwargs"), ("optim", "loss_kwargs")):
+            if not isinstance(getattr(self.section(section), name), dict):
+                raise ConfigError(f"{field_name(section, name)} must be a mapping, got "
+                                  f"{type(getattr(self.section(section), name)).__name__}")
+        self._validate_model()
+        for name, options in self.methods.items():
+            try:
+                options.validate()
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         return self
+
+    def _validate_model(self) -> None:
+        """model.name names a model of the registry; model.kwargs are arguments of its factory, in range."""
+        from refseg.methods import METHODS, MODELS
+        from refseg.modeling.limits import ModelConfigError
+
+        if self.model.name not in MODELS:
+            raise ConfigError(f"{field_name('model', 'name')} must be one of {sorted(MODELS)}, got {self.model.name!r}")
+        try:
+            METHODS[self.model.name].config.from_dict({"image_size": self.data.size, **self.model.kwargs})
+        except (ModelConfigError, TypeError) as e:
+            raise ConfigError(f"{field_name('model', 'kwargs')}: {' '.join(str(e).split())}") from None
 
     # ---- serialisation -------------------------------------------------
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The nested mapping: {model, data, optim, run, <method>: {field: value}}."""
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out.update({name: dataclasses.asdict(options) for name, options in self.methods.items()})
+        return out
+
+    def to_flat(self) -> Dict[str, Any]:
+        """{flat name: value}: the flags' vocabulary (what earlier flat files hold)."""
+        return {flat: getattr(self.section(s), n) for flat, (s, n) in flat_fields().items()}
+
+    def updated(self, **flat) -> "TrainConfig":
+        """A copy with the fields named by their flat names (the flags, e.g. lr=1e-4, wrel_bank_lr=0.1) changed."""
+        return TrainConfig.from_dict(_merge(self.to_dict(), nest(flat)))
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
-        """Build from a mapping of field names; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(str(k) for k in set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
-        return cls(**{k: _coerce(cls, k, v) for k, v in d.items()})
+        """Build from a nested mapping of sections, a flat mapping of flag names, or a mix; unknown keys and
+        values of the wrong type are an error naming the field."""
+        sections = all_sections()
+        nested = nest(d)
+        kwargs, methods = {}, {}
+        for name, values in nested.items():
+            known = sections[name]
+            built = known(**{k: _coerce(known, name, k, v) for k, v in values.items()})
+            (methods if name not in SECTIONS else kwargs)[name] = built
+        config = cls(**kwargs)
+        config.methods.update(methods)
+        return config
 
     def save(self, path: Union[str, Path]) -> None:
-        """Write JSON (or YAML when the name ends in .yaml / .yml), atomically (temp file + rename)."""
+        """Write the nested form as JSON (or YAML when the name ends in .yaml / .yml), atomically."""
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
             text = _yaml().safe_dump(self.to_dict(), sort_keys=False)
@@ -173,6 +267,48 @@ class TrainConfig:
     @classmethod
     def load(cls, path: Union[str, Path]) -> "TrainConfig":
         return from_file_values(cls, read_config_file(path), path)
+
+
+def nest(d: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """A nested, flat or mixed mapping -> {section: {field: value}} (values unchecked); ConfigError names an
+    unknown key. A top-level key that is a section name with a mapping value is that section; any other
+    key is a flat name (the flag's)."""
+    sections, flat = all_sections(), flat_fields()
+    out: Dict[str, Dict[str, Any]] = {}
+    unknown = []
+    for key, value in d.items():
+        if key in sections and isinstance(value, dict):
+            names = {f.name for f in dataclasses.fields(sections[key])}
+            unknown += [f"{key}.{k}" for k in value if k not in names]
+            out.setdefault(key, {}).update({k: v for k, v in value.items() if k in names})
+        elif key in flat:
+            section, name = flat[key]
+            out.setdefault(section, {})[name] = value
+        elif key in RETIRED and value == RETIRED[key]:
+            continue  # a field earlier versions wrote at its default: nothing to do
+        else:
+            unknown.append(str(key))
+    if unknown:
+        raise ConfigError(f"unknown TrainConfig field(s): {', '.join(sorted(unknown))}")
+    return out
+
+
+def flat_view(d: Dict[str, Any]) -> Dict[str, Any]:
+    """{flat name: value} of a saved config mapping (nested or flat), values as stored, unknown keys dropped:
+    what a resume compares with (checkpoints made before the nested form hold the flat one)."""
+    try:
+        nested = nest(d)
+    except ConfigError:
+        nested = nest({k: v for k, v in d.items() if k in flat_fields() or k in all_sections()})
+    return {flat: nested[s][n] for flat, (s, n) in flat_fields().items() if s in nested and n in nested[s]}
+
+
+def _merge(base: Dict[str, Dict[str, Any]], over: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Section-wise update of nested mappings (a field's value, a dict included, is replaced whole)."""
+    out = {k: dict(v) for k, v in base.items()}
+    for section, values in over.items():
+        out.setdefault(section, {}).update(values)
+    return out
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -224,10 +360,10 @@ def _yaml():
     return yaml
 
 
-# ---- CLI flags derived from the dataclass -----------------------------------
+# ---- CLI flags derived from the sections -----------------------------------
 
 
-def field_comments(cls=TrainConfig) -> Dict[str, str]:
+def field_comments(cls) -> Dict[str, str]:
     """{field name: its trailing `# comment`} read from the class source ({} if unavailable)."""
     try:
         source = inspect.getsource(cls)
@@ -247,26 +383,27 @@ def _base_type(cls, name: str):
     return hint, False
 
 
-def _coerce(cls, name: str, value):
-    """Check / convert a value read from a file to the field's type."""
+def _coerce(cls, section: str, name: str, value):
+    """Check / convert a value read from a file to the field's type; ConfigError names `section.name (--flag)`."""
     base, optional = _base_type(cls, name)
+    where = f"TrainConfig {field_name(section, name)}"
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"TrainConfig.{name} may not be null")
+        raise ConfigError(f"{where} may not be null")
     origin = typing.get_origin(base) or base
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"TrainConfig.{name} must be a mapping, got {value!r}")
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
         return dict(value)
     if origin is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"TrainConfig.{name} must be true or false, got {value!r}")
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
         return value
     if origin is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if origin in (int, float, str) and (not isinstance(value, origin) or isinstance(value, bool)):
-        raise ConfigError(f"TrainConfig.{name} must be {origin.__name__}, got {value!r}")
+        raise ConfigError(f"{where} must be {origin.__name__}, got {value!r}")
     return value
 
 
@@ -290,48 +427,51 @@ def _optional(base):
     return parse
 
 
-CHOICES = {"amp": AMP_CHOICES, "cache_features": CACHE_CHOICES, "supervision": SUPERVISION_CHOICES,
-           "method": METHOD_CHOICES, "train_subset": SUBSET_CHOICES, "wrel_final": WREL_FINAL_CHOICES,
-           "wrel_ema_rescale": WREL_EMA_RESCALE_CHOICES, "wrel_bank_site": WREL_BANK_SITE_CHOICES,
-           "flip": FLIP_CHOICES}
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
-    """One flag per field. Defaults are suppressed, so that the parsed
-    namespace holds only the flags actually given (they override --config)."""
-    comments = field_comments(cls)
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field, named by its flat name. Defaults are suppressed, so that the parsed namespace
+    holds only the flags actually given (they override --config); the namespace's names are the flat ones."""
     parser.add_argument("--config", metavar="FILE", default=None,
-                        help="JSON or YAML file of TrainConfig fields; flags given here override it")
-    group = parser.add_argument_group("training config (TrainConfig fields)")
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        help_text = f"{comments.get(f.name, '')} [default: {json.dumps(default)}]".strip()
-        base, optional = _base_type(cls, f.name)
+                        help="JSON or YAML file of TrainConfig sections (or the flat form); flags given here override it")
+    sections = all_sections()
+    groups = {name: parser.add_argument_group(f"training config: {name}") for name in sections}
+    comments = {name: field_comments(cls) for name, cls in sections.items()}
+    choices = {**CHOICES, ("model", "method"): method_choices()}
+    for flat, (section, name) in flat_fields().items():
+        cls = sections[section]
+        default = getattr(cls(), name)
+        help_text = f"{section}.{name}: {comments[section].get(name, '')} [default: {json.dumps(default)}]"
+        base, optional = _base_type(cls, name)
         origin = typing.get_origin(base) or base
-        kw: Dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        kw: Dict[str, Any] = dict(dest=flat, default=argparse.SUPPRESS, help=help_text)
+        flag = "--" + flat.replace("_", "-")
         if origin is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            groups[section].add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             continue
         if origin is dict:
             kw.update(type=_parse_json_dict, metavar="JSON")
         elif optional:
-            kw.update(type=_optional(origin), metavar=f.name.upper())
+            kw.update(type=_optional(origin), metavar=flat.upper())
         else:
-            kw.update(type=origin, metavar=f.name.upper())
-        if f.name in CHOICES:
-            kw.update(choices=CHOICES[f.name], metavar=None)
-        group.add_argument(flag, **kw)
+            kw.update(type=origin, metavar=flat.upper())
+        allowed = choices.get((section, name)) or getattr(cls, "CHOICES", {}).get(name)
+        if allowed:
+            kw.update(choices=allowed, metavar=None)
+        groups[section].add_argument(flag, **kw)
 
 
-def config_from_args(args: argparse.Namespace, base: Optional[Dict[str, Any]] = None, cls=TrainConfig) -> TrainConfig:
-    """defaults <- `base` (e.g. a resumed run's config) <- --config FILE <- flags given on the command line."""
-    values: Dict[str, Any] = dict(base or {})
+def given_flags(args: argparse.Namespace) -> Dict[str, Any]:
+    """{flat name: value} of the config flags given on the command line."""
+    names = flat_fields()
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def config_from_args(args: argparse.Namespace, base: Optional[Dict[str, Any]] = None) -> TrainConfig:
+    """defaults <- `base` (e.g. a resumed run's config, nested or flat) <- --config FILE <- flags given on the
+    command line."""
+    values = nest(base or {})
     if getattr(args, "config", None):
         file_values = read_config_file(args.config)
-        from_file_values(cls, file_values, args.config)  # unknown keys and wrong types, named with the file
-        values.update(file_values)
-    names = {f.name for f in dataclasses.fields(cls)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    return cls.from_dict(values).validate()
+        from_file_values(TrainConfig, file_values, args.config)  # unknown keys and wrong types, named with the file
+        values = _merge(values, nest(file_values))
+    values = _merge(values, nest(given_flags(args)))
+    return TrainConfig.from_dict(values).validate()

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from refseg.engine.config import TrainConfig
+from refseg.engine.config import OptimSection
 
 
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
@@ -20,16 +20,16 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warm-up over warmup_steps to lr, then cosine decay to min_lr at total_steps."""
+def lr_at(step: int, cfg: OptimSection, total_steps: int) -> float:
+    """Linear warm-up over cfg.warmup_steps to cfg.lr, then cosine decay to cfg.min_lr at total_steps."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; weight decay on matrices / kernels only."""
+def make_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters at cfg.lr; weight decay (cfg.weight_decay) on matrices / kernels only."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:

@@ -39,7 +39,6 @@ TrainConfig file (`refseg train --config`, one run into --out).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -48,7 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from refseg.engine.config import ConfigError, TrainConfig, from_file_values, read_config_file, write_text_atomic
+from refseg.engine.config import (ConfigError, TrainConfig, from_file_values, given_flags, read_config_file,
+                                  write_text_atomic)
 
 RUN_FILE = "recipe.json"  # RUN/recipe.json: the state of a recipe's run folder
 DATA_KEYS = ("domain", "preset", "seed")  # a SynthRef data block
@@ -262,8 +262,7 @@ def train_recipe(args: argparse.Namespace) -> Path:
     if getattr(args, "nproc", 1) > 1:
         raise TrainError("--nproc: a recipe trains its stages with one process (run a stage's config.json "
                          "with --nproc instead)")
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in vars(args).items() if k in names}
+    given = given_flags(args)  # flat names (the flags')
     resume, out, overwrite = given.pop("resume", None), given.pop("out", None), given.pop("overwrite", False)
     if resume and overwrite:
         raise TrainError("--overwrite starts a new run and --resume continues one: give only one of them")

@@ -8,25 +8,26 @@
     refseg train --accurate-fraction 0.1 --data D ...      # on the weak split of D (made in RUN/data)
     refseg train --method wrel --accurate-fraction 0.1 --data D ...   # LRB-WREL, three stages (refseg/methods/wrel/)
 
-What a run does:
-1. Builds the model (`refseg.methods.METHODS[model].build(**model_kwargs)`), with
-   the seed set, and the data set (`RefSegDataset`, one item per sentence).
-2. When both encoders are frozen (cache_features=auto), encodes every image
-   and sentence of the training split (and the validation subset) once into
-   an fp16 cache (engine/cache.py); a step then only runs `model.decode`.
-   Otherwise every step runs the encoders too (on the unique images of the
-   batch only).
-3. AdamW over the trainable parameters (no decay on biases and norms),
-   linear warm-up then cosine decay to min_lr, gradient clipping, autocast
-   (+ GradScaler for fp16) on cuda, DistributedDataParallel under torchrun
-   (gloo on CPU, NCCL on cuda; rank 0 alone logs and writes checkpoints).
-   With --flip h / hv / hvt each batch shows every image in one view drawn
-   per image (data/augment.py: image, mask and clicks flipped or
-   transposed, direction words swapped); cached runs cache each view of the
-   split too.
-4. Logs to RUN/log.csv (time, step, epoch, tag, value) and TensorBoard
-   (RUN/tb); validates every val_every steps with RISMetrics and keeps the
-   checkpoint of the best val mIoU in RUN/best/, the latest in RUN/last/.
+What a run does (`Trainer`, in the order `train` calls it):
+1. setup_run: the device, the run folder (checked and locked), the checkpoint a resume continues from.
+2. setup_data: the data (with `accurate_fraction`: the weak split of DATA, made in RUN/data), the model
+   (`METHODS[model.name].build(**model.kwargs)`, seeded; `init_from` weights), the data sets
+   (`RefSegDataset`, one item per sentence).
+3. setup_cache: when both encoders are frozen (cache_features=auto), every image and sentence of the
+   training split (each flip view too) and the validation subset encoded once into an fp16 cache
+   (engine/cache.py); a step then only runs `model.decode`.
+4. setup_optim: AdamW (no decay on biases and norms), the batch sampler, the schedule's length.
+5. resume: the optimiser, RNG, position and best score of the checkpoint continued from.
+6. fit: the steps (linear warm-up then cosine decay to min_lr, gradient clipping, autocast + GradScaler
+   for fp16 on cuda, DistributedDataParallel under torchrun: gloo on CPU, NCCL on cuda; rank 0 alone
+   logs and writes checkpoints), validation every val_every steps (RISMetrics; the best val mIoU's
+   checkpoint in RUN/best/), RUN/last/ for --resume, log.csv and TensorBoard (RUN/tb).
+
+The loop knows no method. A model's method adds training-only decode
+arguments through its registry record (`Method.teacher_forcing`); a
+multi-stage method (`model.method`, e.g. wrel) runs its stages
+(`Method.train`), which call `train(cfg, model, data, extras=LoopExtras(...))`
+to change what the loop samples, feeds and keeps (see LoopExtras).
 
 The run folder: a folder that already holds a run is refused unless
 `--resume` continues it or `--overwrite` replaces it (open_run); the folder
@@ -38,12 +39,6 @@ one (an interrupted save's copy, the previous last/ kept as .last.prev,
 best/) and says so, and it refuses a change of the settings the data order
 depends on (RESUME_FIXED). A failed write (a full disk) ends the run with
 one line; the last complete checkpoint stays in place for --resume.
-
-With `accurate_fraction` set, the run first writes the weak-expression split
-of DATA into RUN/data (`refseg weaken`, reused when it is already there) and
-trains on that; `train_subset accurate` trains on the refs it left accurate
-only. `method wrel` runs LRB-WREL's three stages (refseg/methods/wrel/), which use
-this loop for stages 1 and 3 through `TrainHooks`.
 """
 
 from __future__ import annotations
@@ -61,6 +56,7 @@ import sys
 import time
 import uuid
 from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -72,52 +68,37 @@ from torch import nn
 from refseg.data.augment import FLIP_CHOICES as FLIP_VIEWS
 from refseg.data.augment import swap_directions
 from refseg.engine import distributed
-from refseg.engine.config import TrainConfig, add_config_arguments, config_from_args, read_config_file
+from refseg.engine.config import (TrainConfig, add_config_arguments, config_from_args, flag_of, flat_fields, flat_view,
+                                  given_flags, read_config_file)
 from refseg.engine.optim import lr_at, make_optimizer, resolve_amp
 from refseg.engine.runlog import RunLog
 from refseg.argtypes import positive_int
 from refseg.engine.state import StateError
 
+
 class TrainError(ValueError):
     """A configuration or data problem, reported to the user in one line."""
 
 
-class TrainHooks:
-    """What a training method adds to the loop; the defaults add nothing (a plain run).
+@dataclass
+class LoopExtras:
+    """What a training method's stage changes in the generic loop; every field is optional (None: nothing).
 
-    LRB-WREL's student stage (refseg/methods/wrel/train.py) uses them: it swaps the text features of
-    weak sentences, moves an EMA teacher after every step, validates and
-    ships the teacher, and keeps it in RUN/last/ for --resume.
+    repeats(sample) -> int: how many times a training sentence appears in each epoch (default 1).
+    augmentable(sample) -> bool: whether --flip may show the sentence flipped (default True).
+    prepare(batch) -> batch: the step's batch (cached: vis + txt; uncached: images + text) before the
+        forward pass, e.g. text features swapped for stored ones.
+    ema(step, total_steps, steps_per_epoch) -> momentum: keep an exponential moving average of the model
+        (engine/ema.py), moved by this momentum after optimiser step `step` (0-based); RUN/last/ keeps it
+        (ema.safetensors) for --resume.
+    score_ema: validation scores, and RUN/best/ holds, the moving average instead of the model.
     """
 
-    def setup(self, model: nn.Module, train_ds, device: torch.device) -> None:
-        """Called once, after the model, data set and cache are ready and before a resume loads last/."""
-
-    def repeats(self, sample) -> int:
-        """How many times this training sample appears in each epoch."""
-        return 1
-
-    def augmentable(self, sample) -> bool:
-        """Whether the flip augmentation (--flip) may show this training sample flipped."""
-        return True
-
-    def prepare(self, batch: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
-        """The step's batch (cached: vis + txt; uncached: images + text) before the forward pass."""
-        return batch
-
-    def after_step(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
-        """Called after optimiser step `step` (0-based) has updated the model."""
-
-    def eval_model(self, model: nn.Module) -> nn.Module:
-        """The network that validation scores and RUN/best/ holds."""
-        return model
-
-    def state_tensors(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        """Extra tensors RUN/last/ keeps for --resume: {file stem: tensors}."""
-        return {}
-
-    def load_state(self, ckpt: Path) -> None:
-        """Restore what state_tensors saved, from a resumed checkpoint folder."""
+    repeats: Optional[Callable[[Any], int]] = None
+    augmentable: Optional[Callable[[Any], bool]] = None
+    prepare: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
+    ema: Optional[Callable[[int, int, int], float]] = None
+    score_ema: bool = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,7 +128,7 @@ def main(args: argparse.Namespace) -> int:
             cfg = config_from_args(args, base)
         except ValueError as e:
             raise TrainError(str(e)) from None
-        if not cfg.data:
+        if not cfg.data.path:
             raise TrainError("--data is required (a refer-format folder)")
         train(cfg)
     except (TrainError, FileNotFoundError, ReferFormatError) as e:
@@ -161,10 +142,8 @@ def _to_argv(args: argparse.Namespace) -> List[str]:
     import json
 
     argv = ["--config", args.config] if args.config else []
-    for name in TrainConfig.__dataclass_fields__:
-        if name not in vars(args):
-            continue
-        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+    for name, value in given_flags(args).items():
+        flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + name.replace("_", "-"))
         elif isinstance(value, dict):
@@ -187,42 +166,44 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def method_of(cfg: TrainConfig):
-    """The registry entry (refseg.methods.METHODS) of cfg.model."""
+    """The registry entry (refseg.methods.METHODS) of cfg.model.name."""
     from refseg.methods import METHODS, MODELS
 
-    if cfg.model not in MODELS:
-        raise TrainError(f"unknown model {cfg.model!r}; known: {', '.join(sorted(MODELS))}")
-    return METHODS[cfg.model]
+    if cfg.model.name not in MODELS:
+        raise TrainError(f"unknown model {cfg.model.name!r}; known: {', '.join(sorted(MODELS))}")
+    return METHODS[cfg.model.name]
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
-    kwargs = dict(cfg.model_kwargs)
-    kwargs.setdefault("image_size", cfg.size)
+    """The model cfg.model names, built by its factory with cfg.model.kwargs (image_size: cfg.data.size)."""
+    kwargs = dict(cfg.model.kwargs)
+    kwargs.setdefault("image_size", cfg.data.size)
     model = method_of(cfg).build(**kwargs)
-    if model.image_size != cfg.size:
-        raise TrainError(f"the model's image_size {model.image_size} differs from --size {cfg.size}")
+    if model.image_size != cfg.data.size:
+        raise TrainError(f"the model's image_size {model.image_size} differs from data.size (--size) {cfg.data.size}")
     return model
 
 
 def loss_function(cfg: TrainConfig) -> Callable:
-    """The training loss of cfg.model under cfg.supervision, with cfg.loss_kwargs bound."""
+    """The training loss of cfg.model.name under cfg.data.supervision, with cfg.optim.loss_kwargs bound."""
     from refseg.methods import METHODS
 
-    fn = method_of(cfg).losses.get(cfg.supervision)
+    supervision, loss_kwargs = cfg.data.supervision, cfg.optim.loss_kwargs
+    fn = method_of(cfg).losses.get(supervision)
     if fn is None:
         known = ", ".join(f"{m}/{s}" for m in sorted(METHODS) if METHODS[m].name == METHODS[m].model
                           for s in sorted(METHODS[m].losses))
-        raise TrainError(f"no loss for model {cfg.model!r} with supervision {cfg.supervision!r} "
+        raise TrainError(f"no loss for model {cfg.model.name!r} with supervision {supervision!r} "
                          f"(known: {known})")
     name = fn.__name__
-    if not cfg.loss_kwargs:
+    if not loss_kwargs:
         return fn
     params = inspect.signature(fn).parameters
-    unknown = sorted(k for k in cfg.loss_kwargs if k not in params or k in ("out", "batch"))
+    unknown = sorted(k for k in loss_kwargs if k not in params or k in ("out", "batch"))
     if unknown:
         allowed = ", ".join(k for k in params if k not in ("out", "batch"))
-        raise TrainError(f"loss_kwargs: {name} has no argument {', '.join(map(repr, unknown))} (it takes: {allowed})")
-    return functools.partial(fn, **cfg.loss_kwargs)
+        raise TrainError(f"optim.loss_kwargs (--loss-kwargs): {name} has no argument {', '.join(map(repr, unknown))} (it takes: {allowed})")
+    return functools.partial(fn, **loss_kwargs)
 
 
 def set_train_mode(model: nn.Module) -> None:
@@ -275,12 +256,13 @@ def subset_rows(samples, subset: str) -> np.ndarray:
 
 
 def weak_data_dir(cfg: TrainConfig, run: Path) -> Path:
-    """RUN/data: the weak split of cfg.data at cfg.accurate_fraction (made, or reused when it matches)."""
+    """RUN/data: the weak split of cfg.data.path at cfg.data.accurate_fraction (made, or reused when it matches)."""
     from refseg.data.weak import ensure_weak
 
     try:
-        return ensure_weak(cfg.data, run / "data", cfg.accurate_fraction, cfg.weak_seed,
-                           split_by=cfg.split_by or "unc", images_dir=cfg.images)
+        d = cfg.data
+        return ensure_weak(d.path, run / "data", d.accurate_fraction, d.weak_seed,
+                           split_by=d.split_by or "unc", images_dir=d.images)
     except FileExistsError as e:
         raise TrainError(str(e)) from None
 
@@ -289,7 +271,7 @@ def draw_views(batch_rows: List[int], views: Sequence[str], flippable: np.ndarra
                key: Tuple[int, ...]) -> List[str]:
     """The flip view of each sentence of a batch: one view per image, drawn uniformly from `views`
     (a pure function of `key` = (seed, epoch, batch index), so a resumed run draws the same), and
-    "none" for sentences the method keeps unflipped (TrainHooks.augmentable)."""
+    "none" for sentences the method keeps unflipped (LoopExtras.augmentable)."""
     if len(views) == 1:
         return ["none"] * len(batch_rows)
     rng = np.random.default_rng([*key, 0xF11B])
@@ -375,9 +357,9 @@ class TimeBudget:
 LOCK_FILE = ".lock"
 
 # settings the data order and a checkpoint's position in it depend on: a resumed run must keep them
+# (flat names; a training method adds its own: resume_fixed())
 RESUME_FIXED = ("model", "method", "supervision", "size", "train_split", "train_subset", "split_by",
-                "accurate_fraction", "weak_seed", "batch_size", "images_per_batch", "group_refs", "flip", "seed",
-                "wrel_accurate_repeat", "wrel_bank_batch", "wrel_bank_prompts", "wrel_bank_site")
+                "accurate_fraction", "weak_seed", "batch_size", "images_per_batch", "group_refs", "flip", "seed")
 
 
 class RunLock:
@@ -444,26 +426,26 @@ def open_run(run: Path, cfg: TrainConfig) -> RunLock:
 
     A folder that already holds anything (but the lock file, and the weak
     split RUN/data that a run with accurate_fraction reuses) is refused
-    unless cfg.resume names it, or cfg.overwrite is set: then the old run is
+    unless cfg.run.resume names it, or cfg.run.overwrite is set: then the old run is
     renamed aside in one step (to .<name>.replaced-* beside it, nothing
     deleted) and removed once the new run has saved its first complete
     checkpoint (drop_replaced), so a new run that fails before that leaves
     the old one recoverable.
     """
-    if cfg.overwrite and cfg.resume:
+    if cfg.run.overwrite and cfg.run.resume:
         raise TrainError("--overwrite starts a new run and --resume continues one: give only one of them")
     if run.exists() and not run.is_dir():
         raise TrainError(f"--out {run}: exists and is not a folder")
     lock = RunLock(run)
     try:
-        keep = {LOCK_FILE} | ({"data"} if cfg.accurate_fraction is not None else set())
+        keep = {LOCK_FILE} | ({"data"} if cfg.data.accurate_fraction is not None else set())
         held = sorted((p.name for p in run.iterdir() if p.name not in keep), key=lambda n: (n.startswith("."), n))
-        if held and not (cfg.resume and _same_folder(cfg.resume, run)):
-            if not cfg.overwrite:
+        if held and not (cfg.run.resume and _same_folder(cfg.run.resume, run)):
+            if not cfg.run.overwrite:
                 listed = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
                 raise TrainError(f"--out {run} already holds a run ({listed}): continue it with --resume {run}, "
                                  "or replace it with --overwrite")
-            lock = _replace_run(run, lock, cfg.progress)
+            lock = _replace_run(run, lock, cfg.run.progress)
     except BaseException:
         lock.release()
         raise
@@ -499,15 +481,24 @@ def drop_replaced(run: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def resume_fixed() -> Tuple[str, ...]:
+    """RESUME_FIXED and each training method's own (flat names: wrel_bank_batch ...)."""
+    from refseg.engine.config import method_sections
+
+    extra = [f"{name}_{f}" for name, cls in method_sections().items() for f in getattr(cls, "RESUME_FIXED", ())]
+    return RESUME_FIXED + tuple(extra)
+
+
 def check_resume_config(cfg: TrainConfig, saved: Dict[str, Any], source: Path) -> None:
     """Raise TrainError naming the field and both values when `cfg` changes a RESUME_FIXED setting of the
-    config `saved` (read from `source`) that a resumed run continues."""
-    for name in RESUME_FIXED:
-        if name in saved and saved[name] != getattr(cfg, name):
-            flag = "--" + name.replace("_", "-")
-            raise TrainError(f"--resume {cfg.resume}: {name} is {getattr(cfg, name)!r} here but {saved[name]!r} in "
-                             f"{source}; a resumed run keeps the data order it was saved in (drop {flag}, or train "
-                             "a new run into another --out)")
+    config `saved` (read from `source`, nested or flat) that a resumed run continues."""
+    now, before, where = cfg.to_flat(), flat_view(saved), flat_fields()
+    for name in resume_fixed():
+        if name in before and before[name] != now[name]:
+            section, field = where[name]
+            raise TrainError(f"--resume {cfg.run.resume}: {section}.{field} is {now[name]!r} here but "
+                             f"{before[name]!r} in {source}; a resumed run keeps the data order it was saved in "
+                             f"(drop {flag_of(section, field)}, or train a new run into another --out)")
 
 
 def choose_resume_point(run: Path) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
@@ -545,353 +536,474 @@ def choose_resume_point(run: Path) -> Tuple[Optional[Path], Optional[Dict[str, A
 
 
 def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
-          hooks: Optional[TrainHooks] = None, opened: bool = False) -> Dict[str, Any]:
-    """Run training as configured; returns {"run", "step", "best", "val", "train_loss"}.
+          extras: Optional[LoopExtras] = None, opened: bool = False) -> Dict[str, Any]:
+    """Run training as configured; returns {"run", "step", "total_steps", "best", "val", "train_loss"}.
 
     model / data: ready-built objects to use instead of building them from
     cfg.model / cfg.data (tests, notebooks); cfg still names them in config.json.
-    hooks: a training method's additions to the loop (see TrainHooks). A
-    config whose method is not plain, without hooks, runs that method's stages (METHODS[method].train).
+    extras: a training method's changes to the loop (LoopExtras). A config
+    whose model.method is not plain, without extras, runs that method's
+    stages (METHODS[method].train), which call back here with their extras.
     opened: the caller (a method running this as one of its stages) has
     already checked and locked the run folder (open_run); otherwise this does.
     """
-    if cfg.method != "plain" and hooks is None:  # a multi-stage method runs its own stages
+    if cfg.model.method != "plain" and extras is None:  # a multi-stage method runs its own stages
         from refseg.methods import METHODS
 
-        return METHODS[cfg.method].train(cfg, model, data)
-    with ExitStack() as cleanup:
-        return _train(cfg, model, data, hooks or TrainHooks(), opened, cleanup)
-
-
-def _train(cfg: TrainConfig, model: Optional[nn.Module], data, hooks: TrainHooks, opened: bool,
-           cleanup: ExitStack) -> Dict[str, Any]:
-    """train()'s body; `cleanup` closes the progress bar and the log and unlocks the run, however it ends."""
-    from refseg.data.dataset import RefSegDataset, collate
-    from refseg.engine import cache as feature_cache
-    from refseg.engine import checkpoint as ckpt
-    from refseg.engine.evaluate_core import evaluate_model
-    from refseg.engine.sampler import GroupBatchSampler
-    from refseg.hub import weights_path
-
+        return METHODS[cfg.model.method].train(cfg, model, data)
     cfg.validate()
-    started = time.perf_counter()  # the time budget counts from here
-    info = distributed.env_info()
-    device = resolve_device(cfg.device, info.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    info = distributed.init(device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    elif info.enabled and device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
-    main_rank = info.is_main
-    progress = cfg.progress and main_rank
+    with ExitStack() as cleanup:  # closes the progress bar and the log and unlocks the run, however it ends
+        trainer = Trainer(cfg, extras or LoopExtras(), cleanup)
+        trainer.setup_run(opened)
+        trainer.setup_data(model, data)
+        trainer.setup_cache()
+        trainer.setup_optim()
+        trainer.resume()
+        return trainer.fit()
 
-    # data, model, loss (checked before anything is written, but the weak split)
-    loss_fn = loss_function(cfg)
-    run = Path(cfg.out or f"runs/{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}")
-    run = Path(distributed.broadcast_object(str(run), info))
-    if main_rank and not opened:
-        cleanup.callback(open_run(run, cfg).release)
-    # the checkpoint a resume continues from: checked whole, and against this config, before anything is written
-    resume_from: Optional[Path] = None
-    if cfg.resume:
-        if main_rank:
-            resume_from, saved = choose_resume_point(Path(cfg.resume))
+
+class Trainer:
+    """One run of the generic loop; `train` calls its steps in order (setup_run, setup_data, setup_cache,
+    setup_optim, resume, fit). Its attributes are the run's state: `step`, `epoch`, `position` (batch
+    within the epoch), `total_steps`, `best` (the best validation's scores), `last_val`."""
+
+    def __init__(self, cfg: TrainConfig, extras: LoopExtras, cleanup: ExitStack):
+        self.cfg, self.extras, self.cleanup = cfg, extras, cleanup
+        self.started = time.perf_counter()  # the time budget counts from here
+        self.step = self.epoch = self.position = 0
+        self.best: Optional[Dict[str, Any]] = None
+        self.last_val: Dict[str, Any] = {}
+        self.ema: Optional[nn.Module] = None
+        self.paused = 0.0  # seconds spent validating and saving inside the loop
+
+    # ---- setup ----------------------------------------------------------------
+
+    def setup_run(self, opened: bool) -> None:
+        """Device and threads, process group, the loss, the run folder (checked and locked unless `opened`),
+        and the checkpoint a resume continues from (checked whole, and against this config)."""
+        from refseg.engine import checkpoint as ckpt
+
+        cfg = self.cfg
+        info = distributed.env_info()
+        self.device = resolve_device(cfg.run.device, info.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.info = info = distributed.init(self.device)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        elif info.enabled and self.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world_size))
+        self.main = info.is_main
+        self.progress = cfg.run.progress and self.main
+        self.opened = opened
+        self.loss_fn = loss_function(cfg)
+        run = Path(cfg.run.out or f"runs/{cfg.model.name}-{datetime.now():%Y%m%d-%H%M%S}")
+        self.run = Path(distributed.broadcast_object(str(run), info))
+        if self.main and not opened:
+            self.cleanup.callback(open_run(self.run, cfg).release)
+        found = None
+        if cfg.run.resume and self.main:
+            folder, saved = choose_resume_point(Path(cfg.run.resume))
             if saved is not None:
-                check_resume_config(cfg, saved["config"], resume_from / ckpt.STATE_JSON)
-        found = distributed.broadcast_object(None if resume_from is None else str(resume_from), info)
-        resume_from = None if found is None else Path(found)
-    if data is None:
-        from refseg.data.refer import load_refer
+                check_resume_config(cfg, saved["config"], folder / ckpt.STATE_JSON)
+            found = None if folder is None else str(folder)
+        if cfg.run.resume:
+            found = distributed.broadcast_object(found, info)
+        self.resume_from: Optional[Path] = None if found is None else Path(found)
 
-        data_dir = cfg.data
-        if cfg.accurate_fraction is not None:
-            if main_rank:
-                weak_data_dir(cfg, run)
-            distributed.barrier(info)
-            data_dir = run / "data"
-        data = load_refer(data_dir, split_by=cfg.split_by, images_dir=cfg.images)
-    if cfg.train_split not in data.splits():
-        raise TrainError(f"no split {cfg.train_split!r} in {cfg.data} (splits: {', '.join(data.splits())})")
-    seed_everything(cfg.seed)
-    if model is None:
-        model = build_model(cfg)
-    if cfg.init_from:  # a resumed run's last/ overrides these weights below
-        try:
-            fresh = ckpt.init_weights(model, weights_path(cfg.init_from))
-        except (ckpt.CheckpointError, FileNotFoundError) as e:
-            raise TrainError(f"--init-from {cfg.init_from}: {e}") from None
-        if main_rank and progress:
-            print(f"initialised from {cfg.init_from}"
-                  + (f"; {len(fresh)} tensors it lacks start fresh: {', '.join(fresh[:6])}"
-                     + (" ..." if len(fresh) > 6 else "") if fresh else ""), file=sys.stderr)
-    model.to(device)
+    def setup_data(self, model: Optional[nn.Module], data) -> None:
+        """The refer data (the weak split with accurate_fraction), the model (seeded, init_from weights),
+        config.json, and the training and validation data sets."""
+        from refseg.data.dataset import RefSegDataset
 
-    def save_config() -> None:
-        with writing(run / "config.json"):
-            TrainConfig.from_dict({**cfg.to_dict(), "out": str(run), "resume": None,
-                                   "overwrite": False}).save(run / "config.json")
-
-    if main_rank:
-        run.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:  # a resumed run rewrites it once its checkpoint has loaded
-            save_config()
-    distributed.barrier(info)
-
-    train_ds = RefSegDataset(data, cfg.train_split, cfg.size, cfg.supervision)
-    val_ds = None
-    if cfg.val_split:
-        if cfg.val_split in data.splits():
-            val_ds = RefSegDataset(data, cfg.val_split, cfg.size, "text")
-            if cfg.val_max_samples:
-                val_ds.samples = val_ds.samples[:cfg.val_max_samples]
-        elif main_rank:
-            print(f"refseg train: no split {cfg.val_split!r} in {cfg.data}; training without validation",
+        cfg, d = self.cfg, self.cfg.data
+        self.data = data if data is not None else self._load_data()
+        if d.train_split not in self.data.splits():
+            raise TrainError(f"no split {d.train_split!r} in {d.path} (splits: {', '.join(self.data.splits())})")
+        seed_everything(cfg.run.seed)
+        self.model = model if model is not None else build_model(cfg)
+        self._init_weights()
+        self.model.to(self.device)
+        if self.main:
+            self.run.mkdir(parents=True, exist_ok=True)
+            if not cfg.run.resume:  # a resumed run rewrites it once its checkpoint has loaded
+                self.save_config()
+        distributed.barrier(self.info)
+        self.train_ds = RefSegDataset(self.data, d.train_split, d.size, d.supervision)
+        self.val_ds = None
+        if d.val_split and d.val_split in self.data.splits():
+            self.val_ds = RefSegDataset(self.data, d.val_split, d.size, "text")
+            if cfg.run.val_max_samples:
+                self.val_ds.samples = self.val_ds.samples[:cfg.run.val_max_samples]
+        elif d.val_split and self.main:
+            print(f"refseg train: no split {d.val_split!r} in {d.path}; training without validation",
                   file=sys.stderr)
 
-    # feature cache
-    use_cache = cfg.cache_features != "off" and feature_cache.encoders_frozen(model)
-    if cfg.cache_features == "on" and not use_cache:
-        raise TrainError("--cache-features on needs frozen encoders (their outputs need gradients)")
-    views = FLIP_VIEWS[cfg.flip]  # the flip views a training sentence is shown in (data/augment.py)
-    train_cache = val_cache = None
-    view_caches: Dict[str, Any] = {}  # flip view -> cache of the split seen that way
-    if use_cache:
-        cache_dir = cfg.cache_dir or (str(run / "cache") if info.enabled else None)
+    def _load_data(self):
+        from refseg.data.refer import load_refer
+
+        d = self.cfg.data
+        path = d.path
+        if d.accurate_fraction is not None:
+            if self.main:
+                weak_data_dir(self.cfg, self.run)
+            distributed.barrier(self.info)
+            path = self.run / "data"
+        return load_refer(path, split_by=d.split_by, images_dir=d.images)
+
+    def _init_weights(self) -> None:
+        """model.init_from: start from those weights (a resumed run's last/ overrides them later)."""
+        from refseg.engine import checkpoint as ckpt
+        from refseg.hub import weights_path
+
+        source = self.cfg.model.init_from
+        if not source:
+            return
+        try:
+            fresh = ckpt.init_weights(self.model, weights_path(source))
+        except (ckpt.CheckpointError, FileNotFoundError) as e:
+            raise TrainError(f"--init-from {source}: {e}") from None
+        if self.progress:
+            print(f"initialised from {source}"
+                  + (f"; {len(fresh)} tensors it lacks start fresh: {', '.join(fresh[:6])}"
+                     + (" ..." if len(fresh) > 6 else "") if fresh else ""), file=sys.stderr)
+
+    def save_config(self) -> None:
+        """RUN/config.json: the resolved config, nested, as `--config` reads it back."""
+        with writing(self.run / "config.json"):
+            self.cfg.updated(out=str(self.run), resume=None, overwrite=False).save(self.run / "config.json")
+
+    def setup_cache(self) -> None:
+        """The feature caches (train split, each flip view of it, validation subset) when the encoders are frozen."""
+        from refseg.data.dataset import RefSegDataset
+        from refseg.engine import cache as feature_cache
+
+        cfg = self.cfg
+        self.views = FLIP_VIEWS[cfg.data.flip]  # the flip views a training sentence is shown in (data/augment.py)
+        self.use_cache = cfg.run.cache_features != "off" and feature_cache.encoders_frozen(self.model)
+        if cfg.run.cache_features == "on" and not self.use_cache:
+            raise TrainError("--cache-features on needs frozen encoders (their outputs need gradients)")
+        self.train_cache = self.val_cache = None
+        self.view_caches: Dict[str, Any] = {}  # flip view -> cache of the split seen that way
+        if not self.use_cache:
+            return
+        self.cache_dir = cfg.run.cache_dir or (str(self.run / "cache") if self.info.enabled else None)
         t0 = time.perf_counter()
-        caches = []
-        for ds in [train_ds] + ([val_ds] if val_ds is not None else []):
-            if main_rank:
-                caches.append(feature_cache.get_cache(model, ds, device, cache_dir, workers=cfg.workers,
-                                                      progress=progress))
-            distributed.barrier(info)
-            if not main_rank:
-                caches.append(feature_cache.get_cache(model, ds, device, cache_dir, build=False))
-        train_cache = caches[0]
-        val_cache = caches[1] if len(caches) > 1 else None
-        for view in views[1:]:  # each flipped view of the train split: its own images encoded, its own texts
-            view_ds = RefSegDataset(data, cfg.train_split, cfg.size, cfg.supervision, view=view)
-            if main_rank:
-                view_caches[view] = feature_cache.get_cache(model, view_ds, device, cache_dir, workers=cfg.workers,
-                                                            progress=progress)
-            distributed.barrier(info)
-            if not main_rank:
-                view_caches[view] = feature_cache.get_cache(model, view_ds, device, cache_dir, build=False)
-            caches.append(view_caches[view])
-        if main_rank and progress:
+        self.train_cache = self._shared_cache(self.train_ds)
+        self.val_cache = self._shared_cache(self.val_ds) if self.val_ds is not None else None
+        for view in self.views[1:]:  # each flipped view of the train split: its own images encoded, its own texts
+            d = cfg.data
+            self.view_caches[view] = self._shared_cache(RefSegDataset(self.data, d.train_split, d.size,
+                                                                      d.supervision, view=view))
+        if self.progress:
+            caches = [c for c in (self.train_cache, self.val_cache, *self.view_caches.values()) if c is not None]
             mb = sum(c.nbytes() for c in caches) / 2**20
-            print(f"feature cache: {len(train_cache)} train sentences / {train_cache.meta['n_images']} images"
-                  f"{f', {len(val_cache)} val sentences' if val_cache else ''}, {mb:.0f} MiB, "
+            print(f"feature cache: {len(self.train_cache)} train sentences / {self.train_cache.meta['n_images']} "
+                  f"images{f', {len(self.val_cache)} val sentences' if self.val_cache else ''}, {mb:.0f} MiB, "
                   f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
-    # optimisation
-    optimizer = make_optimizer(model, cfg)
-    amp_dtype = resolve_amp(cfg.amp, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16 and device.type == "cuda")
-    rows = subset_rows(train_ds.samples, cfg.train_subset)  # data set indices trained on
-    repeats = np.array([hooks.repeats(train_ds.samples[r]) for r in rows], dtype=np.int64)
-    if (repeats != 1).any():  # a method's oversampling (e.g. wrel_accurate_repeat): rows listed repeatedly
-        rows = np.repeat(rows, repeats)
-    # each view's expressions, by data set row (= cache row): what the cached path feeds the step
-    view_texts = {view: [swap_directions(s.text, view) for s in train_ds.samples] for view in views}
-    flippable = np.array([hooks.augmentable(s) for s in train_ds.samples], dtype=bool)
-    sampler = GroupBatchSampler([train_ds.samples[r].image_id for r in rows], cfg.batch_size, cfg.images_per_batch,
-                                seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-                                ref_ids=[train_ds.samples[r].ref_id for r in rows] if cfg.group_refs else None)
-    steps_per_epoch = len(sampler)
-    if steps_per_epoch == 0:
-        raise TrainError(f"split {cfg.train_split!r} has no sentences"
-                         + (f" in subset {cfg.train_subset!r}" if cfg.train_subset != "all" else ""))
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    def _shared_cache(self, ds):
+        """The cache of `ds`: rank 0 builds it (or finds it in cache_dir), the other ranks then read it."""
+        from refseg.engine import cache as feature_cache
 
-    hooks.setup(model, train_ds, device)
+        cache = None
+        if self.main:
+            cache = feature_cache.get_cache(self.model, ds, self.device, self.cache_dir,
+                                            workers=self.cfg.run.workers, progress=self.progress)
+        distributed.barrier(self.info)
+        if not self.main:
+            cache = feature_cache.get_cache(self.model, ds, self.device, self.cache_dir, build=False)
+        return cache
 
-    # resume
-    step, epoch, position, best = 0, 0, 0, None
-    if cfg.resume:
-        found = resume_from
-        if found is None:  # stopped before its first checkpoint: the run starts over, as it first did
-            if main_rank:
-                print(f"no complete checkpoint in {cfg.resume} yet: starting at step 0", file=sys.stderr)
+    def setup_optim(self) -> None:
+        """Optimiser, precision, the rows trained on (with a method's repeats), the sampler, the schedule's
+        length, and the moving average a method asks for."""
+        from refseg.engine.ema import ema_copy
+        from refseg.engine.sampler import GroupBatchSampler
+
+        cfg, o, samples = self.cfg, self.cfg.optim, self.train_ds.samples
+        self.optimizer = make_optimizer(self.model, o)
+        self.amp_dtype = resolve_amp(o.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16
+                                           and self.device.type == "cuda")
+        rows = subset_rows(samples, cfg.data.train_subset)  # data set indices trained on
+        if self.extras.repeats is not None:  # a method's oversampling: rows listed repeatedly
+            rows = np.repeat(rows, np.array([self.extras.repeats(samples[r]) for r in rows], dtype=np.int64))
+        self.rows = rows
+        # each view's expressions, by data set row (= cache row): what the cached path feeds the step
+        self.view_texts = {view: [swap_directions(s.text, view) for s in samples] for view in self.views}
+        may_flip = self.extras.augmentable or (lambda sample: True)
+        self.flippable = np.array([may_flip(s) for s in samples], dtype=bool)
+        self.sampler = GroupBatchSampler([samples[r].image_id for r in rows], o.batch_size, o.images_per_batch,
+                                         seed=cfg.run.seed, rank=self.info.rank, world_size=self.info.world_size,
+                                         ref_ids=[samples[r].ref_id for r in rows] if cfg.data.group_refs else None)
+        self.steps_per_epoch = len(self.sampler)
+        if self.steps_per_epoch == 0:
+            subset = cfg.data.train_subset
+            raise TrainError(f"split {cfg.data.train_split!r} has no sentences"
+                             + (f" in subset {subset!r}" if subset != "all" else ""))
+        self.total_steps = o.max_steps or o.epochs * self.steps_per_epoch
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if self.extras.ema is not None:
+            self.ema = ema_copy(self.model)
+
+    def resume(self) -> None:
+        """With --resume: the weights, optimiser, RNG, position and best score of the checkpoint chosen in
+        setup_run (none: the run starts over at step 0); config.json rewritten. Then the time budget."""
+        cfg = self.cfg
+        if cfg.run.resume:
+            if self.resume_from is None:  # stopped before its first checkpoint: the run starts over, as it first did
+                if self.main:
+                    print(f"no complete checkpoint in {cfg.run.resume} yet: starting at step 0", file=sys.stderr)
+            else:
+                self._load_checkpoint(self.resume_from)
+            if self.main:
+                self.save_config()
+        self.budget = TimeBudget(cfg.optim.time_budget, self.started, cfg.optim.warmup_steps, self.info, self.step)
+
+    def _load_checkpoint(self, found: Path) -> None:
+        from refseg.engine import checkpoint as ckpt
+
+        state = ckpt.load_training_state(found, self.model, self.optimizer, restore_rng=True)
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.best = state.get("best")
+        saved_epoch = state.get("steps_per_epoch", self.steps_per_epoch)
+        if saved_epoch != self.steps_per_epoch or self.position >= self.steps_per_epoch:
+            raise StateError(f"{found / ckpt.STATE_JSON}: saved at batch {self.position} of an epoch of {saved_epoch} "
+                             f"batches, but the training data and batch settings now give {self.steps_per_epoch} "
+                             "batches per epoch: resume with the data it was trained on")
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            ckpt.load_weights(self.ema, ckpt.load_extra(found, "ema"), source=f"{found}/ema.safetensors")
+        if self.cfg.optim.time_budget and state.get("total_steps"):  # the length the budget chose
+            self.total_steps = int(state["total_steps"])
+        if self.progress:
+            print(f"resumed from {found} at step {self.step} (epoch {self.epoch}, batch {self.position})",
+                  file=sys.stderr)
+
+    # ---- the loop ---------------------------------------------------------------
+
+    def fit(self) -> Dict[str, Any]:
+        """Train from the current step to total_steps, validating and saving on the way and at the end;
+        returns the summary."""
+        from tqdm.auto import tqdm
+
+        step_module: nn.Module = StepModule(self.model)
+        if self.info.enabled:
+            step_module = nn.parallel.DistributedDataParallel(
+                step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.step_module = step_module
+        self.log = RunLog(self.run, self.main)
+        self.cleanup.callback(self.log.close)
+        self.stats = RunningStats(self.log, self.info.world_size)
+        set_train_mode(self.model)
+        self.bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                        disable=not self.progress, dynamic_ncols=True)
+        self.cleanup.callback(self.bar.close)  # an error's message then starts on a line of its own
+        while self.step < self.total_steps:
+            step_before = self.step
+            self.t0 = time.perf_counter()
+            for batch in self.batches():
+                self.train_step(batch)
+                self.between_steps()
+                if self.step >= self.total_steps:
+                    break
+            if self.step == step_before:  # never loop without training: an epoch pass always runs a step
+                raise RuntimeError(f"epoch {self.epoch} from batch {self.position} gave no batch to train on")
+        self.bar.close()
+        if self.val_ds is not None:
+            self.validate()
         else:
-            state = ckpt.load_training_state(found, model, optimizer, restore_rng=True)
-            step, epoch, position, best = state["step"], state["epoch"], state["position"], state.get("best")
-            saved_epoch = state.get("steps_per_epoch", steps_per_epoch)
-            if saved_epoch != steps_per_epoch or position >= steps_per_epoch:
-                raise StateError(f"{found / ckpt.STATE_JSON}: saved at batch {position} of an epoch of {saved_epoch} "
-                                 f"batches, but the training data and batch settings now give {steps_per_epoch} "
-                                 "batches per epoch: resume with the data it was trained on")
-            if state.get("scaler") and scaler.is_enabled():
-                scaler.load_state_dict(state["scaler"])
-            hooks.load_state(found)
-            if cfg.time_budget and state.get("total_steps"):  # the length the budget chose
-                total_steps = int(state["total_steps"])
-            if main_rank and progress:
-                print(f"resumed from {found} at step {step} (epoch {epoch}, batch {position})", file=sys.stderr)
-        if main_rank:
-            save_config()
-    budget = TimeBudget(cfg.time_budget, started, cfg.warmup_steps, info, step)
-    paused = 0.0  # seconds spent validating and saving inside the loop
+            self.save("last")
+        self.log.close()
+        summary = {"run": str(self.run), "step": self.step, "total_steps": self.total_steps, "best": self.best,
+                   "val": self.last_val, "train_loss": self.stats.loss_ema}
+        distributed.barrier(self.info)
+        distributed.shutdown()
+        return summary
 
-    step_module: nn.Module = StepModule(model)
-    if info.enabled:
-        step_module = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    log = RunLog(run, main_rank)
-    cleanup.callback(log.close)
-    last_val: Dict[str, Any] = {}
+    def batches(self):
+        """The step batches of the current epoch from `position` on (the sampler refuses a position outside
+        the epoch), each sentence in its drawn flip view; cached or through a DataLoader."""
+        from refseg.data.dataset import collate
 
-    def state_dict() -> Dict[str, Any]:
-        return {"step": step, "epoch": epoch, "position": position, "total_steps": total_steps,
-                "scheduler": {"kind": "warmup_cosine", "step": step, "lr": lr_at(min(step, total_steps - 1), cfg,
-                                                                                 total_steps)},
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "best": _jsonable(best or {}) or None, "val": _jsonable(last_val), "config": cfg.to_dict(),
-                "steps_per_epoch": steps_per_epoch}
+        cfg, epoch = self.cfg, self.epoch
+        batches = [self.rows[b].tolist() for b in self.sampler.batches(epoch, start=self.position)]
+        views = [draw_views(b, self.views, self.flippable, self.train_ds.samples, (cfg.run.seed, epoch, self.position + i))
+                 for i, b in enumerate(batches)]
+        if self.use_cache:
+            # the expressions too (a model's teacher_forcing may read them, e.g. SaG's word negatives)
+            return (cached_batch(b, v, self.train_cache, self.view_caches, self.view_texts, self.device)
+                    for b, v in zip(batches, views))
+        loader = torch.utils.data.DataLoader(
+            self.train_ds, batch_sampler=[list(zip(b, v)) for b, v in zip(batches, views)],
+            collate_fn=collate, num_workers=cfg.run.workers,
+            generator=torch.Generator().manual_seed(cfg.run.seed * 100003 + epoch))
+        return (to_step_batch(items, self.device) for items in loader)
 
-    def save(name: str) -> None:
-        if main_rank:
-            with writing(run / name, kept=ckpt.find_checkpoint(run, "last")):
-                if name == "last":  # what --resume needs; the one it replaces is kept as .last.prev
-                    ckpt.save_checkpoint(run / name, model, optimizer, state_dict(), include_frozen=cfg.save_frozen,
-                                         extra=hooks.state_tensors(), keep_previous=True)
-                else:  # the network validation scored
-                    scored = hooks.eval_model(model)
-                    ckpt.save_checkpoint(run / name, scored, optimizer if scored is model else None, state_dict(),
-                                         include_frozen=cfg.save_frozen)
-            if name == "last" and not opened:
-                drop_replaced(run)  # what --overwrite set aside: this run now has a checkpoint of its own
-        distributed.barrier(info)
+    def train_step(self, batch: Dict[str, Any]) -> None:
+        """One optimiser step on `batch` (the method's prepare first), the moving average moved, the
+        position advanced, the step's figures recorded."""
+        o = self.cfg.optim
+        lr = lr_at(self.step, o, self.total_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        if self.extras.prepare is not None:
+            batch = self.extras.prepare(batch)
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        with autocast:
+            out = self.step_module(batch)
+            losses = self.loss_fn(out, batch)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {self.step}: loss is {loss.item()}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        grad_norm = float("nan")
+        if o.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, o.grad_clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            from refseg.engine.ema import ema_update
 
-    def validate() -> None:
-        nonlocal best, last_val
-        if val_ds is None:
+            ema_update(self.ema, self.model, self.extras.ema(self.step, self.total_steps, self.steps_per_epoch))
+        self.step += 1
+        self.position += 1
+        if self.position >= self.steps_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        n = len(batch["image_index"]) * self.info.world_size
+        loss_ema = self.stats.add({k: float(v.detach()) for k, v in losses.items()}, grad_norm, n)
+        dt = time.perf_counter() - self.t0  # this step, its data included
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss_ema:.4f}", sps=f"{n / max(dt, 1e-9):.1f}", refresh=False)
+        if self.step % self.cfg.run.log_every == 0 or self.step == self.total_steps:
+            self.stats.write(self.step, self.epoch, lr)
+
+    def between_steps(self) -> None:
+        """Validation and saving when due, then the time budget's say on the run's length; the time spent
+        here is left out of the step rate."""
+        r, step = self.cfg.run, self.step
+        t_pause = time.perf_counter()
+        validated = False
+        if r.val_every and step % r.val_every == 0 and step < self.total_steps:
+            self.validate()
+            validated = True
+        if r.save_every and step % r.save_every == 0 and not validated and step < self.total_steps:
+            self.save("last")
+        self.t0 = time.perf_counter()
+        self.stats.pause(self.t0 - t_pause)  # samples/s counts training time only
+        self.paused += self.t0 - t_pause
+        fitted = self.budget.after_step(step, self.total_steps, self.paused)
+        if fitted != self.total_steps:
+            if self.main:
+                why = "budget spent" if fitted == step else f"{fitted} steps fit"
+                print(f"\ntime budget {self.cfg.optim.time_budget:.0f} s: {why}; the run ends at step {fitted} "
+                      f"(was {self.total_steps})", file=sys.stderr)
+            self.total_steps = fitted
+            self.bar.total = fitted
+            self.bar.refresh()
+
+    # ---- validation and checkpoints -----------------------------------------------------
+
+    def scored(self) -> nn.Module:
+        """The network validation scores and RUN/best/ holds: the model, or its moving average (score_ema)."""
+        return self.ema if self.extras.score_ema and self.ema is not None else self.model
+
+    def validate(self) -> None:
+        """Score the validation subset, log it, save last/ (and best/ on a better mIoU)."""
+        from refseg.engine.evaluate_core import evaluate_model
+
+        if self.val_ds is None:
             return
-        result = evaluate_model(hooks.eval_model(model), val_ds, batch_size=max(cfg.batch_size, 32), device=device,
-                                progress=progress, cache=val_cache, dist=info, amp_dtype=amp_dtype)
-        set_train_mode(model)
-        last_val = result
-        log.scalars(step, epoch, {f"val/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+        result = evaluate_model(self.scored(), self.val_ds, batch_size=max(self.cfg.optim.batch_size, 32),
+                                device=self.device, progress=self.progress, cache=self.val_cache, dist=self.info,
+                                amp_dtype=self.amp_dtype)
+        set_train_mode(self.model)
+        self.last_val = result
+        self.log.scalars(self.step, self.epoch, {f"val/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
         for form, r in result["by_form"].items():
-            log.scalars(step, epoch, {f"val_{form}/{k}": r[k] for k in ("mIoU", "oIoU", "PointM")})
+            self.log.scalars(self.step, self.epoch, {f"val_{form}/{k}": r[k] for k in ("mIoU", "oIoU", "PointM")})
+        best = self.best
         improved = best is None or not isinstance(best.get("mIoU"), (int, float)) or result["mIoU"] > best["mIoU"]
         if improved:
-            best = {"step": step, **{k: v for k, v in result.items() if k != "by_form"}}
-        save("last")
+            self.best = {"step": self.step, **{k: v for k, v in result.items() if k != "by_form"}}
+        self.save("last")
         if improved:
-            save("best")
-        if progress:
+            self.save("best")
+        if self.progress:
             from refseg.metrics import format_table
 
-            print(f"\nstep {step}: val {cfg.val_split}\n{format_table(result)}", file=sys.stderr)
+            print(f"\nstep {self.step}: val {self.cfg.data.val_split}\n{format_table(result)}", file=sys.stderr)
 
-    # the loop
-    from tqdm.auto import tqdm
+    def state_dict(self) -> Dict[str, Any]:
+        """state.json of a checkpoint: the position, the schedule, the scaler, the scores, the config (nested)."""
+        step, total = self.step, self.total_steps
+        return {"step": step, "epoch": self.epoch, "position": self.position, "total_steps": total,
+                "scheduler": {"kind": "warmup_cosine", "step": step,
+                              "lr": lr_at(min(step, total - 1), self.cfg.optim, total)},
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "best": _jsonable(self.best or {}) or None, "val": _jsonable(self.last_val),
+                "config": self.cfg.to_dict(), "steps_per_epoch": self.steps_per_epoch}
 
-    set_train_mode(model)
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    cleanup.callback(bar.close)  # an error's message then starts on a line of its own
-    running: Dict[str, float] = {}
-    n_running, t_log, seen_log = 0, time.perf_counter(), 0
-    loss_ema = None
-    while step < total_steps:
-        # the epoch's batches from `position` on (the sampler refuses a position outside the epoch)
-        batches = [rows[b].tolist() for b in sampler.batches(epoch, start=position)]
-        batch_views = [draw_views(b, views, flippable, train_ds.samples, (cfg.seed, epoch, position + i))
-                       for i, b in enumerate(batches)]
-        if use_cache:
-            # the expressions too (a model's teacher_forcing may read them, e.g. SaG's word negatives)
-            source = (cached_batch(b, v, train_cache, view_caches, view_texts, device)
-                      for b, v in zip(batches, batch_views))
-        else:
-            loader = torch.utils.data.DataLoader(
-                train_ds, batch_sampler=[list(zip(b, v)) for b, v in zip(batches, batch_views)],
-                collate_fn=collate, num_workers=cfg.workers,
-                generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-            source = (to_step_batch(items, device) for items in loader)
-        t0 = time.perf_counter()
-        step_before = step
-        for batch in source:
-            lr = lr_at(step, cfg, total_steps)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            batch = hooks.prepare(batch, model)
-            with autocast():
-                out = step_module(batch)
-                losses = loss_fn(out, batch)
-            loss = losses["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"step {step}: loss is {loss.item()}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
-            else:
-                grad_norm = float("nan")
-            scaler.step(optimizer)
-            scaler.update()
-            hooks.after_step(step, total_steps, steps_per_epoch)
-            step += 1
-            position += 1
-            if position >= steps_per_epoch:
-                epoch, position = epoch + 1, 0
+    def save(self, name: str) -> None:
+        """RUN/last (model, optimiser, moving average: what --resume needs; the one it replaces kept as
+        .last.prev) or RUN/best (the network validation scored)."""
+        from refseg.engine import checkpoint as ckpt
+        from refseg.engine.ema import own_state
 
-            # bookkeeping
-            n = len(batch["image_index"]) * info.world_size
-            seen_log += n
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            for k, v in values.items():
-                running[k] = running.get(k, 0.0) + v
-            running["grad_norm"] = running.get("grad_norm", 0.0) + grad_norm
-            n_running += 1
-            loss_ema = values["loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * values["loss"]
-            dt = time.perf_counter() - t0  # this step, its data included
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_ema:.4f}", sps=f"{n / max(dt, 1e-9):.1f}", refresh=False)
-            if step % cfg.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - t_log
-                row = {f"train/{k}": v / n_running for k, v in running.items()}
-                row.update({"train/lr": lr, "train/samples_per_s": seen_log / max(elapsed, 1e-9)})
-                log.scalars(step, epoch, row)
-                running, n_running, t_log, seen_log = {}, 0, time.perf_counter(), 0
-            t_pause = time.perf_counter()
-            validated = False
-            if cfg.val_every and step % cfg.val_every == 0 and step < total_steps:
-                validate()
-                validated = True
-            if cfg.save_every and step % cfg.save_every == 0 and not validated and step < total_steps:
-                save("last")
-            t0 = time.perf_counter()
-            t_log += t0 - t_pause  # samples/s counts training time only
-            paused += t0 - t_pause
-            fitted = budget.after_step(step, total_steps, paused)
-            if fitted != total_steps:
-                if main_rank:
-                    why = "budget spent" if fitted == step else f"{fitted} steps fit"
-                    print(f"\ntime budget {cfg.time_budget:.0f} s: {why}; the run ends at step {fitted} "
-                          f"(was {total_steps})", file=sys.stderr)
-                total_steps = fitted
-                bar.total = total_steps
-                bar.refresh()
-            if step >= total_steps:
-                break
-        if step == step_before:  # never loop without training: an epoch pass always runs a step
-            raise RuntimeError(f"epoch {epoch} from batch {position} gave no batch to train on")
-    bar.close()
-    if val_ds is not None:
-        validate()
-    else:
-        save("last")
-    log.close()
-    summary = {"run": str(run), "step": step, "total_steps": total_steps, "best": best, "val": last_val,
-               "train_loss": loss_ema}
-    distributed.barrier(info)
-    distributed.shutdown()
-    return summary
+        run, frozen = self.run, self.cfg.run.save_frozen
+        if self.main:
+            with writing(run / name, kept=ckpt.find_checkpoint(run, "last")):
+                if name == "last":
+                    extra = {"ema": own_state(self.ema)} if self.ema is not None else {}
+                    ckpt.save_checkpoint(run / name, self.model, self.optimizer, self.state_dict(),
+                                         include_frozen=frozen, extra=extra, keep_previous=True)
+                else:
+                    scored = self.scored()
+                    ckpt.save_checkpoint(run / name, scored, self.optimizer if scored is self.model else None,
+                                         self.state_dict(), include_frozen=frozen)
+            if name == "last" and not self.opened:
+                drop_replaced(run)  # what --overwrite set aside: this run now has a checkpoint of its own
+        distributed.barrier(self.info)
+
+
+class RunningStats:
+    """The training figures between two log rows (their means, the samples per second of training time),
+    and the smoothed loss the progress bar shows."""
+
+    def __init__(self, log: RunLog, world_size: int):
+        self.log, self.world_size = log, world_size
+        self.loss_ema: Optional[float] = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: Dict[str, float] = {}
+        self.n, self.samples, self.t = 0, 0, time.perf_counter()
+
+    def add(self, values: Dict[str, float], grad_norm: float, samples: int) -> float:
+        """Record one step's losses; returns the smoothed loss."""
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.sums["grad_norm"] = self.sums.get("grad_norm", 0.0) + grad_norm
+        self.n += 1
+        self.samples += samples
+        loss = values["loss"]
+        self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
+        return self.loss_ema
+
+    def pause(self, seconds: float) -> None:
+        """Leave `seconds` (validation, saving) out of the rate."""
+        self.t += seconds
+
+    def write(self, step: int, epoch: int, lr: float) -> None:
+        elapsed = time.perf_counter() - self.t
+        row = {f"train/{k}": v / self.n for k, v in self.sums.items()}
+        row.update({"train/lr": lr, "train/samples_per_s": self.samples / max(elapsed, 1e-9)})
+        self.log.scalars(step, epoch, row)
+        self._reset()
 
 
 @contextmanager

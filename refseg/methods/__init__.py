@@ -22,10 +22,15 @@ from refseg.modeling.limits import ModelConfigError
 
 @dataclass(frozen=True)
 class Method:
-    """name: the registry key; build: the model factory (its ``model.config["model"]`` is ``model``);
-    config: the factory's config class; losses: supervision -> loss(out, batch);
-    teacher_forcing: (model, batch) -> extra decode kwargs in training, or None;
-    train: (cfg, model, data) -> summary for a multi-stage method (cfg.method), or None."""
+    """What the trainer (refseg.engine.train) knows of a method; it imports no method itself.
+
+    name: the registry key; build: the model factory (its ``model.config["model"]`` is ``model``);
+    config: the factory's config class (checks ``model.kwargs`` of a training config);
+    losses: supervision -> loss(out, batch); teacher_forcing: (model, batch) -> the extra
+    ``decode`` keyword arguments of a training step, or None;
+    train: (cfg, model, data) -> summary, the stages of a multi-stage method (``model.method``), or
+    None; a stage runs the generic loop with ``engine.train.train(cfg, model, data, extras=LoopExtras(...))``;
+    options: the dataclass of the method's own config section (``cfg.methods[name]``), or None."""
 
     name: str
     build: Callable[..., nn.Module]
@@ -33,6 +38,7 @@ class Method:
     losses: Dict[str, Callable[..., Dict[str, Any]]] = field(default_factory=dict)
     teacher_forcing: Optional[Callable[[nn.Module, Dict[str, Any]], Dict[str, Any]]] = None
     train: Optional[Callable[..., Dict[str, Any]]] = None
+    options: Optional[type] = None
 
     @property
     def model(self) -> str:
@@ -45,7 +51,8 @@ METHODS: Dict[str, Method] = {
     "pks": Method("pks", pks.build_pks, pks.PKSConfig, {"full": pks.pks_full_loss, "click": pks.pks_click_loss},
                   pks.teacher_forcing),
     "sag": Method("sag", sag.build_sag, sag.SaGConfig, {"text": sag.sag_text_loss}, sag.teacher_forcing),
-    "wrel": Method("wrel", lts.build_lts, lts.LTSConfig, {"full": lts.lts_loss}, train=wrel.train_wrel),
+    "wrel": Method("wrel", lts.build_lts, lts.LTSConfig, {"full": lts.lts_loss}, train=wrel.train_wrel,
+                   options=wrel.WRELConfig),
 }
 
 # model name -> factory: the models a saved config may name

@@ -18,7 +18,7 @@ Run folder:
    bank-enriched text features, stored in fp16.
 3. Student: the generic loop on all train sentences from the teacher's
    weights; weak sentences read their enriched features and an EMA teacher
-   follows the student (``StudentHooks``, ``ema_momentum``).
+   follows the student (``student_extras``, ``ema_momentum``).
 Frozen encoders and the feature cache are required; one process. Design
 reasoning, the EMA schedule and the choices: docs/methods/wrel.md.
 """
@@ -26,11 +26,11 @@ reasoning, the EMA schedule and the choices: docs/methods/wrel.md.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import sys
 import time
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -41,7 +41,9 @@ from torch import nn
 from refseg.engine import checkpoint as ckpt
 from refseg.engine import distributed
 from refseg.engine import train as engine
-from refseg.engine.config import TrainConfig, read_config_file
+from refseg.engine.config import TrainConfig, flat_view, read_config_file
+from refseg.engine.ema import ema_copy
+from refseg.methods.wrel.config import WRELConfig
 from refseg.modeling.text import TextFeatures
 
 STAGE1, STAGE2 = "stage1-teacher", "stage2-bank"
@@ -75,76 +77,18 @@ def ema_momentum(step: int, total_steps: int, steps_per_epoch: int, reference_ep
     return m
 
 
-def ema_copy(model: nn.Module) -> nn.Module:
-    """A teacher for `model`: a deep copy that shares the frozen encoders (same objects), in eval mode.
-
-    Its head parameters keep requires_grad (no optimiser holds them; they
-    only change in ema_update), so that checkpoints store them as the
-    model's trainable part, exactly as for the student.
-    """
-    shared = [model.get_submodule(name) for name in ckpt.frozen_prefixes(model)]
-    teacher = copy.deepcopy(model, memo={id(m): m for m in shared})
-    return teacher.eval()
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher = momentum * teacher + (1 - momentum) * student, parameter by parameter
-    (parameters shared by both are left alone; buffers are copied)."""
-    params = dict(student.named_parameters())
-    for name, t in teacher.named_parameters():
-        s = params[name]
-        if t is not s:
-            t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
-    buffers = dict(student.named_buffers())
-    for name, t in teacher.named_buffers():
-        if t is not buffers[name]:
-            t.copy_(buffers[name])
-
-
-def _own_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """State-dict entries outside the frozen (shared) encoders."""
-    frozen = ckpt.frozen_prefixes(model)
-    return {k: v for k, v in model.state_dict().items() if not any(k.startswith(p + ".") for p in frozen)}
-
-
-class StudentHooks(engine.TrainHooks):
-    """Stage 3 in the engine's loop: bank-enriched text for weak sentences, the EMA teacher.
+class WeakText:
+    """Stage 3's `prepare`: the text features of weak sentences swapped for their bank-enriched ones.
 
     enriched: {"ref_id" (R,) int64, "tokens" (R, L, D), "mask" (R, L) bool,
-    "sentence" (R, D)}, the stored output of stage 2.
+    "sentence" (R, D)}, the stored output of stage 2, on the training device.
     """
 
-    def __init__(self, enriched: Dict[str, torch.Tensor], reference_epochs: float, final: str = "teacher",
-                 rescale: str = "horizon", accurate_repeat: int = 1):
-        self.accurate_repeat = int(accurate_repeat)
+    def __init__(self, enriched: Dict[str, torch.Tensor]):
         self.row_of = {int(r): i for i, r in enumerate(enriched["ref_id"].tolist())}
         self.enriched = enriched
-        self.reference_epochs = reference_epochs
-        self.rescale = rescale
-        self.final = final
-        self.student: Optional[nn.Module] = None
-        self.teacher: Optional[nn.Module] = None
-        self.momentum: Optional[float] = None  # the last one applied
 
-    def setup(self, model: nn.Module, train_ds, device: torch.device) -> None:
-        missing = sorted({s.ref_id for s in train_ds.samples if s.weak} - set(self.row_of))
-        if missing:
-            raise engine.TrainError(f"{len(missing)} weak train refs have no reference-bank row (e.g. ref ids "
-                                    f"{missing[:5]}): the bank in {STAGE2}/ was made for other data")
-        self.enriched = {k: v.to(device) for k, v in self.enriched.items()}
-        self.student = model
-        self.teacher = ema_copy(model)
-
-    def repeats(self, sample) -> int:
-        return 1 if sample.weak else self.accurate_repeat
-
-    def augmentable(self, sample) -> bool:
-        # a weak ref's bank prompts were fitted to the unflipped image ("the one on the left" is
-        # another object in the mirror image), so only accurate sentences are shown flipped
-        return not sample.weak
-
-    def prepare(self, batch: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
+    def __call__(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         hits = [(i, self.row_of[r]) for i, r in enumerate(batch["ref_id"].tolist()) if r in self.row_of]
         if not hits:
             return batch
@@ -158,18 +102,20 @@ class StudentHooks(engine.TrainHooks):
         sentence[pos] = self.enriched["sentence"][rows].to(sentence.dtype)  # (n, D)
         return {**batch, "txt": TextFeatures(tokens, mask, sentence)}
 
-    def after_step(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
-        self.momentum = ema_momentum(step, total_steps, steps_per_epoch, self.reference_epochs, self.rescale)
-        ema_update(self.teacher, self.student, self.momentum)
 
-    def eval_model(self, model: nn.Module) -> nn.Module:
-        return self.teacher if self.final == "teacher" else model
-
-    def state_tensors(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        return {"ema": _own_state(self.teacher)}
-
-    def load_state(self, found: Path) -> None:
-        ckpt.load_weights(self.teacher, ckpt.load_extra(found, "ema"), source=f"{found}/ema.safetensors")
+def student_extras(enriched: Dict[str, torch.Tensor], options: WRELConfig, device: torch.device) -> engine.LoopExtras:
+    """Stage 3's changes to the generic loop: weak sentences read their enriched text (WeakText) and are
+    shown unflipped (their bank prompts were fitted to the unflipped image: "the one on the left" is
+    another object in the mirror image), accurate ones appear options.accurate_repeat times per epoch,
+    and an EMA teacher follows the student (ema_momentum), validated and kept in best/ unless
+    options.final is student."""
+    repeat = options.accurate_repeat
+    return engine.LoopExtras(
+        repeats=lambda sample: 1 if sample.weak else repeat,
+        augmentable=lambda sample: not sample.weak,
+        prepare=WeakText({k: v.to(device) for k, v in enriched.items()}),
+        ema=functools.partial(ema_momentum, reference_epochs=options.ema_epochs, rescale=options.ema_rescale),
+        score_ema=options.final == "teacher")
 
 
 # ---- stage 2: the reference bank ---------------------------------------------------------
@@ -228,6 +174,7 @@ def train_bank(cfg: TrainConfig, teacher: nn.Module, train_ds, cache, out: Path,
 
     train_ds: the RefSegDataset of the training split ("full"); cache: its FeatureCache.
     """
+    w = cfg.methods["wrel"]
     from tqdm.auto import tqdm
 
     from refseg.engine.optim import resolve_amp
@@ -236,21 +183,21 @@ def train_bank(cfg: TrainConfig, teacher: nn.Module, train_ds, cache, out: Path,
 
     refs = weak_refs(train_ds.samples)
     if not refs:
-        raise engine.TrainError(f"no weak refs in split {cfg.train_split!r}: nothing for the reference bank")
+        raise engine.TrainError(f"no weak refs in split {cfg.data.train_split!r}: nothing for the reference bank")
     ref_ids = torch.tensor([r for r, _, _ in refs], dtype=torch.int64)
     input_ids, attention_mask = class_name_tokens(teacher.text, [t for _, _, t in refs], device)  # (R, L)
-    fits = prompt_slots(attention_mask, cfg.wrel_bank_prompts)  # (R,)
-    short = sorted({t for (_, _, t), k in zip(refs, fits.tolist()) if k < cfg.wrel_bank_prompts})
-    if short and cfg.progress:
+    fits = prompt_slots(attention_mask, w.bank_prompts)  # (R,)
+    short = sorted({t for (_, _, t), k in zip(refs, fits.tolist()) if k < w.bank_prompts})
+    if short and cfg.run.progress:
         print(f"refseg train (wrel): {short} leave room for only {int(fits.min())} of the "
-              f"{cfg.wrel_bank_prompts} prompts (text length {input_ids.shape[1]})", file=sys.stderr)
-    bank = ReferenceBank(len(refs), cfg.wrel_bank_prompts, teacher.text.dim, PROMPT_INIT_STD,
-                         generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    size = cfg.wrel_bank_batch or cfg.batch_size
+              f"{w.bank_prompts} prompts (text length {input_ids.shape[1]})", file=sys.stderr)
+    bank = ReferenceBank(len(refs), w.bank_prompts, teacher.text.dim, PROMPT_INIT_STD,
+                         generator=torch.Generator().manual_seed(cfg.run.seed)).to(device)
+    size = w.bank_batch or cfg.optim.batch_size
     batches = [list(range(i, min(i + size, len(refs)))) for i in range(0, len(refs), size)]
-    save_every = cfg.save_every or max(1, math.ceil(len(batches) / 10))
+    save_every = cfg.run.save_every or max(1, math.ceil(len(batches) / 10))
     loss_fn = engine.loss_function(cfg)
-    amp_dtype = resolve_amp(cfg.amp, device)
+    amp_dtype = resolve_amp(cfg.optim.amp, device)
     if amp_dtype != torch.bfloat16:  # fp16 would need a scaler for these tiny gradients; run in full precision
         amp_dtype = None
 
@@ -263,12 +210,12 @@ def train_bank(cfg: TrainConfig, teacher: nn.Module, train_ds, cache, out: Path,
         if state.get("n_batches") != len(batches) or not 0 <= state.get("position", -1) <= len(batches):
             raise engine.TrainError(f"{found / ckpt.STATE_JSON}: the bank was saved in {state.get('n_batches')} "
                                     f"batches of weak refs, the config now cuts them into {len(batches)} "
-                                    f"(wrel_bank_batch {cfg.wrel_bank_batch}, batch_size {cfg.batch_size}): "
+                                    f"(wrel.bank_batch {w.bank_batch}, optim.batch_size {cfg.optim.batch_size}): "
                                     "resume with the settings it was made with")
-        was = state.get("config", {}).get("wrel_bank_site", "encoder")  # banks made before the option: encoder
-        if was != cfg.wrel_bank_site:
+        was = flat_view(state.get("config", {})).get("wrel_bank_site", "encoder")  # banks made before the option: encoder
+        if was != w.bank_site:
             raise engine.TrainError(f"{found} holds a bank of site {was!r}, the config asks for "
-                                    f"wrel_bank_site {cfg.wrel_bank_site!r}: resume with the site it was made with")
+                                    f"wrel.bank_site {w.bank_site!r}: resume with the site it was made with")
         position = state["position"]
 
     def save(extra_tensors: Optional[Dict[str, torch.Tensor]] = None) -> Path:
@@ -285,16 +232,16 @@ def train_bank(cfg: TrainConfig, teacher: nn.Module, train_ds, cache, out: Path,
     out.mkdir(parents=True, exist_ok=True)
     log = RunLog(out, True)
     bar = tqdm(total=len(batches), initial=position, desc="reference bank", unit="batch",
-               disable=not cfg.progress, dynamic_ncols=True)
+               disable=not cfg.run.progress, dynamic_ncols=True)
     while position < len(batches):
         idx = torch.tensor(batches[position], device=device)
         batch = cache.batch([refs[i][1] for i in batches[position]], device)  # txt: the cached class names
         prompts = bank.prompts[idx].detach().clone().requires_grad_(True)  # (b, P, D)
-        optimizer = torch.optim.Adam([prompts], lr=cfg.wrel_bank_lr)
+        optimizer = torch.optim.Adam([prompts], lr=w.bank_lr)
         losses = []
-        for _ in range(cfg.wrel_bank_iters):
+        for _ in range(w.bank_iters):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                txt = bank_text(cfg.wrel_bank_site, teacher.text, input_ids[idx], attention_mask[idx],
+                txt = bank_text(w.bank_site, teacher.text, input_ids[idx], attention_mask[idx],
                                 batch["txt"], prompts)
                 result = teacher.decode(batch["vis"], txt, batch["image_index"])
                 loss = loss_fn(result, batch)["loss"]
@@ -321,8 +268,8 @@ def train_bank(cfg: TrainConfig, teacher: nn.Module, train_ds, cache, out: Path,
     with torch.no_grad():
         for rows in batches:
             idx = torch.tensor(rows, device=device)
-            txt = bank_text(cfg.wrel_bank_site, teacher.text, input_ids[idx], attention_mask[idx],
-                            cache.text([refs[i][1] for i in rows], device) if cfg.wrel_bank_site == "features"
+            txt = bank_text(w.bank_site, teacher.text, input_ids[idx], attention_mask[idx],
+                            cache.text([refs[i][1] for i in rows], device) if w.bank_site == "features"
                             else None, bank.prompts[idx])
             parts["tokens"].append(txt.tokens.half().cpu())
             parts["mask"].append(txt.mask.cpu())
@@ -348,18 +295,27 @@ def _stage_model(folder: Path, template: Optional[nn.Module], device: torch.devi
     return model
 
 
+def _ema_of(student: nn.Module, run: Path) -> nn.Module:
+    """The EMA teacher of a finished stage 3: the student's copy holding RUN/last/ema.safetensors."""
+    found = ckpt.find_checkpoint(run, "last")
+    teacher = ema_copy(student)
+    ckpt.load_weights(teacher, ckpt.load_extra(found, "ema"), source=f"{found}/ema.safetensors")
+    return teacher
+
+
 def _note(cfg: TrainConfig, text: str) -> None:
-    if cfg.progress:
+    if cfg.run.progress:
         print(f"refseg train (wrel): {text}", file=sys.stderr)
 
 
 def stage1_budget(cfg: TrainConfig) -> float:
     """With time_budget, the teacher's share of it: its share of the optimiser steps of stages 1 and 3
     (stage 3 gets what is left once the bank is done)."""
-    if not cfg.time_budget:
+    o = cfg.optim
+    if not o.time_budget:
         return 0.0
-    teacher = cfg.wrel_teacher_steps or cfg.max_steps
-    return cfg.time_budget * teacher / max(1, teacher + cfg.max_steps) if cfg.max_steps else cfg.time_budget / 2
+    teacher = cfg.methods["wrel"].teacher_steps or o.max_steps
+    return o.time_budget * teacher / max(1, teacher + o.max_steps) if o.max_steps else o.time_budget / 2
 
 
 def train_wrel(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -> Dict[str, Any]:
@@ -371,9 +327,9 @@ def train_wrel(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -
     cfg.validate()
     if distributed.env_info().enabled:
         raise engine.TrainError("method wrel runs in one process (drop --nproc)")
-    if cfg.cache_features == "off":
+    if cfg.run.cache_features == "off":
         raise engine.TrainError("method wrel needs the feature cache (frozen encoders): drop --cache-features off")
-    run = Path(cfg.out or f"runs/wrel-{datetime.now():%Y%m%d-%H%M%S}")
+    run = Path(cfg.run.out or f"runs/wrel-{datetime.now():%Y%m%d-%H%M%S}")
     lock = engine.open_run(run, cfg)  # refuses a folder holding a run (unless resumed / overwritten), locks it
     try:
         return _train_wrel(cfg, model, data, run)
@@ -387,27 +343,29 @@ def _train_wrel(cfg: TrainConfig, model: Optional[nn.Module], data, run: Path) -
     from refseg.data.refer import load_refer
     from refseg.engine import cache as feature_cache
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = engine.resolve_device(cfg.device)
-    resume = cfg.resume is not None
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    device = engine.resolve_device(cfg.run.device)
+    resume = cfg.run.resume is not None
     if resume and (run / "config.json").exists():  # before config.json is rewritten with this config
         engine.check_resume_config(cfg, read_config_file(run / "config.json"), run / "config.json")
     run.mkdir(parents=True, exist_ok=True)
     with engine.writing(run / "config.json"):
-        TrainConfig.from_dict({**cfg.to_dict(), "out": str(run), "resume": None,
-                               "overwrite": False}).save(run / "config.json")
+        cfg.updated(out=str(run), resume=None, overwrite=False).save(run / "config.json")
     if data is None:
-        data_dir = engine.weak_data_dir(cfg, run) if cfg.accurate_fraction is not None else cfg.data
-        data = load_refer(data_dir, split_by=cfg.split_by, images_dir=cfg.images)
-    if cfg.train_split not in data.splits():
-        raise engine.TrainError(f"no split {cfg.train_split!r} in {data.ann_dir} (splits: {', '.join(data.splits())})")
-    samples = data.samples(cfg.train_split)
+        d = cfg.data
+        data_dir = engine.weak_data_dir(cfg, run) if d.accurate_fraction is not None else d.path
+        data = load_refer(data_dir, split_by=d.split_by, images_dir=d.images)
+    split = cfg.data.train_split
+    if split not in data.splits():
+        raise engine.TrainError(f"no split {split!r} in {data.ann_dir} (splits: {', '.join(data.splits())})")
+    samples = data.samples(split)
     n_weak = sum(s.weak for s in samples)
     if n_weak == 0 or n_weak == len(samples):
         raise engine.TrainError(f"{data.ann_dir}: {n_weak} of {len(samples)} train sentences are weak; method wrel "
                                 "needs both kinds (pass --accurate-fraction p < 1, or a split made by refseg weaken)")
-    cache_dir = cfg.cache_dir or str(run / "cache")
+    cache_dir = cfg.run.cache_dir or str(run / "cache")
+    w = cfg.methods["wrel"]
     stages: Dict[str, Any] = {}
     started = time.time()
 
@@ -418,11 +376,11 @@ def _train_wrel(cfg: TrainConfig, model: Optional[nn.Module], data, run: Path) -
     else:
         _note(cfg, "stage 1/3: teacher on the accurate refs")
         again = resume and ckpt.find_checkpoint(stage1, "last") is not None
-        cfg1 = replace(cfg, method="plain", train_subset="accurate", accurate_fraction=None,
-                       data=str(data.ann_dir), images=str(data.images_dir), split_by=data.split_by,
-                       max_steps=cfg.wrel_teacher_steps or cfg.max_steps, cache_dir=cache_dir,
-                       out=str(stage1), resume=str(stage1) if again else None,
-                       time_budget=stage1_budget(cfg))
+        cfg1 = cfg.updated(method="plain", train_subset="accurate", accurate_fraction=None,
+                           data=str(data.ann_dir), images=str(data.images_dir), split_by=data.split_by,
+                           max_steps=w.teacher_steps or cfg.optim.max_steps, cache_dir=cache_dir,
+                           out=str(stage1), resume=str(stage1) if again else None,
+                           time_budget=stage1_budget(cfg))
         stages["teacher"] = engine.train(cfg1, copy.deepcopy(model) if model is not None else None, data,
                                          opened=True)
     teacher = _stage_model(stage1, model, device)
@@ -433,30 +391,35 @@ def _train_wrel(cfg: TrainConfig, model: Optional[nn.Module], data, run: Path) -
         _note(cfg, f"stage 2 done ({stage2})")
     else:
         _note(cfg, "stage 2/3: reference bank")
-        train_ds = RefSegDataset(data, cfg.train_split, cfg.size, "full")
-        cache = feature_cache.get_cache(teacher, train_ds, device, cache_dir, workers=cfg.workers,
-                                        progress=cfg.progress)
+        train_ds = RefSegDataset(data, split, cfg.data.size, "full")
+        cache = feature_cache.get_cache(teacher, train_ds, device, cache_dir, workers=cfg.run.workers,
+                                        progress=cfg.run.progress)
         train_bank(cfg, teacher, train_ds, cache, stage2, resume, device)
     enriched = ckpt.load_extra(ckpt.find_checkpoint(stage2, "last"), "enriched")
     del teacher
 
     # 3. student on the mixed data, EMA teacher
-    hooks = StudentHooks(enriched, cfg.wrel_ema_epochs, cfg.wrel_final, cfg.wrel_ema_rescale,
-                         cfg.wrel_accurate_repeat)
+    missing = sorted({s.ref_id for s in samples if s.weak} - set(enriched["ref_id"].tolist()))
+    if missing:
+        raise engine.TrainError(f"{len(missing)} weak train refs have no reference-bank row (e.g. ref ids "
+                                f"{missing[:5]}): the bank in {STAGE2}/ was made for other data")
     if resume and stage_done(run):
         _note(cfg, f"stage 3 done ({run})")
         return {"run": str(run), "stages": stages, "done": True}
     _note(cfg, "stage 3/3: student on the mixed data, EMA teacher")
     again = resume and ckpt.find_checkpoint(run, "last") is not None
-    budget3 = max(1.0, cfg.time_budget - (time.time() - started)) if cfg.time_budget else 0.0  # what is left
-    cfg3 = replace(cfg, cache_dir=cache_dir, out=str(run), resume=str(run) if again else None, time_budget=budget3)
+    budget = cfg.optim.time_budget
+    budget3 = max(1.0, budget - (time.time() - started)) if budget else 0.0  # what is left
+    cfg3 = cfg.updated(cache_dir=cache_dir, out=str(run), resume=str(run) if again else None, time_budget=budget3)
     student = _stage_model(stage1, model, device)
-    summary = engine.train(cfg3, student, data, hooks=hooks, opened=True)
+    extras = student_extras(enriched, w, device)
+    summary = engine.train(cfg3, student, data, extras=extras, opened=True)
     if ckpt.find_checkpoint(run, "best") is None:  # no validation split: best/ is the end of training
+        scored = _ema_of(student, run) if extras.score_ema else student
         with engine.writing(run / "best"):
-            ckpt.save_checkpoint(run / "best", hooks.eval_model(student), None,
+            ckpt.save_checkpoint(run / "best", scored, None,
                                  {"step": summary["step"], "note": "no validation: the end of training",
-                                  "config": cfg3.to_dict()}, include_frozen=cfg.save_frozen)
+                                  "config": cfg3.to_dict()}, include_frozen=cfg.run.save_frozen)
     engine.drop_replaced(run)  # what --overwrite set aside
     summary["stages"] = stages
     summary["seconds"] = round(time.time() - started, 1)
