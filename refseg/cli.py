@@ -30,6 +30,7 @@ USER_ERRORS = (
     ("refseg.outputs", "OutputError"),
     ("refseg.modeling.limits", "ModelConfigError"),
     ("refseg.predictor", "ModelOutputError"),
+    ("refseg.backends", "BackendError"),
 )
 
 # name -> (module, one-line help)

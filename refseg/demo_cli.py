@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=_probability, default=0.5, help="mask probability threshold")
     p.add_argument("--threads", type=_number(int, 0, "whole number"), default=0,
                    help="torch threads (0: leave the default)")
+    p.add_argument("--backend", choices=("auto", "onnx", "torch"), default=None,
+                   help="auto: ONNX Runtime graphs (built on first use, cached per model) when onnxruntime is "
+                        "installed, else PyTorch; onnx or torch: that one (default: $REFSEG_BACKEND, else auto)")
 
 
 def _name_for(path: Path) -> str:
@@ -87,12 +90,12 @@ def main(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError as e:
         return _error(f"{e.name} is not installed; pip install 'refseg[demo]'")
-    import torch
-
     import refseg
     from refseg.serve import ApiError, create_app, raise_open_file_limit, server_options
 
     if args.threads:
+        import torch
+
         torch.set_num_threads(args.threads)
     shipped = refseg.available_models()
     wanted = args.model or ["lts-synthref" if "lts-synthref" in shipped else next(iter(shipped), None)]
@@ -114,7 +117,8 @@ def main(args: argparse.Namespace) -> int:
         app = create_app(models, default=default, demo=not args.no_demo, cache_dir=args.cache_dir,
                          examples=not args.no_examples, max_upload_bytes=int(args.max_upload_mb * 2**20),
                          max_pixels=max(1, int(args.max_megapixels * 1e6)), mask_threshold=args.threshold,
-                         max_concurrent=args.max_concurrent, max_work=max(1, int(args.max_work_megapixels * 1e6)))
+                         max_concurrent=args.max_concurrent, max_work=max(1, int(args.max_work_megapixels * 1e6)),
+                         backend=args.backend)
         app.state.pool.preload()  # a broken default model fails here, not on the first request
     except ApiError as e:
         return _error(e.message)

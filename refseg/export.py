@@ -15,6 +15,8 @@ writes, beside each other (``--out`` names the stem; a trailing ``.onnx`` is dro
                          the per-sentence head
     model.text.int8.onnx with ``--int8-text`` only: the text graph with int8 weights (see below)
     model.tokenizer/     the text encoder's tokenizer (``save_pretrained``); tokenising stays in Python
+    model.tokenizer.json the same tokenizer for the ``tokenizers`` package alone, set to truncate and pad
+                         as the wrapper does (checked at export; absent for a tokenizer without a Rust backend)
     model.json           image size, max_length, input/output names, the model config, the exporter
                          used and the parity measured against PyTorch at export time
 
@@ -87,7 +89,8 @@ EXAMPLE_TEXTS = ("the red star left of the blue circle", "the largest square")
 
 def export_paths(out: Union[str, Path]) -> Dict[str, Path]:
     """Files written for ``--out out``: ``image``, ``text``, ``text_int8`` (with ``int8_text`` only),
-    ``decoder``, ``tokenizer`` (a folder) and ``meta``."""
+    ``decoder``, ``tokenizer`` (a folder), ``fast_tokenizer`` (when the tokenizer has a Rust backend) and
+    ``meta``."""
     out = Path(out)
     if out.suffix == ".json":
         out = out.with_suffix("")
@@ -98,6 +101,7 @@ def export_paths(out: Union[str, Path]) -> Dict[str, Path]:
         "text_int8": stem.with_name(stem.name + ".text.int8.onnx"),
         "decoder": stem.with_name(stem.name + ".decoder.onnx"),
         "tokenizer": stem.with_name(stem.name + ".tokenizer"),
+        "fast_tokenizer": stem.with_name(stem.name + ".tokenizer.json"),
         "meta": stem.with_name(stem.name + ".json"),
     }
 
@@ -383,10 +387,16 @@ def export_onnx(
     if paths["tokenizer"].exists():
         shutil.rmtree(paths["tokenizer"])
     text.tokenizer.save_pretrained(str(paths["tokenizer"]))
+    backend = _backend_tokenizer(text.tokenizer, int(text.max_length))
+    if backend is not None:  # read back with the `tokenizers` package alone: no transformers import at load
+        backend.save(str(paths["fast_tokenizer"]))
+    elif paths["fast_tokenizer"].exists():
+        paths["fast_tokenizer"].unlink()
     meta = {
         "format": FORMAT, "version": VERSION, "image_size": S, "max_length": int(text.max_length),
         "image_graph": paths["image"].name, "text_graph": paths["text"].name,
         "decoder_graph": paths["decoder"].name, "tokenizer": paths["tokenizer"].name,
+        **({"fast_tokenizer": paths["fast_tokenizer"].name} if backend is not None else {}),
         **({"text_graph_int8": paths["text_int8"].name} if int8_text else {}),
         "image_inputs": ["image"], "image_outputs": names, "text_inputs": text_inputs, "text_outputs": text_outputs,
         "decoder_inputs": decoder_inputs, "decoder_outputs": outputs,
@@ -454,8 +464,9 @@ class OnnxModel(RISModel):
     int8_text: run the int8 text graph (exported with ``--int8-text``; not exact, see the module docstring).
 
     ``tokenize`` calls the fast tokenizer's Rust backend directly (~0.04 ms instead of ~0.3 ms for the
-    Python wrapper), after checking at load time that it gives the wrapper's ids and masks on a few
-    probe texts; otherwise it uses the wrapper.
+    Python wrapper): ``model.tokenizer.json`` when the export wrote it (checked there against the
+    wrapper, loaded without importing transformers), else the wrapper's backend after the same check
+    at load time; otherwise it uses the wrapper.
     """
 
     def __init__(self, path: Union[str, Path], threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",),
@@ -463,7 +474,6 @@ class OnnxModel(RISModel):
         super().__init__()
         import onnxruntime as ort
 
-        from refseg.modeling import hf
         from refseg.modeling.limits import ModelConfigError, check_field
 
         meta_path = export_paths(path)["meta"]
@@ -505,11 +515,27 @@ class OnnxModel(RISModel):
                 ("image_graph", threads, []),
                 ("text_graph_int8" if int8_text else "text_graph", sentence_threads, ["SkipLayerNormFusion"]),
                 ("decoder_graph", sentence_threads, ["SkipLayerNormFusion"])))
-        self.tokenizer = hf.load_tokenizer(str(folder / str(self.meta["tokenizer"])), "tokenizer")
-        self._backend = _backend_tokenizer(self.tokenizer, self.max_length)
+        self._tokenizer_dir = folder / str(self.meta["tokenizer"])
+        self._tokenizer = None
+        fast = self.meta.get("fast_tokenizer")
+        if fast and (folder / str(fast)).is_file():  # checked against the wrapper at export time
+            from tokenizers import Tokenizer
+
+            self._backend = Tokenizer.from_file(str(folder / str(fast)))
+        else:
+            self._backend = _backend_tokenizer(self.tokenizer, self.max_length)
         # the exporters drop graph inputs no output depends on (PKS's pooled-image map, read only by its
         # click loss): feed the decoder only the inputs its graph kept
         self._decoder_inputs = {i.name for i in self.decoder_session.get_inputs()}
+
+    @property
+    def tokenizer(self):
+        """The Hugging Face tokenizer wrapper (loaded on first use: the fast path reads only ``_backend``)."""
+        if self._tokenizer is None:
+            from refseg.modeling import hf
+
+            self._tokenizer = hf.load_tokenizer(str(self._tokenizer_dir), "tokenizer")
+        return self._tokenizer
 
     def encode_image(self, images: torch.Tensor) -> List[torch.Tensor]:
         """(B, 3, S, S) uint8 RGB in [0, 255] -> list of per-image tensors (B, ...), ``meta["image_outputs"]``."""

@@ -58,7 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", help="output folder for a batch job")
     p.add_argument("--threshold", type=probability_threshold, default=0.5, help="mask probability threshold")
     p.add_argument("--device", type=device, default="cpu", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=threads, default=0, help="torch threads (0: leave the default)")
+    p.add_argument("--threads", type=threads, default=0,
+                   help="torch threads, and onnxruntime's for the image graph (0: leave the default)")
+    p.add_argument("--backend", choices=("auto", "onnx", "torch"), default=None,
+                   help="auto: ONNX Runtime graphs (built on first use, cached per model) on the CPU when "
+                        "onnxruntime is installed, else PyTorch; onnx or torch: that one "
+                        "(default: $REFSEG_BACKEND, else auto)")
 
 
 def _fail(msg: str) -> int:
@@ -222,13 +227,6 @@ def main(args: argparse.Namespace) -> int:
         plan = (_plan_single(args),) if args.image else _plan_batch(args)
     except (FileNotFoundError, ValueError, KeyError) as e:
         return _fail(str(e))
-    import torch
-
-    import refseg
-    from refseg.predictor import Predictor
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     options = None
     if args.options:
         try:
@@ -237,9 +235,19 @@ def main(args: argparse.Namespace) -> int:
             return _fail(f"--options is not JSON ({e}): {args.options!r}")
         if not isinstance(options, dict):
             return _fail(f"--options must be a JSON object of config fields, got {args.options!r}")
+    from refseg.backends import load_predictor
+
+    def note(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
-        model = refseg.load(args.model, device=resolve_device(args.device), options=options)
-        predictor = Predictor(model, mask_threshold=args.threshold)
+        predictor = load_predictor(args.model, backend=args.backend, mask_threshold=args.threshold,
+                                   device=resolve_device(args.device), options=options, threads=args.threads,
+                                   report=note, on_build=note)
         return _single(args, predictor, *plan) if args.image else _batch(args, predictor, *plan)
     except (FileNotFoundError, ValueError, KeyError) as e:
         return _fail(str(e))

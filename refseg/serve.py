@@ -206,14 +206,17 @@ class ModelPool:
       names can ever be loaded.
     A Predictor caches one image, so ``segment`` holds the model's lock from
     ``set_image`` to the end of the last expression.
+    backend: "auto", "onnx", "torch" or None ($REFSEG_BACKEND, else "auto"); see refseg.backends.
     """
 
-    def __init__(self, models: Mapping[str, ModelSource], default: str, mask_threshold: float = 0.5):
+    def __init__(self, models: Mapping[str, ModelSource], default: str, mask_threshold: float = 0.5,
+                 backend: Optional[str] = None):
         if default not in models:
             raise KeyError(f"default model {default!r} is not among {list(models)}")
         self.sources = dict(models)
         self.default = default
         self.mask_threshold = mask_threshold
+        self.backend = backend
         self._predictors: Dict[str, object] = {}
         self._locks = {name: threading.Lock() for name in self.sources}
 
@@ -231,19 +234,19 @@ class ModelPool:
 
     def _predictor(self, name: str):
         """The Predictor of a resolved ``name``; the caller holds its lock."""
-        from refseg.predictor import Predictor
+        from refseg.backends import load_predictor
 
         if name not in self._predictors:
             source = self.sources[name]
-            if isinstance(source, (str, Path)):
-                import refseg
-
-                try:
-                    source = refseg.load(source)
-                except Exception as e:  # noqa: BLE001  (any load failure is the server's, reported as 503)
-                    msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
-                    raise ApiError(503, "model_unavailable", f"model {name!r} failed to load: {msg}") from None
-            self._predictors[name] = Predictor(source, mask_threshold=self.mask_threshold)
+            try:
+                predictor = load_predictor(source, backend=self.backend, mask_threshold=self.mask_threshold,
+                                           report=log.warning, on_build=log.warning)
+            except Exception as e:  # noqa: BLE001  (any load failure is the server's, reported as 503)
+                if not isinstance(source, (str, Path)):
+                    raise
+                msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+                raise ApiError(503, "model_unavailable", f"model {name!r} failed to load: {msg}") from None
+            self._predictors[name] = predictor
         return self._predictors[name]
 
     def resolve(self, name: Optional[str]) -> str:
@@ -635,6 +638,7 @@ def create_app(
     max_concurrent: int = MAX_CONCURRENT,
     max_work: int = MAX_WORK,
     body_timeout: float = BODY_TIMEOUT_S,
+    backend: Optional[str] = None,
 ):
     """The FastAPI app: the REST API, and the Gradio demo at ``/`` when ``demo``.
 
@@ -646,6 +650,7 @@ def create_app(
     max_concurrent: requests decoding + segmenting at once, REST and demo together.
     max_work: mask pixels per request (width x height x expressions).
     body_timeout: seconds within which a request body must have arrived (408).
+    backend: the predictors' backend (refseg.backends: "auto", "onnx", "torch"; None: $REFSEG_BACKEND, else auto).
     See the module docstring for the limits.
     """
     from fastapi import FastAPI, Request
@@ -667,7 +672,7 @@ def create_app(
             raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
     if not (isinstance(body_timeout, (int, float)) and math.isfinite(body_timeout) and body_timeout > 0):
         raise ValueError(f"body_timeout must be a number of seconds > 0, got {body_timeout!r}")
-    pool = ModelPool(models, default, mask_threshold)
+    pool = ModelPool(models, default, mask_threshold, backend=backend)
     shipped = set(refseg.available_models())
 
     app = FastAPI(title="refseg", version=refseg.__version__, docs_url="/api/docs", redoc_url=None,
