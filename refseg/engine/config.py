@@ -53,7 +53,6 @@ class DataSection:
     path: str = ""  # refer-format folder holding refs(<split_by>).p and instances.json
     split_by: Optional[str] = None  # refs file to read: unc, google, umd (None = the only one present)
     images: Optional[str] = None  # images folder (None = DATA/images)
-    train_split: str = "train"  # split trained on
     val_split: str = "val"  # split validated on ("" = no validation)
     size: int = 320  # letterbox side, pixels
     supervision: str = "full"  # training signal: full (masks), click, text
@@ -73,9 +72,7 @@ class OptimSection:
     time_budget: float = 0.0  # wall-clock seconds from the start of the run (cache building included) to its last step (0 = none): the run measures its step rate during warm-up, shortens the schedule to fit, and stops at the budget in any case
     lr: float = 3e-4  # AdamW peak learning rate
     min_lr: float = 3e-6  # learning rate at the end of the cosine decay
-    weight_decay: float = 0.01  # AdamW decoupled weight decay (not applied to biases and norms)
     warmup_steps: int = 200  # linear warm-up from 0 to lr, steps
-    grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
     amp: str = "auto"  # mixed precision: auto (bf16, or fp16 + GradScaler, only on cuda), off, bf16, fp16
     loss_kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the training loss, e.g. term weights (JSON on the command line; see refseg/methods/<model>/loss.py)
 
@@ -105,7 +102,10 @@ CHOICES = {("model", "method"): None, ("data", "supervision"): SUPERVISION_CHOIC
            ("data", "train_subset"): SUBSET_CHOICES, ("data", "flip"): FLIP_CHOICES, ("optim", "amp"): AMP_CHOICES,
            ("run", "cache_features"): CACHE_CHOICES}  # None: filled from the registry (method_choices)
 # flat fields of earlier versions that no longer exist, with the only value a flat file may still give them
-RETIRED: Dict[str, Any] = {}
+RETIRED: Dict[str, Any] = {"train_split": "train", "weight_decay": 0.01, "grad_clip": 1.0}
+TRAIN_SPLIT = "train"  # the split trained on
+WEIGHT_DECAY = 0.01  # AdamW decoupled weight decay (not applied to biases and norms)
+GRAD_CLIP = 1.0  # max global gradient norm
 
 
 def method_sections() -> Dict[str, type]:
@@ -186,7 +186,7 @@ class TrainConfig:
             value, low = getattr(self.section(section), name), 1 if (section, name) in positive else 0
             if value < low:
                 raise ConfigError(f"{field_name(section, name)} must be {'positive' if low else '>= 0'}, got {value}")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "time_budget"):
+        for name in ("lr", "min_lr", "time_budget"):
             value = getattr(o, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{field_name('optim', name)} must be a finite number >= 0, got {value}")
@@ -284,8 +284,9 @@ def nest(d: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
         elif key in flat:
             section, name = flat[key]
             out.setdefault(section, {})[name] = value
-        elif key in RETIRED and value == RETIRED[key]:
-            continue  # a field earlier versions wrote at its default: nothing to do
+        elif key in RETIRED:  # a field of earlier versions: accepted at the value it now always has
+            if value != RETIRED[key]:
+                raise ConfigError(f"field {key} no longer exists (it is always {RETIRED[key]!r}), got {value!r}")
         else:
             unknown.append(str(key))
     if unknown:

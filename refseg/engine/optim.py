@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from refseg.engine.config import OptimSection
+from refseg.engine.config import WEIGHT_DECAY, OptimSection
 
 
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
@@ -29,12 +29,12 @@ def lr_at(step: int, cfg: OptimSection, total_steps: int) -> float:
 
 
 def make_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters at cfg.lr; weight decay (cfg.weight_decay) on matrices / kernels only."""
+    """AdamW over the trainable parameters at cfg.lr; weight decay (WEIGHT_DECAY) on matrices / kernels only."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     if not decay and not no_decay:
         raise ValueError("the model has no trainable parameters")
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)

@@ -68,8 +68,8 @@ from torch import nn
 from refseg.data.augment import FLIP_CHOICES as FLIP_VIEWS
 from refseg.data.augment import swap_directions
 from refseg.engine import distributed
-from refseg.engine.config import (TrainConfig, add_config_arguments, config_from_args, flag_of, flat_fields, flat_view,
-                                  given_flags, read_config_file)
+from refseg.engine.config import (GRAD_CLIP, TRAIN_SPLIT, TrainConfig, add_config_arguments, config_from_args,
+                                  flag_of, flat_fields, flat_view, given_flags, read_config_file)
 from refseg.engine.optim import lr_at, make_optimizer, resolve_amp
 from refseg.engine.runlog import RunLog
 from refseg.argtypes import positive_int
@@ -358,7 +358,7 @@ LOCK_FILE = ".lock"
 
 # settings the data order and a checkpoint's position in it depend on: a resumed run must keep them
 # (flat names; a training method adds its own: resume_fixed())
-RESUME_FIXED = ("model", "method", "supervision", "size", "train_split", "train_subset", "split_by",
+RESUME_FIXED = ("model", "method", "supervision", "size", "train_subset", "split_by",
                 "accurate_fraction", "weak_seed", "batch_size", "images_per_batch", "group_refs", "flip", "seed")
 
 
@@ -618,8 +618,8 @@ class Trainer:
 
         cfg, d = self.cfg, self.cfg.data
         self.data = data if data is not None else self._load_data()
-        if d.train_split not in self.data.splits():
-            raise TrainError(f"no split {d.train_split!r} in {d.path} (splits: {', '.join(self.data.splits())})")
+        if TRAIN_SPLIT not in self.data.splits():
+            raise TrainError(f"no split {TRAIN_SPLIT!r} in {d.path} (splits: {', '.join(self.data.splits())})")
         seed_everything(cfg.run.seed)
         self.model = model if model is not None else build_model(cfg)
         self._init_weights()
@@ -629,7 +629,7 @@ class Trainer:
             if not cfg.run.resume:  # a resumed run rewrites it once its checkpoint has loaded
                 self.save_config()
         distributed.barrier(self.info)
-        self.train_ds = RefSegDataset(self.data, d.train_split, d.size, d.supervision)
+        self.train_ds = RefSegDataset(self.data, TRAIN_SPLIT, d.size, d.supervision)
         self.val_ds = None
         if d.val_split and d.val_split in self.data.splits():
             self.val_ds = RefSegDataset(self.data, d.val_split, d.size, "text")
@@ -693,7 +693,7 @@ class Trainer:
         self.val_cache = self._shared_cache(self.val_ds) if self.val_ds is not None else None
         for view in self.views[1:]:  # each flipped view of the train split: its own images encoded, its own texts
             d = cfg.data
-            self.view_caches[view] = self._shared_cache(RefSegDataset(self.data, d.train_split, d.size,
+            self.view_caches[view] = self._shared_cache(RefSegDataset(self.data, TRAIN_SPLIT, d.size,
                                                                       d.supervision, view=view))
         if self.progress:
             caches = [c for c in (self.train_cache, self.val_cache, *self.view_caches.values()) if c is not None]
@@ -740,7 +740,7 @@ class Trainer:
         self.steps_per_epoch = len(self.sampler)
         if self.steps_per_epoch == 0:
             subset = cfg.data.train_subset
-            raise TrainError(f"split {cfg.data.train_split!r} has no sentences"
+            raise TrainError(f"split {TRAIN_SPLIT!r} has no sentences"
                              + (f" in subset {subset!r}" if subset != "all" else ""))
         self.total_steps = o.max_steps or o.epochs * self.steps_per_epoch
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -860,10 +860,8 @@ class Trainer:
             raise FloatingPointError(f"step {self.step}: loss is {loss.item()}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        grad_norm = float("nan")
-        if o.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, o.grad_clip))
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, GRAD_CLIP))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.ema is not None:

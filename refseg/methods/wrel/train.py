@@ -41,7 +41,7 @@ from torch import nn
 from refseg.engine import checkpoint as ckpt
 from refseg.engine import distributed
 from refseg.engine import train as engine
-from refseg.engine.config import TrainConfig, flat_view, read_config_file
+from refseg.engine.config import TRAIN_SPLIT, TrainConfig, flat_view, read_config_file
 from refseg.engine.ema import ema_copy
 from refseg.methods.wrel.config import WRELConfig
 from refseg.modeling.text import TextFeatures
@@ -183,7 +183,7 @@ def train_bank(cfg: TrainConfig, teacher: nn.Module, train_ds, cache, out: Path,
 
     refs = weak_refs(train_ds.samples)
     if not refs:
-        raise engine.TrainError(f"no weak refs in split {cfg.data.train_split!r}: nothing for the reference bank")
+        raise engine.TrainError(f"no weak refs in split {TRAIN_SPLIT!r}: nothing for the reference bank")
     ref_ids = torch.tensor([r for r, _, _ in refs], dtype=torch.int64)
     input_ids, attention_mask = class_name_tokens(teacher.text, [t for _, _, t in refs], device)  # (R, L)
     fits = prompt_slots(attention_mask, w.bank_prompts)  # (R,)
@@ -356,7 +356,7 @@ def _train_wrel(cfg: TrainConfig, model: Optional[nn.Module], data, run: Path) -
         d = cfg.data
         data_dir = engine.weak_data_dir(cfg, run) if d.accurate_fraction is not None else d.path
         data = load_refer(data_dir, split_by=d.split_by, images_dir=d.images)
-    split = cfg.data.train_split
+    split = TRAIN_SPLIT
     if split not in data.splits():
         raise engine.TrainError(f"no split {split!r} in {data.ann_dir} (splits: {', '.join(data.splits())})")
     samples = data.samples(split)
