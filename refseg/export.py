@@ -33,11 +33,12 @@ expression only); the image size S is fixed.
     predictor.set_image("photo.jpg")
     predictor.predict(["the red star"]).masks    # (1, H, W) bool
 
-int8 text encoder (opt-in: ``refseg export --int8-text``, then ``OnnxPredictor(path,
-int8_text=True)``): onnxruntime's dynamic quantisation of the text graph's MatMul weights,
-per output channel; activations stay float. Faster, not exact: the float graph stays the
-default; the export's parity check holds it to ``PARITY_TOLERANCE`` and only records the
-int8 graph's difference.
+int8 text encoder and head (opt-in: ``refseg export --int8-text --int8-head``, then
+``OnnxPredictor(path, int8_text=True, int8_head=True)``): onnxruntime's dynamic quantisation of
+the text graph's and the decoder graph's MatMul weights, per output channel; activations stay
+float. Faster, not exact: the float graphs stay the default; the export's parity check holds
+them to ``PARITY_TOLERANCE`` and only records the int8 graphs' difference. (The image graph is
+not quantised: static int8 of its convolutions costs several points of oIoU.)
 
 Per-expression graphs (what every further expression on a cached image costs) are
 fused at export time (``optimize=True``, the default; ``refseg export --no-optimize``
@@ -89,6 +90,7 @@ EXAMPLE_TEXTS = ("the red star left of the blue circle", "the largest square")
 
 def export_paths(out: Union[str, Path]) -> Dict[str, Path]:
     """Files written for ``--out out``: ``image``, ``text``, ``text_int8`` (with ``int8_text`` only),
+    ``decoder_int8`` (with ``int8_head`` only),
     ``decoder``, ``tokenizer`` (a folder), ``fast_tokenizer`` (when the tokenizer has a Rust backend) and
     ``meta``."""
     out = Path(out)
@@ -99,6 +101,7 @@ def export_paths(out: Union[str, Path]) -> Dict[str, Path]:
         "image": stem.with_name(stem.name + ".image.onnx"),
         "text": stem.with_name(stem.name + ".text.onnx"),
         "text_int8": stem.with_name(stem.name + ".text.int8.onnx"),
+        "decoder_int8": stem.with_name(stem.name + ".decoder.int8.onnx"),
         "decoder": stem.with_name(stem.name + ".decoder.onnx"),
         "tokenizer": stem.with_name(stem.name + ".tokenizer"),
         "fast_tokenizer": stem.with_name(stem.name + ".tokenizer.json"),
@@ -318,7 +321,7 @@ def _optimize(path: Path, fusions: str, num_heads: int = 0, hidden_size: int = 0
 @torch.no_grad()
 def export_onnx(
     model: nn.Module, out: Union[str, Path], exporter: str = "auto", opset: int = OPSET, check: bool = True,
-    extra_meta: Optional[dict] = None, int8_text: bool = False, optimize: bool = True,
+    extra_meta: Optional[dict] = None, int8_text: bool = False, optimize: bool = True, int8_head: bool = False,
 ) -> Dict[str, Path]:
     """Write the three graphs, the tokenizer and the JSON for ``model`` (see the module docstring).
 
@@ -326,6 +329,8 @@ def export_onnx(
     check: run the graphs on onnxruntime against PyTorch on an example and
       raise if mask logits differ by more than ``PARITY_TOLERANCE``.
     int8_text: also write the int8 text graph (see the module docstring).
+    int8_head: also write the int8 decoder graph (the per-sentence head; its MatMul weights, from the
+      fused graph).
     optimize: fuse the per-expression graphs (see "Per-expression graphs" in the module
       docstring); False writes the exporter's graphs as they are.
     The model is put in eval mode on the CPU. Returns ``export_paths(out)``.
@@ -384,6 +389,10 @@ def export_onnx(
                                        hidden if key == "text" else 0)
             except Exception as e:  # noqa: BLE001  (the unfused graph is still a correct graph: keep it)
                 fused[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    if int8_head:
+        _quantize_text(paths["decoder"], paths["decoder_int8"])
+    elif paths["decoder_int8"].exists():
+        paths["decoder_int8"].unlink()
     if paths["tokenizer"].exists():
         shutil.rmtree(paths["tokenizer"])
     text.tokenizer.save_pretrained(str(paths["tokenizer"]))
@@ -398,6 +407,7 @@ def export_onnx(
         "decoder_graph": paths["decoder"].name, "tokenizer": paths["tokenizer"].name,
         **({"fast_tokenizer": paths["fast_tokenizer"].name} if backend is not None else {}),
         **({"text_graph_int8": paths["text_int8"].name} if int8_text else {}),
+        **({"decoder_graph_int8": paths["decoder_int8"].name} if int8_head else {}),
         "image_inputs": ["image"], "image_outputs": names, "text_inputs": text_inputs, "text_outputs": text_outputs,
         "decoder_inputs": decoder_inputs, "decoder_outputs": outputs,
         "exporter": {"image": used_image, "text": used_text, "decoder": used_decoder}, "opset": opset,
@@ -419,6 +429,11 @@ def export_onnx(
             got = q.decode(q.encode_image(image), q.encode_text(list(EXAMPLE_TEXTS)), index)
             meta["parity"]["int8_text_max_abs_diff"] = {
                 k: float((ref[k] - got[k]).abs().max()) for k in ("mask_logits", "no_target_logits")}
+        if int8_head:  # recorded, not enforced, as int8_text
+            q = OnnxModel(paths["meta"], int8_text=int8_text, int8_head=True)
+            got = q.decode(q.encode_image(image), q.encode_text(list(EXAMPLE_TEXTS)), index)
+            meta["parity"]["int8_max_abs_diff"] = {
+                k: float((ref[k] - got[k]).abs().max()) for k in ("mask_logits", "no_target_logits")}
         write_text_atomic(paths["meta"], json.dumps(meta, indent=2) + "\n")
         if diff["mask_logits"] > PARITY_TOLERANCE:
             raise RuntimeError(f"ONNX and PyTorch mask logits differ by {diff['mask_logits']:.2e} "
@@ -427,7 +442,8 @@ def export_onnx(
 
 
 def _quantize_text(src: Path, dst: Path) -> None:
-    """int8 per-channel dynamic quantisation of the MatMul weights of the text graph ``src`` into ``dst``."""
+    """int8 per-channel dynamic quantisation of the MatMul weights of the graph ``src`` (text or decoder)
+    into ``dst``; tensors whose type shape inference cannot tell (outputs of com.microsoft nodes) are float."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = dst.with_name(dst.name + ".tmp")
@@ -437,7 +453,7 @@ def _quantize_text(src: Path, dst: Path) -> None:
     try:
         with _quiet(io.StringIO()):
             quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul"])
+                             op_types_to_quantize=["MatMul"], extra_options={"DefaultTensorType": 1})
     finally:
         root.setLevel(level)
     os.replace(tmp, dst)
@@ -462,6 +478,7 @@ class OnnxModel(RISModel):
       thread against 30.4 ms with 2 (median of 90 calls; `benchmarks/latency.py
       --sentence-threads 1` or `2` measures it on yours); 0: onnxruntime's default).
     int8_text: run the int8 text graph (exported with ``--int8-text``; not exact, see the module docstring).
+    int8_head: run the int8 decoder graph (exported with ``--int8-head``; not exact either).
 
     ``tokenize`` calls the fast tokenizer's Rust backend directly (~0.04 ms instead of ~0.3 ms for the
     Python wrapper): ``model.tokenizer.json`` when the export wrote it (checked there against the
@@ -470,7 +487,7 @@ class OnnxModel(RISModel):
     """
 
     def __init__(self, path: Union[str, Path], threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 int8_text: bool = False, sentence_threads: int = 1):
+                 int8_text: bool = False, sentence_threads: int = 1, int8_head: bool = False):
         super().__init__()
         import onnxruntime as ort
 
@@ -487,6 +504,8 @@ class OnnxModel(RISModel):
                              f"version {VERSION}; export the model again with `refseg export`")
         if int8_text and "text_graph_int8" not in self.meta:
             raise ValueError(f"{meta_path}: no int8 text graph; export with `refseg export --int8-text`")
+        if int8_head and "decoder_graph_int8" not in self.meta:
+            raise ValueError(f"{meta_path}: no int8 decoder graph; export with `refseg export --int8-head`")
         folder = meta_path.parent
         try:  # the sizes bound what is allocated per image and per expression: typed and in range
             for key in ("image_size", "max_length"):
@@ -514,7 +533,7 @@ class OnnxModel(RISModel):
             for key, intra, disabled in (
                 ("image_graph", threads, []),
                 ("text_graph_int8" if int8_text else "text_graph", sentence_threads, ["SkipLayerNormFusion"]),
-                ("decoder_graph", sentence_threads, ["SkipLayerNormFusion"])))
+                ("decoder_graph_int8" if int8_head else "decoder_graph", sentence_threads, ["SkipLayerNormFusion"])))
         self._tokenizer_dir = folder / str(self.meta["tokenizer"])
         self._tokenizer = None
         fast = self.meta.get("fast_tokenizer")
@@ -614,14 +633,15 @@ class OnnxPredictor(Predictor):
     path: the ``--out`` of ``refseg export`` (``model.onnx``) or its ``model.json``.
     threads: onnxruntime intra-op threads of the image graph (0: its default, all cores).
     int8_text: the int8 text graph (``refseg export --int8-text``), faster and not exact.
+    int8_head: the int8 decoder graph (``refseg export --int8-head``), faster and not exact.
     sentence_threads: intra-op threads of the per-expression graphs (text, decoder); see OnnxModel.
     """
 
     def __init__(self, path: Union[str, Path], mask_threshold: float = 0.5, text_batch_size: int = 32,
                  threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",), int8_text: bool = False,
-                 sentence_threads: int = 1):
+                 sentence_threads: int = 1, int8_head: bool = False):
         model = OnnxModel(path, threads=threads, providers=providers, int8_text=int8_text,
-                          sentence_threads=sentence_threads)
+                          sentence_threads=sentence_threads, int8_head=int8_head)
         super().__init__(model, mask_threshold, text_batch_size)
 
 
@@ -653,6 +673,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8-text", action="store_true",
                    help="also write MODEL.text.int8.onnx: int8 text encoder weights, ~2x faster text encoding, "
                         "not exact (OnnxPredictor(..., int8_text=True))")
+    p.add_argument("--int8-head", action="store_true",
+                   help="also write MODEL.decoder.int8.onnx: int8 head weights, not exact "
+                        "(OnnxPredictor(..., int8_head=True))")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -669,6 +692,7 @@ def main(args: argparse.Namespace) -> int:
         model = refseg.load(args.model)
         paths = export_onnx(model, args.out, exporter=args.exporter, opset=args.opset, check=not args.no_check,
                             extra_meta={"source_model": str(args.model)}, int8_text=args.int8_text,
+                            int8_head=args.int8_head,
                             optimize=not args.no_optimize)
     except (FileNotFoundError, ValueError, KeyError) as e:  # bad input
         print(f"refseg export: error: {e}", file=sys.stderr)
@@ -677,8 +701,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"refseg export: error: {e}", file=sys.stderr)
         return 1
     meta = json.loads(paths["meta"].read_text())
-    for key in ("image", "text", "text_int8", "decoder", "tokenizer", "meta"):
-        if key != "text_int8" or args.int8_text:
+    for key in ("image", "text", "text_int8", "decoder", "decoder_int8", "tokenizer", "fast_tokenizer", "meta"):
+        if (key != "text_int8" or args.int8_text) and (key != "decoder_int8" or args.int8_head) and \
+                paths[key].exists():
             print(f"wrote {paths[key]}")
     print(f"exporter: image {meta['exporter']['image']}, text {meta['exporter']['text']}, "
           f"decoder {meta['exporter']['decoder']}; "

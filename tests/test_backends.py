@@ -249,3 +249,19 @@ def test_the_predict_path_imports_neither_transformers_nor_gradio(cache_env):
     env.pop("REFSEG_BACKEND", None)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_int8_is_opt_in_and_close(cache_env):
+    """int8=True runs the int8 text and head graphs built with the float ones: other logits, same masks
+    almost everywhere; the default stays float (within the parity tolerance, tested above)."""
+    weights, _ = cache_env
+    image = red_square_image(57, 93)
+    runs = {}
+    for int8 in (False, True):
+        p = load_predictor(weights, backend="onnx", int8=int8)
+        p.set_image(image)
+        runs[int8] = p.predict(TEXTS)
+    diff = np.abs(runs[True].logits - runs[False].logits)
+    assert diff.max() > 1e-4, "the int8 graphs gave the float graphs' logits: they were not used"
+    assert diff.mean() < 0.1 * np.abs(runs[False].logits).mean()
+    assert (runs[True].masks == runs[False].masks).mean() > 0.98
