@@ -38,7 +38,7 @@ COMMANDS = {
     "make-data": ("refseg.data.synthref.generate", "generate a SynthRef data set in the refer format"),
     "weaken": ("refseg.data.weak", "make the LRB-WREL weak-expression version of a refer data set"),
     "stats": ("refseg.data.stats", "print a summary of a refer-format data set"),
-    "train": ("refseg.engine.train", "train a model"),
+    "train": ("refseg.engine.train_cli", "train a model (or a recipe: configs/<model>.yaml)"),
     "eval": ("refseg.engine.evaluate", "evaluate a checkpoint on a refer-format split"),
     "predict": ("refseg.predict_cli", "segment the object an expression names in an image"),
     "demo": ("refseg.demo_cli", "serve the web demo and the REST API (/segment) on one port"),

@@ -36,7 +36,7 @@ def test_two_process_training_writes_a_checkpoint(tmp_path):
 
 
 def test_relaunch_passes_the_given_flags_on():
-    from refseg.engine.train import _to_argv, add_arguments
+    from refseg.engine.train_cli import _to_argv, add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

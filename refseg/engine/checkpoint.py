@@ -471,12 +471,28 @@ def _resolve(path: PathLike) -> Tuple[Path, Path]:
         if found is not None:
             verify_manifest(found)
             return found / MODEL_FILE, found / MODEL_JSON
-    from refseg.engine.recipe import final_stage
-
     final = final_stage(path)  # a recipe's run folder (RUN/recipe.json): its final stage's run folder
     if final is not None:
         return _resolve(final)
     raise CheckpointError(f"{path} holds no complete checkpoint (looked for {MODEL_FILE}, best/, last/)")
+
+
+RECIPE_RUN_FILE = "recipe.json"  # RUN/recipe.json: the state of a recipe's run folder (engine/recipe.py)
+STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a recipe stage's folder name
+
+
+def final_stage(run: PathLike) -> Optional[Path]:
+    """RUN/<final stage> when RUN is a recipe's run folder (RUN/recipe.json names it), else None."""
+    state_file = Path(run) / RECIPE_RUN_FILE
+    if not state_file.is_file():
+        return None
+    try:
+        final = json.loads(state_file.read_text(encoding="utf-8"))["final"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{state_file}: not a recipe run's state (no 'final' stage)") from None
+    if not isinstance(final, str) or not STAGE_NAME.match(final):
+        raise CheckpointError(f"{state_file}: field 'final' must be a stage folder name, got {final!r}")
+    return Path(run) / final
 
 
 def _read_checkpoint(path: PathLike) -> Tuple[Path, Path, Dict[str, Any], Dict[str, torch.Tensor]]:

@@ -1,4 +1,4 @@
-"""`refseg train`: train a model on a refer-format data set.
+"""The trainer: one run of the generic training loop (`refseg train`'s command line: engine/train_cli.py).
 
     refseg train --data data/synthref --batch-size 32 --max-steps 3000 --out runs/lts
     refseg train --config runs/lts/config.json --lr 1e-4 --out runs/lts-lr1e-4
@@ -43,7 +43,6 @@ one line; the last complete checkpoint stays in place for --resume.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import fcntl
 import functools
@@ -68,11 +67,9 @@ from torch import nn
 from refseg.data.augment import FLIP_CHOICES as FLIP_VIEWS
 from refseg.data.augment import swap_directions
 from refseg.engine import distributed
-from refseg.engine.config import (GRAD_CLIP, TRAIN_SPLIT, TrainConfig, add_config_arguments, config_from_args,
-                                  flag_of, flat_fields, flat_view, given_flags, read_config_file)
+from refseg.engine.config import GRAD_CLIP, TRAIN_SPLIT, TrainConfig, flag_of, flat_fields, flat_view
 from refseg.engine.optim import lr_at, make_optimizer, resolve_amp
 from refseg.engine.runlog import RunLog
-from refseg.argtypes import positive_int
 from refseg.engine.state import StateError
 
 
@@ -99,58 +96,6 @@ class LoopExtras:
     prepare: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
     ema: Optional[Callable[[int, int, int], float]] = None
     score_ema: bool = False
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--nproc", type=positive_int, default=1,
-                        help="processes to train with (launches torchrun --nproc_per_node N); batch_size is split between them")
-    parser.add_argument("--data-root", default="data",
-                        help="where a recipe's SynthRef split is found, or made when missing (default: data)")
-
-
-def main(args: argparse.Namespace) -> int:
-    from refseg.data.refer import ReferFormatError
-    from refseg.engine import recipe
-
-    if recipe.is_recipe_run(args):  # configs/<model>.yaml: stages into OUT/<stage>/ (engine/recipe.py)
-        return recipe.main(args)
-    if args.nproc > 1 and "RANK" not in os.environ:
-        return distributed.launch(args.nproc, _to_argv(args))
-    try:
-        base: Dict[str, Any] = {}
-        if getattr(args, "resume", None):
-            run_config = Path(args.resume) / "config.json"
-            if not run_config.exists():
-                raise TrainError(f"--resume {args.resume}: no config.json in that folder")
-            base = {**read_config_file(run_config), "out": str(args.resume), "overwrite": False}
-        try:
-            cfg = config_from_args(args, base)
-        except ValueError as e:
-            raise TrainError(str(e)) from None
-        if not cfg.data.path:
-            raise TrainError("--data is required (a refer-format folder)")
-        train(cfg)
-    except (TrainError, FileNotFoundError, ReferFormatError) as e:
-        print(f"refseg train: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _to_argv(args: argparse.Namespace) -> List[str]:
-    """The flags given (config fields present in the namespace, --config), for the torchrun relaunch."""
-    import json
-
-    argv = ["--config", args.config] if args.config else []
-    for name, value in given_flags(args).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + name.replace("_", "-"))
-        elif isinstance(value, dict):
-            argv += [flag, json.dumps(value)]
-        else:
-            argv += [flag, "none" if value is None else str(value)]
-    return argv
 
 
 # ---- pieces -------------------------------------------------------------------------
@@ -543,14 +488,14 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None,
     cfg.model / cfg.data (tests, notebooks); cfg still names them in config.json.
     extras: a training method's changes to the loop (LoopExtras). A config
     whose model.method is not plain, without extras, runs that method's
-    stages (METHODS[method].train), which call back here with their extras.
+    stages (METHODS[method].run_stages), which call back here with their extras.
     opened: the caller (a method running this as one of its stages) has
     already checked and locked the run folder (open_run); otherwise this does.
     """
     if cfg.model.method != "plain" and extras is None:  # a multi-stage method runs its own stages
         from refseg.methods import METHODS
 
-        return METHODS[cfg.model.method].train(cfg, model, data)
+        return METHODS[cfg.model.method].run_stages(cfg, model, data)
     cfg.validate()
     with ExitStack() as cleanup:  # closes the progress bar and the log and unlocks the run, however it ends
         trainer = Trainer(cfg, extras or LoopExtras(), cleanup)

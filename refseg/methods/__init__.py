@@ -11,6 +11,7 @@ its factory, loss.py, config.py, train.py for training-time extras or
 stages) and one line in METHODS (docs/DESIGN.md has the checklist).
 """
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
 
@@ -28,8 +29,10 @@ class Method:
     config: the factory's config class (checks ``model.kwargs`` of a training config);
     losses: supervision -> loss(out, batch); teacher_forcing: (model, batch) -> the extra
     ``decode`` keyword arguments of a training step, or None;
-    train: (cfg, model, data) -> summary, the stages of a multi-stage method (``model.method``), or
-    None; a stage runs the generic loop with ``engine.train.train(cfg, model, data, extras=LoopExtras(...))``;
+    train: "module:function" naming the stages of a multi-stage method (``model.method``), a function
+    (cfg, model, data) -> summary, or None; named, not imported, because the stages run the generic
+    trainer, which reads this registry: ``run_stages`` imports them on use. A stage runs the generic
+    loop with ``engine.train.train(cfg, model, data, extras=LoopExtras(...))``;
     options: the dataclass of the method's own config section (``cfg.methods[name]``), or None."""
 
     name: str
@@ -37,8 +40,15 @@ class Method:
     config: type
     losses: Dict[str, Callable[..., Dict[str, Any]]] = field(default_factory=dict)
     teacher_forcing: Optional[Callable[[nn.Module, Dict[str, Any]], Dict[str, Any]]] = None
-    train: Optional[Callable[..., Dict[str, Any]]] = None
+    train: Optional[str] = None
     options: Optional[type] = None
+
+    def run_stages(self, cfg, model: Optional[nn.Module] = None, data=None) -> Dict[str, Any]:
+        """Run (or resume) the stages of a multi-stage method; their summary."""
+        if self.train is None:
+            raise ValueError(f"method {self.name!r} has no stages of its own")
+        module, function = self.train.split(":")
+        return getattr(importlib.import_module(module), function)(cfg, model, data)
 
     @property
     def model(self) -> str:
@@ -51,7 +61,7 @@ METHODS: Dict[str, Method] = {
     "pks": Method("pks", pks.build_pks, pks.PKSConfig, {"full": pks.pks_full_loss, "click": pks.pks_click_loss},
                   pks.teacher_forcing),
     "sag": Method("sag", sag.build_sag, sag.SaGConfig, {"text": sag.sag_text_loss}, sag.teacher_forcing),
-    "wrel": Method("wrel", lts.build_lts, lts.LTSConfig, {"full": lts.lts_loss}, train=wrel.train_wrel,
+    "wrel": Method("wrel", lts.build_lts, lts.LTSConfig, {"full": lts.lts_loss}, train="refseg.methods.wrel.train:train_wrel",
                    options=wrel.WRELConfig),
 }
 
