@@ -246,6 +246,16 @@ def load_predictor(source, backend: Optional[str] = None, mask_threshold: float 
     return Predictor(model, mask_threshold=mask_threshold, text_batch_size=text_batch_size)
 
 
+def needs_build(source, backend: Optional[str] = None, options: Optional[dict] = None) -> bool:
+    """True when ``load_predictor(source, backend)`` would first build ONNX graphs (a long step, done
+    once per model): the backend is not "torch", onnx and onnxruntime are installed and the cache holds no
+    complete folder for the source. A bad name or path raises here, as ``load_predictor`` would."""
+    backend = default_backend() if backend is None else backend
+    if backend == "torch" or not isinstance(source, (str, Path)) or onnx_missing(build=True):
+        return False
+    return not is_complete(cache_root() / source_key(source, options))
+
+
 class BackendError(RuntimeError):
     """The backend asked for cannot run here (``refseg predict --backend onnx`` without onnxruntime ...)."""
 

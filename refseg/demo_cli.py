@@ -13,6 +13,7 @@ its error codes. Bad options exit with status 2 and a one-line message.
 import argparse
 import math
 import sys
+import threading
 from pathlib import Path
 
 
@@ -78,6 +79,14 @@ def _name_for(path: Path) -> str:
     return f"{path.parent.name}/{path.name}" if path.name in ("best", "last") else path.name
 
 
+def _preload(pool) -> None:
+    """Load the default model in a background thread; a failure is logged (requests then get 503)."""
+    try:
+        pool.preload()
+    except Exception as e:  # noqa: BLE001  (the server keeps answering /health; /segment reports 503)
+        print(f"refseg demo: error: {getattr(e, 'message', e)}", file=sys.stderr, flush=True)
+
+
 def _error(msg: str) -> int:
     print(f"refseg demo: error: {msg}", file=sys.stderr)
     return 2
@@ -119,7 +128,14 @@ def main(args: argparse.Namespace) -> int:
                          max_pixels=max(1, int(args.max_megapixels * 1e6)), mask_threshold=args.threshold,
                          max_concurrent=args.max_concurrent, max_work=max(1, int(args.max_work_megapixels * 1e6)),
                          backend=args.backend)
-        app.state.pool.preload()  # a broken default model fails here, not on the first request
+        from refseg.backends import needs_build
+
+        if needs_build(models[default], args.backend):  # the first use of this model: its ONNX graphs are built
+            threading.Thread(target=_preload, args=(app.state.pool,), daemon=True).start()
+            print(f"refseg demo: building the ONNX Runtime graphs of {default} in the background (once, then "
+                  "cached); requests wait for them", flush=True)
+        else:
+            app.state.pool.preload()  # a broken default model fails here, not on the first request
     except ApiError as e:
         return _error(e.message)
     except (FileNotFoundError, ValueError, KeyError) as e:

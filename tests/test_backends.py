@@ -265,3 +265,15 @@ def test_int8_is_opt_in_and_close(cache_env):
     assert diff.max() > 1e-4, "the int8 graphs gave the float graphs' logits: they were not used"
     assert diff.mean() < 0.1 * np.abs(runs[False].logits).mean()
     assert (runs[True].masks == runs[False].masks).mean() > 0.98
+
+
+def test_needs_build_tells_the_demo_when_graphs_are_missing(cache_env, monkeypatch, tmp_path):
+    """`refseg demo` builds missing graphs in the background (so /health answers at once) and loads cached
+    ones before it listens; needs_build tells the two apart and checks the source first."""
+    weights, _ = cache_env
+    assert not backends.needs_build(weights)  # cached
+    assert not backends.needs_build(weights, "torch")
+    monkeypatch.setenv("REFSEG_CACHE", str(tmp_path))
+    assert backends.needs_build(weights) and backends.needs_build(weights, "onnx")
+    with pytest.raises(FileNotFoundError, match="nor an existing path"):
+        backends.needs_build(str(tmp_path / "missing.safetensors"))
