@@ -57,6 +57,20 @@ def test_every_shipped_model_has_a_recipe_named_by_its_card():
     assert sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")) == sorted(names)
 
 
+def test_recipes_are_written_in_the_nested_form():
+    """Every shipped recipe names its SynthRef split under `synthref` and gives TrainConfig sections (mappings),
+    in each stage too; no flat field names."""
+    sections = {"model", "data", "optim", "run", "wrel"}
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        values = yaml.safe_load(path.read_text())
+        assert set(values["synthref"]) == {"domain", "preset", "seed"}, path.name
+        stages = values.get("stages", [{k: v for k, v in values.items() if k != "synthref"}])
+        assert set(values) - {"synthref"} <= (sections if "stages" not in values else {"stages"}), path.name
+        for stage in stages:
+            rest = {k: v for k, v in stage.items() if k != "name"}
+            assert set(rest) <= sections and all(isinstance(v, dict) for v in rest.values()), (path.name, rest)
+
+
 @pytest.mark.parametrize("name", available_models())
 def test_recipe_resolves_to_the_configuration_the_card_recorded(name):
     recipe = recipe_module.load_recipe(ROOT / "configs" / f"{name}.yaml")
@@ -80,9 +94,9 @@ def _tiny_recipe(data, **second):
 
     common = dict(model="lts", model_kwargs=TINY_LTS, size=SIZE, batch_size=4, images_per_batch=2, lr=3e-3,
                   warmup_steps=1, val_split="", log_every=1, save_frozen=True, cache_features="off")
-    return {"data": str(data), "stages": [{"name": "first", **common, "max_steps": 2, "seed": 0},
-                                          {"name": "second", **common, "init_from": "first", "max_steps": 1,
-                                           "lr": 0.0, "min_lr": 0.0, "seed": 1, **second}]}
+    return {"dataset": str(data), "stages": [{"name": "first", **common, "max_steps": 2, "seed": 0},
+                                             {"name": "second", **common, "init_from": "first", "max_steps": 1,
+                                              "lr": 0.0, "min_lr": 0.0, "seed": 1, **second}]}
 
 
 def test_two_stage_recipe_trains_in_order_starts_from_the_first_and_resumes(synthref_tiny, tmp_path, capsys):
@@ -153,6 +167,25 @@ BAD = {
     "duplicate stage": ({"data": "d", "stages": [{"name": "a"}, {"name": "a"}]}, "stage 'a' is listed twice"),
     "wrong value type": ({"data": {"domain": "natural", "preset": "tiny", "seed": 0}, "lr": "3e-4"},
                          "TrainConfig optim.lr (--lr) must be float"),
+    "nested wrong type": ({"synthref": {"domain": "natural", "preset": "tiny", "seed": 0},
+                           "optim": {"lr": "3e-4"}}, "TrainConfig optim.lr (--lr) must be float"),
+    "nested unknown": ({"synthref": {"domain": "natural", "preset": "tiny", "seed": 0},
+                        "stages": [{"name": "a", "optim": {"lrr": 0.1}}]}, "unknown TrainConfig field(s): optim.lrr"),
+    "synthref keys": ({"synthref": {"domain": "natural", "seed": 0}, "model": {"name": "lts"}},
+                      "field 'synthref' must give exactly domain, preset, seed"),
+    "synthref folder": ({"synthref": "data/x", "model": {"name": "lts"}}, "field 'synthref' must be a SynthRef split"),
+    "dataset type": ({"dataset": {"domain": "natural", "preset": "tiny", "seed": 0}, "stages": [{"name": "a"}]},
+                     "field 'dataset' must be a refer-format folder"),
+    "two data sets": ({"synthref": {"domain": "natural", "preset": "tiny", "seed": 0}, "dataset": "d",
+                       "model": {"name": "lts"}}, "give the data set once"),
+    "split twice": ({"synthref": {"domain": "natural", "preset": "tiny", "seed": 0},
+                     "data": {"domain": "aerial", "preset": "tiny", "seed": 0}}, "give the data set once"),
+    "stage sets data.path": ({"synthref": {"domain": "natural", "preset": "tiny", "seed": 0},
+                              "data": {"path": "elsewhere", "flip": "h"}}, "field(s) data.path are set by"),
+    "nested init_from type": ({"dataset": "d", "stages": [{"name": "a", "model": {"init_from": 5}}]},
+                              "field 'init_from' must be a stage name"),
+    "nested init_from later": ({"dataset": "d", "stages": [{"name": "a", "model": {"init_from": "b"}},
+                                                          {"name": "b"}]}, "which does not run before it"),
 }
 
 
@@ -190,5 +223,40 @@ def test_synthref_data_block_is_generated_when_missing_and_checked_when_present(
     (folder / "synthref.json").write_text(json.dumps({"domain": "natural", "preset": "tiny", "seed": 0}))
     with pytest.raises(ConfigError, match="holds SynthRef"):
         recipe_module.make_data(spec, folder)
-    recipe = recipe_module.parse_recipe({"data": spec, "model": "lts"}, "r.yaml")
+    recipe = recipe_module.parse_recipe({"synthref": spec, "model": {"name": "lts"}}, "r.yaml")
     assert recipe.data_folder(tmp_path) == folder and not recipe.staged
+
+
+def test_the_nested_data_section_and_the_split_do_not_clash():
+    """`synthref` names the split; the TrainConfig section `data` beside it holds data fields; the key `data`
+    of recipes written before the nested form still names the split (or, beside `stages`, the folder)."""
+    spec = {"domain": "aerial", "preset": "tiny", "seed": 2}
+    new = recipe_module.parse_recipe({"synthref": spec, "data": {"flip": "hvt", "accurate_fraction": 0.5},
+                                      "optim": {"lr": 1e-4}, "wrel": {"bank_lr": 0.1}}, "new.yaml")
+    old = recipe_module.parse_recipe({"data": spec, "flip": "hvt", "accurate_fraction": 0.5, "lr": 1e-4,
+                                      "wrel_bank_lr": 0.1}, "old.yaml")
+    assert new.data == old.data == spec
+    assert new.stages[0].values == old.stages[0].values == {"flip": "hvt", "accurate_fraction": 0.5, "lr": 1e-4,
+                                                            "wrel_bank_lr": 0.1}
+    assert recipe_module.is_recipe({"synthref": spec}) and recipe_module.is_recipe({"data": spec})
+    assert not recipe_module.is_recipe({"data": {"path": "d", "flip": "h"}, "optim": {"lr": 1e-4}})
+    assert recipe_module.parse_recipe({"data": "folder", "stages": [{"name": "a"}]}, "r.yaml").data == "folder"
+    staged = recipe_module.parse_recipe({"dataset": "folder", "stages": [
+        {"name": "a"}, {"name": "b", "model": {"name": "pks", "init_from": "a/last"}}]}, "r.yaml")
+    assert (staged.stages[1].init_stage, staged.stages[1].init_checkpoint) == ("a", "last")
+    assert staged.stages[1].values == {"model": "pks"}
+
+
+def test_data_flag_replaces_the_recipe_data_set(tmp_path):
+    """`refseg train --config RECIPE --data FOLDER`: every stage trains on FOLDER (no SynthRef split made)."""
+    from refseg.engine import train_cli
+
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    args = parser.parse_args(["--config", str(ROOT / "configs" / "pks-click-synthref.yaml"), "--out",
+                              str(tmp_path / "run"), "--data", str(tmp_path / "mine"), "--max-steps", "7"])
+    configs = recipe_module.command_configs(args)
+    assert [c.data.path for c in configs] == [str(tmp_path / "mine")] * 3
+    assert [c.optim.max_steps for c in configs] == [7, 7, 7] and [c.run.seed for c in configs] == [0, 1, 2]
+    assert [c.model.init_from for c in configs] == [None, str(tmp_path / "run" / "scratch"),
+                                                    str(tmp_path / "run" / "round1")]

@@ -1,25 +1,30 @@
 """Recipes: how a model is trained, as a file (configs/<model>.yaml).
 
-A recipe is a YAML (or JSON) file. One run:
+A recipe is a YAML (or JSON) file: the data set, then the TrainConfig
+sections (refseg/engine/config.py) of one run:
 
-    data: {domain: natural, preset: full, seed: 1}   # a SynthRef split, or a refer-format folder (a string)
-    model: lts
-    max_steps: 4500
-    loss_kwargs: {w_locate: 0.5}
+    synthref: {domain: natural, preset: full, seed: 1}   # a SynthRef split (or dataset: <refer-format folder>)
+    model: {name: lts, kwargs: {text_depth: 2}}
+    optim: {max_steps: 4500, loss_kwargs: {w_locate: 0.5}}
+    run: {seed: 0}
 
-Several chained runs: `stages`, a list of named sets of TrainConfig fields,
+Several chained runs: `stages`, a list of named sets of TrainConfig sections,
 trained in order; a stage starts from an earlier stage's weights with
-`init_from: <stage>` (its best/, else last/) or `init_from: <stage>/last`:
+`model.init_from: <stage>` (its best/, else last/) or `<stage>/last`:
 
-    data: {domain: natural, preset: full, seed: 1}
+    synthref: {domain: natural, preset: full, seed: 1}
     stages:
       - name: scratch
-        model: pks
-        max_steps: 4500
+        model: {name: pks}
+        optim: {max_steps: 4500}
       - name: round1
-        init_from: scratch
-        model: pks
-        lr: 1.0e-4
+        model: {name: pks, init_from: scratch}
+        optim: {lr: 1.0e-4}
+
+A stage's fields may also be given by their flat names (the flags': `lr`,
+`init_from`, `wrel_bank_lr`), as in TrainConfig files. Recipes written with
+the SynthRef split (or the folder, with `stages`) under the key `data` are
+still read.
 
 `refseg train --config RECIPE --out RUN` generates a SynthRef split that is
 missing (`refseg make-data` into --data-root/<domain>-<preset>-s<seed>),
@@ -30,9 +35,10 @@ stages, the finished ones, the final one). `refseg eval --checkpoint RUN`,
 Re-running the command, or `refseg train --resume RUN`, skips the finished
 stages and resumes the unfinished one. Flags given on the command line
 override the value of every stage (machine settings: --threads, --cache-dir,
---device ...).
+--device ...); `--data FOLDER` trains on that refer-format folder instead of
+the recipe's data set.
 
-A file with neither `stages` nor a SynthRef `data` block is a plain
+A file with neither `stages` nor a `synthref` / `dataset` key is a plain
 TrainConfig file (`refseg train --config`, one run into --out).
 """
 
@@ -47,12 +53,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from refseg.engine.config import (ConfigError, TrainConfig, from_file_values, given_flags, read_config_file,
-                                  write_text_atomic)
+from refseg.engine.config import (ConfigError, TrainConfig, flat_fields, from_file_values, given_flags, nest,
+                                  read_config_file, write_text_atomic)
 
 RUN_FILE = "recipe.json"  # RUN/recipe.json: the state of a recipe's run folder
-DATA_KEYS = ("domain", "preset", "seed")  # a SynthRef data block
-SET_BY_RUN = ("data", "out", "resume", "overwrite")  # fields the recipe's runner sets for each stage
+DATA_KEYS = ("domain", "preset", "seed")  # a SynthRef split
+SPLIT_KEY = "synthref"  # recipe key of a SynthRef split {domain, preset, seed}
+FOLDER_KEY = "dataset"  # recipe key of a refer-format folder
+LEGACY_KEY = "data"  # the key of either in recipes written before the nested TrainConfig
+SET_BY_RUN = (("data", "path"), ("run", "out"), ("run", "resume"), ("run", "overwrite"))  # set for each stage
 MACHINE_FIELDS = ("threads", "cache_dir", "out", "resume", "progress", "device", "workers")  # not a recipe's
 RESERVED_STAGE_NAMES = ("best", "last", "data", "tb", RUN_FILE)
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -61,7 +70,7 @@ STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 @dataclass
 class Stage:
     name: str
-    values: Dict[str, Any]  # TrainConfig fields as the file gives them, init_from excluded
+    values: Dict[str, Any]  # the stage's TrainConfig fields by their flat names (the flags'), init_from excluded
     init_from: Optional[str] = None  # an external source (shipped model name, checkpoint, run folder)
     init_stage: Optional[str] = None  # or an earlier stage of the recipe ...
     init_checkpoint: Optional[str] = None  # ... and which of its checkpoints: best, last (None = best, else last)
@@ -81,10 +90,17 @@ class Recipe:
         return Path(data_root) / f"{self.data['domain']}-{self.data['preset']}-s{self.data['seed']}"
 
 
+def _legacy_source(values: Dict[str, Any]) -> bool:
+    """True when the top-level `data` key names the recipe's data set (the form before nested configs):
+    a SynthRef split (a mapping with `domain`), or anything beside `stages`."""
+    data = values.get(LEGACY_KEY)
+    return LEGACY_KEY in values and ("stages" in values or (isinstance(data, dict) and "domain" in data))
+
+
 def is_recipe(values: Dict[str, Any]) -> bool:
-    """True when a config file's mapping is a recipe (stages, or a SynthRef data block), not a plain TrainConfig."""
-    data = values.get("data")
-    return "stages" in values or (isinstance(data, dict) and "domain" in data)
+    """True when a config file's mapping is a recipe (stages, or a synthref / dataset key), not a plain
+    TrainConfig."""
+    return "stages" in values or SPLIT_KEY in values or FOLDER_KEY in values or _legacy_source(values)
 
 
 def load_recipe(path: Union[str, Path]) -> Recipe:
@@ -94,12 +110,18 @@ def load_recipe(path: Union[str, Path]) -> Recipe:
 
 def parse_recipe(values: Dict[str, Any], path: str) -> Recipe:
     """Check a recipe's mapping (see the module docstring); ConfigError names `path` and the field."""
-    data = _parse_data(values.get("data"), path)
+    source_keys = [k for k in (SPLIT_KEY, FOLDER_KEY) if k in values] + ([LEGACY_KEY] * _legacy_source(values))
+    if len(source_keys) != 1:
+        given = f"got {', '.join(source_keys)}" if source_keys else "got none"
+        raise ConfigError(f"{path}: give the data set once: field '{SPLIT_KEY}' (a SynthRef split "
+                          f"{{domain, preset, seed}}) or '{FOLDER_KEY}' (a refer-format folder), {given}")
+    key = source_keys[0]
+    data = _parse_data(values[key], path, key)
     if "stages" not in values:
-        rest = {k: v for k, v in values.items() if k != "data"}
+        rest = {k: v for k, v in values.items() if k != key}
         stages = [_parse_stage({"name": "train", **rest}, path, f"{path}", [])]
         return Recipe(path, data, stages, staged=False)
-    extra = sorted(str(k) for k in values if k not in ("data", "stages"))
+    extra = sorted(str(k) for k in values if k not in (key, "stages"))
     if extra:
         raise ConfigError(f"{path}: field(s) {', '.join(extra)} beside 'stages': "
                           "give TrainConfig fields inside each stage")
@@ -117,26 +139,29 @@ def parse_recipe(values: Dict[str, Any], path: str) -> Recipe:
     return Recipe(path, data, stages, staged=True)
 
 
-def _parse_data(data, path: str) -> Union[str, Dict[str, Any]]:
-    if isinstance(data, str) and data:
+def _parse_data(data, path: str, key: str) -> Union[str, Dict[str, Any]]:
+    """The data set of a recipe: a SynthRef split (`synthref`), a folder (`dataset`), or either (`data`)."""
+    if key != SPLIT_KEY and isinstance(data, str) and data:
         return data
-    if isinstance(data, dict):
+    if key != FOLDER_KEY and isinstance(data, dict):
         keys = set(map(str, data))
         if keys != set(DATA_KEYS):
-            raise ConfigError(f"{path}: field 'data' must give exactly {', '.join(DATA_KEYS)} (a SynthRef split), "
+            raise ConfigError(f"{path}: field '{key}' must give exactly {', '.join(DATA_KEYS)} (a SynthRef split), "
                               f"got {', '.join(sorted(keys)) or 'none'}")
         from refseg.data.synthref.vocab import DOMAINS, PRESETS
 
         if data["domain"] not in DOMAINS:
-            raise ConfigError(f"{path}: field 'data.domain' must be one of {', '.join(DOMAINS)}, got {data['domain']!r}")
+            raise ConfigError(f"{path}: field '{key}.domain' must be one of {', '.join(DOMAINS)}, "
+                              f"got {data['domain']!r}")
         if data["preset"] not in PRESETS:
-            raise ConfigError(f"{path}: field 'data.preset' must be one of {', '.join(sorted(PRESETS))}, "
+            raise ConfigError(f"{path}: field '{key}.preset' must be one of {', '.join(sorted(PRESETS))}, "
                               f"got {data['preset']!r}")
         if not isinstance(data["seed"], int) or isinstance(data["seed"], bool) or data["seed"] < 0:
-            raise ConfigError(f"{path}: field 'data.seed' must be an integer >= 0, got {data['seed']!r}")
+            raise ConfigError(f"{path}: field '{key}.seed' must be an integer >= 0, got {data['seed']!r}")
         return {k: data[k] for k in DATA_KEYS}
-    raise ConfigError(f"{path}: field 'data' must be a SynthRef split {{domain, preset, seed}} or a refer-format "
-                      f"folder (a string), got {data!r}")
+    wanted = {SPLIT_KEY: "a SynthRef split {domain, preset, seed}", FOLDER_KEY: "a refer-format folder (a string)",
+              LEGACY_KEY: "a SynthRef split {domain, preset, seed} or a refer-format folder (a string)"}[key]
+    raise ConfigError(f"{path}: field '{key}' must be {wanted}, got {data!r}")
 
 
 def _parse_stage(item: Dict[str, Any], path: str, where: str, earlier: List[str],
@@ -149,13 +174,18 @@ def _parse_stage(item: Dict[str, Any], path: str, where: str, earlier: List[str]
         raise ConfigError(f"{where}: field 'name': stage {name!r} is listed twice")
     where = f"{path}: stage {name!r}" if all_names is not None else where
     fields = {k: v for k, v in item.items() if k != "name"}
-    set_by_run = sorted(k for k in fields if k in SET_BY_RUN)
+    try:
+        nested = nest(fields)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    set_by_run = [f"{s}.{n}" for s, n in SET_BY_RUN if n in nested.get(s, {})]
     if set_by_run:
-        raise ConfigError(f"{where}: field(s) {', '.join(set_by_run)} are set by the recipe's data block and "
-                          "`refseg train --out / --resume / --overwrite`, not by a stage")
-    from_file_values(TrainConfig, {**fields, "init_from": None}, where)  # unknown fields, wrong types
-    init = fields.pop("init_from", None)
-    stage = Stage(name, fields)
+        raise ConfigError(f"{where}: field(s) {', '.join(set_by_run)} are set by the recipe's {SPLIT_KEY} / "
+                          f"{FOLDER_KEY} and `refseg train --out / --resume / --overwrite`, not by a stage")
+    init = nested.get("model", {}).pop("init_from", None)
+    from_file_values(TrainConfig, nested, where)  # wrong types
+    flat_of = {v: k for k, v in flat_fields().items()}
+    stage = Stage(name, {flat_of[(s, n)]: v for s, values in nested.items() for n, v in values.items()})
     if init is None:
         return stage
     if not isinstance(init, str) or not init:
@@ -254,6 +284,43 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_folder(args: argparse.Namespace):
+    """(RUN, the other config flags given, --resume, --overwrite) of a recipe's `refseg train` namespace."""
+    from refseg.engine.train import TrainError
+
+    given = given_flags(args)  # flat names (the flags')
+    resume, out, overwrite = given.pop("resume", None), given.pop("out", None), given.pop("overwrite", False)
+    if resume and overwrite:
+        raise TrainError("--overwrite starts a new run and --resume continues one: give only one of them")
+    if resume and out and Path(resume).resolve() != Path(out).resolve():
+        raise TrainError(f"--resume {resume} and --out {out} name different folders")
+    return Path(resume or out or f"runs/{Path(args.config).stem}"), given, resume, overwrite
+
+
+def planned_stages(args: argparse.Namespace, run: Path, given: Dict[str, Any],
+                   state: Optional[Dict[str, Any]] = None):
+    """(the mapping of every stage, by flat names; the data set: a SynthRef split to make, or a folder) that
+    `refseg train` trains into RUN: the recipe's stages (--config), or those RUN/recipe.json records (--resume),
+    with the flags `given` on top. `--data FOLDER` replaces the recipe's data set."""
+    if args.config:
+        recipe = load_recipe(args.config)
+        data_root = getattr(args, "data_root", None) or "data"
+        values = [stage_values(recipe, s, run, data_root, given) for s in recipe.stages]
+        data = given["data"] if "data" in given else recipe.data
+    else:
+        values = [{**s["values"], **given} for s in state["stages"]]
+        data = given["data"] if "data" in given else state["data"]
+    return values, data
+
+
+def command_configs(args: argparse.Namespace) -> List[TrainConfig]:
+    """The resolved TrainConfig of every stage that `refseg train --config RECIPE ...` (parsed into `args`)
+    would train, in order, without training anything (a new run: RUN/recipe.json is not read)."""
+    run, given, _, _ = _run_folder(args)
+    values, _ = planned_stages(args, run, given)
+    return [resolve(v, f"{args.config}: stage {Path(v['out']).name!r}") for v in values]
+
+
 def train_recipe(args: argparse.Namespace) -> Path:
     """Train every unfinished stage of a recipe run; returns the final stage's folder."""
     from refseg.engine.checkpoint import resume_candidates
@@ -262,27 +329,14 @@ def train_recipe(args: argparse.Namespace) -> Path:
     if getattr(args, "nproc", 1) > 1:
         raise TrainError("--nproc: a recipe trains its stages with one process (run a stage's config.json "
                          "with --nproc instead)")
-    given = given_flags(args)  # flat names (the flags')
-    resume, out, overwrite = given.pop("resume", None), given.pop("out", None), given.pop("overwrite", False)
-    if resume and overwrite:
-        raise TrainError("--overwrite starts a new run and --resume continues one: give only one of them")
-    if resume and out and Path(resume).resolve() != Path(out).resolve():
-        raise TrainError(f"--resume {resume} and --out {out} name different folders")
-    run = Path(resume or out or f"runs/{Path(args.config).stem}")
+    run, given, resume, overwrite = _run_folder(args)
     state_file = run / RUN_FILE
     state = _read_state(state_file) if state_file.is_file() else None
     if resume and state is None:
         raise TrainError(f"--resume {resume}: no {RUN_FILE} in that folder")
     if state is None and run.is_dir() and any(run.iterdir()):
         raise TrainError(f"--out {run} already holds something that is not a recipe's run: choose another --out")
-    if args.config:
-        recipe = load_recipe(args.config)
-        data_root = getattr(args, "data_root", None) or "data"
-        values = [stage_values(recipe, s, run, data_root, given) for s in recipe.stages]
-        data = recipe.data
-    else:
-        values = [{**s["values"], **given} for s in state["stages"]]
-        data, recipe = state["data"], None
+    values, data = planned_stages(args, run, given, state)
     for v, name in zip(values, [Path(v["out"]).name for v in values]):
         resolve(v, f"{args.config or state_file}: stage {name!r}")  # every stage checked before any trains
     names_now = [Path(v["out"]).name for v in values]
