@@ -470,7 +470,8 @@ class OnnxModel(RISModel):
 
     path: the ``--out`` given to export (``model.onnx``) or its ``model.json``.
     threads: onnxruntime intra-op threads of the image graph (0: its default); inter-op
-      threads are 1 (the graphs are sequential) and every graph optimisation is on.
+      threads are 1 (the graphs are sequential), idle threads do not spin, and every graph
+      optimisation is on.
     sentence_threads: intra-op threads of the text and decoder graphs, which run once
       per expression (default 1: their ops are small, and a second thread costs more
       in synchronisation than it gains: on the 2-core dev machine, busy with two
@@ -523,6 +524,10 @@ class OnnxModel(RISModel):
             o.inter_op_num_threads = 1
             if intra:
                 o.intra_op_num_threads = int(intra)
+            # idle pool threads sleep instead of spinning after each run: a spinning pool took the cores of
+            # whatever ran next (the per-expression graphs, another model's session), ~1.6x its time, for
+            # no gain to the image graph itself (interleaved runs, 2 cores)
+            o.add_session_config_entry("session.intra_op.allow_spinning", "0")
             return o
 
         providers = list(providers)
