@@ -51,18 +51,26 @@ def test_annotation_cost_hand_computed():
     assert all(c.source and c.note for c in COSTS.values())
 
 
-def test_missing_train_support_is_detected_not_run():
+def test_missing_train_support_is_detected_not_run(tmp_path):
     lts = next(e for e in bench.ENTRIES if e.name == "lts")
-    assert bench.missing_train_support(lts, bench.train_args(lts, bench.PRESETS["tiny"], 0)) is None
-    fake = bench.Entry("x", "X-Net", "natural", "masks", "lts", "full", "natural", "x", ("--x-method", "magic"))
-    reason = bench.missing_train_support(fake, bench.train_args(fake, bench.PRESETS["tiny"], 0))
-    assert "X-Net" in reason and "unrecognized arguments: --x-method magic" in reason
+    argv = bench.train_argv(lts, bench.PRESETS["tiny"], 0, tmp_path / "run", tmp_path / "data", tmp_path / "d")
+    assert bench.missing_train_support(lts, argv) is None
+    recipe = tmp_path / "x.yaml"
+    recipe.write_text("synthref: {domain: natural, preset: tiny, seed: 0}\nmodel: {name: lts, method: magic}\n")
+    fake = bench.Entry("x", "X-Net", "natural", "masks", "x", str(recipe))
+    reason = bench.missing_train_support(fake, bench.train_argv(fake, bench.PRESETS["tiny"], 0, tmp_path / "run",
+                                                                tmp_path / "data"))
+    assert "X-Net" in reason and "model.method (--method) must be one of" in reason and "'magic'" in reason
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()  # resolved, never run
+    gone = bench.Entry("y", "Y-Net", "natural", "masks", "y", "configs/no-such-recipe.yaml")
+    assert "Y-Net" in bench.missing_train_support(gone, []) and "configs/no-such-recipe.yaml" in \
+        bench.missing_train_support(gone, [])
 
 
 def test_targets_absolute_and_relative():
-    entries = [bench.Entry("a", "A", "aerial", "-", "lts", "full", "aerial", "a", targets=(("mIoU", 0.5, ""),)),
-               bench.Entry("w", "W", "aerial", "-", "lts", "full", "aerial", "w", targets=(("oIoU", 0.9, "a"),)),
-               bench.Entry("z", "Z", "aerial", "-", "lts", "full", "aerial", "z", targets=(("oIoU", 0.9, "a"),))]
+    entries = [bench.Entry("a", "A", "aerial", "-", "a", "a.yaml", targets=(("mIoU", 0.5, ""),)),
+               bench.Entry("w", "W", "aerial", "-", "w", "w.yaml", targets=(("oIoU", 0.9, "a"),)),
+               bench.Entry("z", "Z", "aerial", "-", "z", "z.yaml", targets=(("oIoU", 0.9, "a"),))]
     rows = [{"name": "a", "metrics": {"mIoU": 0.49, "oIoU": 0.80}}, {"name": "w", "metrics": {"oIoU": 0.73}}]
     got = {(t["row"], t["metric"]): t for t in judge_targets(entries, rows)}
     assert got[("a", "mIoU")]["passed"] is False
@@ -154,6 +162,9 @@ def test_every_registered_row_ran_or_says_why(report):
             assert f"- `{entry.name}`: not available: {s['reason']}" in text
         else:
             assert f"{entry.name} (untrained)" in {r["name"] for r in results["rows"]}
+            command = next(r for r in results["rows"] if r["name"] == entry.name)["train_command"]
+            assert command.startswith(f"refseg train --config {entry.recipe} --out "), command
+            assert f"`{command}`" in text
     assert {"lts", "pks", "pks-click", "sag", "lts-aerial"} <= ran
 
 
@@ -182,7 +193,9 @@ def test_annotation_cost_of_the_rows(report):
     assert rows["lts"]["annotation"]["seconds"] == pytest.approx(79.2 * refs + 10 * sents)
     assert rows["pks-click"]["annotation"]["seconds"] == pytest.approx((2.4 + 7.0) * refs + 10 * sents)
     assert rows["sag"]["annotation"]["seconds"] == pytest.approx(10 * sents)
-    with open(data_root / "aerial-tiny-s0-p0.1" / "refs(unc).p", "rb") as f:
+    weak_json = json.loads((data_root / "aerial-tiny-s0-p0.1-w0" / "weak.json").read_text())
+    assert (weak_json["accurate_fraction"], weak_json["seed"]) == (0.1, 0)  # the recipe's, made by the bench
+    with open(data_root / "aerial-tiny-s0-p0.1-w0" / "refs(unc).p", "rb") as f:
         weak = [r for r in pickle.load(f) if r["split"] == "train"]
     accurate = sum(len(r["sentences"]) for r in weak if not r.get("weak"))
     n_weak = sum(1 for r in weak if r.get("weak"))

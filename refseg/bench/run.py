@@ -4,21 +4,26 @@
     refseg bench --preset tiny --out reports/bench-tiny       # the same pipeline in a few minutes (CI)
 
 What it does:
-1. Generates SynthRef natural and aerial (`refseg make-data`) and the weak
-   aerial splits (`refseg weaken`) under --data-root, reusing complete ones.
+1. Generates the SynthRef test splits (`refseg make-data`) under --data-root,
+   reusing complete ones.
 2. For each row of `ENTRIES` (a method under one supervision on one data
-   set): loads its shipped model when one exists for this preset, else
-   reuses a finished run in --work, else trains it with its recipe
-   (`refseg train` + `Entry.args` + the preset's schedule). A row whose
-   training command does not exist yet (LRB-WREL's `--method wrel`) is
-   reported as "not available" with the reason, never a crash.
+   set, with the recipe file that trains it, configs/<model>.yaml): loads its
+   shipped model when one exists for this preset, else reuses a finished run
+   in --work, else trains it with its recipe: `refseg train --config RECIPE`
+   with the preset's overrides as flags (`tiny`: a short schedule, small heads
+   and the preset's own split; `small`: none, the recipe as written). A row
+   whose recipe `refseg train` refuses is reported as "not available" with
+   the reason, never a crash.
 3. Evaluates each model on the test split of its domain (the code of
    `refseg eval`), measures its objective on that split, and counts what its
-   training labels cost (refseg.annotation). `--preset tiny` also evaluates
-   each method's untrained instance (the same seed, no step taken).
+   training labels cost (refseg.annotation; a recipe that weakens its split,
+   data.accurate_fraction, pays for the weak split its own accurate_fraction
+   and weak_seed make). `--preset tiny` also evaluates each method's untrained
+   instance (the final stage's config and seed, no step taken).
 4. Writes the report folder (refseg.bench.report): report.md (the table,
-   the cost assumptions with their sources, targets, commands), results.json,
-   accuracy_vs_cost.png and overlays/<row>.png (correct and failed cases).
+   the cost assumptions with their sources, targets, the recipe command of
+   each row), results.json, accuracy_vs_cost.png and overlays/<row>.png
+   (correct and failed cases).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from refseg import argtypes
 
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: configs/ beside refseg/
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -46,160 +53,192 @@ class Entry:
     method: str  # the method as the report names it
     domain: str  # natural | aerial (the test split evaluated)
     budget: str  # the training labels, in words
-    model: str  # refseg train --model
-    supervision: str  # refseg train --supervision; also picks the annotation cost model
-    data: str  # data set given to refseg train --data: natural | aerial | aerial-p<fraction> (refseg weaken)
     shipped: str  # name of the shipped model to load (refseg/weights/<shipped>.json) when it exists
-    args: Tuple[str, ...] = ()  # further refseg train arguments, every preset ({seed}: the bench seed)
-    labels: str = ""  # data set whose train split holds the labels paid for ("" = data)
+    recipe: str  # the recipe file that trains it (relative to the checkout), the one the model card names
     targets: Tuple[Tuple[str, float, str], ...] = ()  # (metric, threshold, "" or a row it is relative to)
 
-
-def _wrel(p: str) -> Tuple[str, ...]:
-    """LRB-WREL makes the weak split of the aerial data itself (as `refseg weaken --seed {seed}` does)."""
-    return ("--method", "wrel", "--accurate-fraction", p, "--weak-seed", "{seed}")
+    def recipe_file(self) -> Path:
+        return ROOT / self.recipe
 
 
-NO_VAL = ("--val-split", "")  # weak budgets: never read validation masks to pick a checkpoint
 ENTRIES: Tuple[Entry, ...] = (
-    Entry("lts", "LTS", "natural", "full masks", "lts", "full", "natural", "lts-synthref",
+    Entry("lts", "LTS", "natural", "full masks", "lts-synthref", "configs/lts-synthref.yaml",
           targets=(("mIoU", 0.85, ""), ("oIoU", 0.85, ""), ("PointM", 0.95, ""))),
-    Entry("pks", "PKS", "natural", "full masks", "pks", "full", "natural", "pks-synthref",
+    Entry("pks", "PKS", "natural", "full masks", "pks-synthref", "configs/pks-synthref.yaml",
           targets=(("mIoU", 0.85, ""),)),
-    Entry("pks-click", "PKS", "natural", "clicks (centre + box corners)", "pks", "click", "natural",
-          "pks-click-synthref", NO_VAL, targets=(("mIoU", 0.90, "pks"), ("PointM", 0.95, ""))),
-    Entry("sag", "SaG", "natural", "text only", "sag", "text", "natural", "sag-synthref", NO_VAL,
+    Entry("pks-click", "PKS", "natural", "clicks (centre + box corners)", "pks-click-synthref",
+          "configs/pks-click-synthref.yaml", targets=(("mIoU", 0.90, "pks"), ("PointM", 0.95, ""))),
+    Entry("sag", "SaG", "natural", "text only", "sag-synthref", "configs/sag-synthref.yaml",
           targets=(("PointM", 0.75, ""), ("mIoU", 0.55, "lts"))),
-    Entry("lts-aerial", "LTS", "aerial", "masks, all expressions", "lts", "full", "aerial", "lts-aerial"),
-    # LRB-WREL's comparison (issue 6): the upper bound, the naive baselines and LRB-WREL share one recipe
-    # (AERIAL_RECIPE / WREL_RECIPE in the small preset), so the ratios compare like with like
-    Entry("lts-aerial-upper", "LTS (upper bound)", "aerial", "masks, all expressions", "lts", "full", "aerial",
-          "lts-aerial-upper"),
-    Entry("lts-aerial-naive-p0.1", "LTS (naive)", "aerial", "masks, 10% expressions", "lts", "full",
-          "aerial-p0.1", "lts-aerial-naive-p0.1"),
-    Entry("wrel-aerial-p0.1", "LRB-WREL", "aerial", "masks, 10% expressions", "lts", "full", "aerial",
-          "wrel-aerial-p0.1", _wrel("0.1"), labels="aerial-p0.1", targets=(("oIoU", 0.92, "lts-aerial-upper"),)),
-    Entry("lts-aerial-naive-p0.5", "LTS (naive)", "aerial", "masks, 50% expressions", "lts", "full",
-          "aerial-p0.5", "lts-aerial-naive-p0.5"),
-    Entry("wrel-aerial-p0.5", "LRB-WREL", "aerial", "masks, 50% expressions", "lts", "full", "aerial",
-          "wrel-aerial-p0.5", _wrel("0.5"), labels="aerial-p0.5", targets=(("oIoU", 0.97, "lts-aerial-upper"),)),
+    Entry("lts-aerial", "LTS", "aerial", "masks, all expressions", "lts-aerial", "configs/lts-aerial.yaml"),
+    # LRB-WREL's comparison: the upper bound, the naive baselines and LRB-WREL share one schedule in their
+    # recipes, so the ratios compare like with like; each weak row's recipe weakens the split itself
+    # (data.accurate_fraction, data.weak_seed)
+    Entry("lts-aerial-upper", "LTS (upper bound)", "aerial", "masks, all expressions", "lts-aerial-upper",
+          "configs/lts-aerial-upper.yaml"),
+    Entry("lts-aerial-naive-p0.1", "LTS (naive)", "aerial", "masks, 10% expressions", "lts-aerial-naive-p0.1",
+          "configs/lts-aerial-naive-p0.1.yaml"),
+    Entry("wrel-aerial-p0.1", "LRB-WREL", "aerial", "masks, 10% expressions", "wrel-aerial-p0.1",
+          "configs/wrel-aerial-p0.1.yaml", targets=(("oIoU", 0.92, "lts-aerial-upper"),)),
+    Entry("lts-aerial-naive-p0.5", "LTS (naive)", "aerial", "masks, 50% expressions", "lts-aerial-naive-p0.5",
+          "configs/lts-aerial-naive-p0.5.yaml"),
+    Entry("wrel-aerial-p0.5", "LRB-WREL", "aerial", "masks, 50% expressions", "wrel-aerial-p0.5",
+          "configs/wrel-aerial-p0.5.yaml", targets=(("oIoU", 0.97, "lts-aerial-upper"),)),
 )
-WREL_ROWS = ("lts-aerial-upper", "lts-aerial-naive-p0.1", "wrel-aerial-p0.1", "lts-aerial-naive-p0.5",
-             "wrel-aerial-p0.5")
 
-# small heads for the tiny preset (the real frozen encoders)
+# small heads for the tiny preset (the real frozen encoders); they replace the recipe's model kwargs
 TINY_HEADS = {
     "lts": {"dim": 64, "depth": 1, "heads": 2, "decoder_widths": [24, 12, 8]},
     "pks": {"dim": 64, "depth": 1, "heads": 2, "fpn_width": 16, "fine_width": 8},
     "sag": {"dim": 64, "num_slots": 8, "iters": 2, "heads": 2, "decoder_hidden": 64},
 }
-
-
-# tiny LRB-WREL: the reference bank costs wrel_bank_iters passes over every weak ref; with the default 10
-# the tiny WREL row trained in 56 s, a plain row in 6 s
-TINY_WREL = ("--wrel-bank-iters", "2")
-# small: the recipe of issue 6's measurements, every row of LRB-WREL's comparison (README, "Flip and
-# transpose augmentation"): 1500 steps of 32 sentences from 8 images, all eight views of each aerial
-# image (--flip hvt), no validation; LRB-WREL's teacher 750 steps, reference bank 4 passes at lr 0.1,
-# accurate sentences listed 3 times in stage 3
-AERIAL_RECIPE = ("--max-steps", "1500", "--batch-size", "32", "--images-per-batch", "8", "--warmup-steps", "50",
-                 "--flip", "hvt", "--val-split", "", "--val-every", "0")
-WREL_RECIPE = AERIAL_RECIPE + ("--wrel-teacher-steps", "750", "--wrel-bank-iters", "4", "--wrel-bank-lr", "0.1",
-                               "--wrel-accurate-repeat", "3")
+# the tiny schedule, set on every stage: 40 steps of 16 sentences from 4 images at 160 px, no validation,
+# no time budget
+TINY = {"size": 160, "max_steps": 40, "batch_size": 16, "images_per_batch": 4, "lr": 1e-3, "warmup_steps": 4,
+        "time_budget": 0.0, "val_split": "", "log_every": 5}
+# tiny LRB-WREL: its teacher as long as the run (the recipe's 750 steps exceed it) and 2 passes of the
+# reference bank over every weak ref (the recipe's 4 cost most of the row's time at this size)
+TINY_WREL = {"wrel_teacher_steps": 0, "wrel_bank_iters": 2}
 
 
 @dataclass(frozen=True)
 class Preset:
-    data: str  # make-data --preset
-    schedule: Tuple[str, ...]  # refseg train arguments every row gets (steps, batch, learning rate ...)
-    heads: Dict[str, dict] = field(default_factory=dict)  # model -> --model-kwargs ({} = the defaults)
-    recipes: Dict[str, Tuple[str, ...]] = field(default_factory=dict)  # row -> arguments overriding the schedule
+    data: str  # make-data --preset of the test splits
+    overrides: Dict[str, Any] = field(default_factory=dict)  # TrainConfig fields (flat names) set on every stage of every recipe ({} = the recipes as written)
+    heads: Dict[str, dict] = field(default_factory=dict)  # model -> model kwargs replacing the recipe's
+    rows: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # row -> further fields set on its stages
+    own_split: bool = False  # train on this preset's split of the recipe's domain (--data), not the recipe's split
     untrained: bool = False  # also evaluate each method's untrained instance
     check_targets: bool = False  # judge the rows' targets
     examples: int = 4  # correct and failed cases per overlay grid row
 
 
 PRESETS = {
-    "tiny": Preset("tiny", ("--size", "160", "--max-steps", "40", "--batch-size", "16", "--images-per-batch", "4",
-                            "--lr", "1e-3", "--warmup-steps", "4", "--val-split", "", "--log-every", "5"),
-                   heads=TINY_HEADS, untrained=True, examples=3,
-                   recipes={"wrel-aerial-p0.1": TINY_WREL, "wrel-aerial-p0.5": TINY_WREL}),
-    "small": Preset("small", ("--max-steps", "5500", "--batch-size", "32", "--images-per-batch", "4", "--lr", "3e-4",
-                              "--warmup-steps", "200", "--val-every", "1000", "--val-max-samples", "600",
-                              "--log-every", "50"),
-                    recipes={"pks": ("--max-steps", "4500", "--val-every", "1500"),  # the shipped PKS runs' schedule
-                             "pks-click": ("--max-steps", "4500"),
-                             **{row: WREL_RECIPE if row.startswith("wrel") else AERIAL_RECIPE for row in WREL_ROWS}},
-                    check_targets=True),
+    "tiny": Preset("tiny", TINY, heads=TINY_HEADS, own_split=True, untrained=True, examples=3,
+                   rows={"wrel-aerial-p0.1": TINY_WREL, "wrel-aerial-p0.5": TINY_WREL}),
+    "small": Preset("small", check_targets=True),  # every row trained as its recipe (and shipped model) was
 }
 
 
-def train_args(entry: Entry, preset: Preset, seed: int) -> List[str]:
-    """The `refseg train` arguments of a row (without --data / --out / machine flags).
+def recipe_overrides(entry: Entry, preset: Preset, seed: int) -> Dict[str, Any]:
+    """The TrainConfig fields (flat names) the bench sets on every stage of a row's recipe: the preset's
+    overrides, its small head for the recipe's model, the row's own, and with --seed S > 0 the training
+    seeds (run.seed and data.weak_seed; at 0 the recipe's seeds stand)."""
+    from refseg.engine.recipe import load_recipe
 
-    Every part is "--flag value" pairs; a later part's flag replaces an
-    earlier one's value in place: model and supervision, the preset's
-    schedule, the row's recipe in that preset, the seed, the small head, the
-    row's own arguments.
-    """
-    parts = [("--model", entry.model, "--supervision", entry.supervision), preset.schedule,
-             preset.recipes.get(entry.name, ()), ("--seed", str(seed))]
-    if entry.model in preset.heads:
-        parts.append(("--model-kwargs", json.dumps(preset.heads[entry.model])))
-    parts.append(tuple(a.replace("{seed}", str(seed)) for a in entry.args))
-    flags: Dict[str, str] = {}
-    for part in parts:
-        assert len(part) % 2 == 0, part
-        flags.update(zip(part[::2], part[1::2]))
-    return [a for pair in flags.items() for a in pair]
+    values = dict(preset.overrides)
+    model = load_recipe(entry.recipe_file()).stages[-1].values.get("model", "lts")
+    if model in preset.heads:
+        values["model_kwargs"] = preset.heads[model]
+    values.update(preset.rows.get(entry.name, {}))
+    if seed:
+        values.update(seed=seed, weak_seed=seed)
+    return values
 
 
-def missing_train_support(entry: Entry, args: List[str]) -> Optional[str]:
-    """None when `refseg train` accepts a row's arguments, else why not (they are parsed, never run)."""
-    from refseg.engine import train as train_module
+def _flags(values: Dict[str, Any]) -> List[str]:
+    """`refseg train` flags of TrainConfig fields given by their flat names."""
+    argv = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
+        else:
+            argv += [flag, "none" if value is None else str(value)]
+    return argv
+
+
+def train_argv(entry: Entry, preset: Preset, seed: int, run: Path, data_root: Path,
+               train_data: Optional[Path] = None, recipe: Optional[str] = None) -> List[str]:
+    """`refseg train` arguments of a row: its recipe, the run folder, where the recipe's split is made,
+    the preset's split when it trains on its own (train_data), then the overrides (recipe_overrides).
+    recipe: the recipe path as written (default: the file's absolute path)."""
+    argv = ["train", "--config", recipe or str(entry.recipe_file()), "--out", str(run), "--data-root", str(data_root)]
+    if train_data is not None:
+        argv += ["--data", str(train_data)]
+    return argv + _flags(recipe_overrides(entry, preset, seed))
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    from refseg.engine import train_cli
 
     parser = argparse.ArgumentParser(prog="refseg train")
-    train_module.add_arguments(parser)
+    train_cli.add_arguments(parser)
+    return parser
+
+
+def command_configs(argv: List[str]):
+    """The resolved TrainConfig of every stage `refseg ARGV` (a recipe's train command) trains, in order,
+    without training (refseg.engine.recipe.command_configs)."""
+    from refseg.engine.recipe import command_configs as resolve_command
+
+    assert argv[0] == "train", argv
+    return resolve_command(_train_parser().parse_args(argv[1:]))
+
+
+def missing_train_support(entry: Entry, argv: List[str]) -> Optional[str]:
+    """None when `refseg train` accepts a row's recipe command, else why not (it is resolved, never run)."""
+    from refseg.engine.train import TrainError
+
+    if not entry.recipe_file().is_file():
+        return f"{entry.method} training is not in this refseg: its recipe {entry.recipe} is not in this checkout"
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors):
-            parser.parse_args(args + ["--data", "x"])
+            command_configs(argv)
     except SystemExit:
         lines = errors.getvalue().strip().splitlines()
         detail = lines[-1].replace("refseg train: error: ", "") if lines else "parse error"
-        return f"{entry.method} training is not in this refseg: `refseg train` refuses the row's arguments " \
-               f"({detail})"
-    return None
+    except (ValueError, TrainError) as e:  # ConfigError is a ValueError
+        detail = " ".join(str(e).split())
+    else:
+        return None
+    return f"{entry.method} training is not in this refseg: `refseg train` refuses the row's recipe ({detail})"
 
 
 # ---- data -----------------------------------------------------------------------------
 
 
-def data_folder(root: Path, key: str, preset: str, seed: int) -> Path:
-    base, _, weak = key.partition("-")
-    name = f"{base}-{preset}-s{seed}" + (f"-{weak}" if weak else "")
-    return root / name
+def data_folder(root: Path, domain: str, preset: str, seed: int) -> Path:
+    return root / f"{domain}-{preset}-s{seed}"
 
 
-def prepare_data(root: Path, key: str, preset: str, seed: int) -> Path:
-    """The data set folder of a key, generated (or weakened) when it is not complete yet."""
+def prepare_data(root: Path, domain: str, preset: str, seed: int) -> Path:
+    """The SynthRef split of a domain, generated when it is not complete yet."""
     from refseg.cli import main as cli
 
-    out = data_folder(root, key, preset, seed)
-    base, _, weak = key.partition("-")
-    if not weak:
-        if not (out / "synthref.json").exists():
-            if cli(["make-data", "--domain", base, "--preset", preset, "--seed", str(seed), "--out", str(out)]):
-                raise RuntimeError(f"refseg make-data failed for {out}")
-        return out
-    if not (out / "weak.json").exists():
-        source = prepare_data(root, base, preset, seed)
-        if not weak.startswith("p"):
-            raise ValueError(f"data key {key!r}: expected <domain>-p<fraction>")
-        if cli(["weaken", "--data", str(source), "--accurate-fraction", weak[1:], "--seed", str(seed),
-                "--out", str(out)]):
-            raise RuntimeError(f"refseg weaken failed for {out}")
+    out = data_folder(root, domain, preset, seed)
+    if not (out / "synthref.json").exists():
+        if cli(["make-data", "--domain", domain, "--preset", preset, "--seed", str(seed), "--out", str(out)]):
+            raise RuntimeError(f"refseg make-data failed for {out}")
     return out
+
+
+def labels_folder(cfg, trained_on: Path, fallback: Path, root: Path) -> Tuple[Path, Optional[str]]:
+    """(the data set whose train split holds the labels a model paid for, a note or None).
+
+    cfg: the TrainConfig it was trained with; trained_on: its data folder;
+    fallback: the folder counted when trained_on is not here. A config that
+    weakens its split (data.accurate_fraction p, data.weak_seed w) pays for
+    the weak split `refseg train` makes with those values (data.weak.ensure_weak
+    into ROOT/<folder>-p<p>-w<w>).
+    """
+    from refseg.data.weak import ensure_weak
+
+    note = None
+    folder = trained_on
+    if not (folder / "instances.json").exists():
+        note = (f"trained on {folder.name}, not found here: the annotation cost is that of {fallback.name}'s "
+                "training split")
+        folder = fallback
+    d = cfg.data
+    if d.accurate_fraction is not None:
+        weak = root / f"{folder.name}-p{d.accurate_fraction:g}-w{d.weak_seed}"
+        folder = ensure_weak(folder, weak, d.accurate_fraction, d.weak_seed, split_by=d.split_by or "unc",
+                             images_dir=d.images)
+    return folder, note
 
 
 # ---- one row --------------------------------------------------------------------------
@@ -302,16 +341,17 @@ def render_examples(model, data, records, k: int, seed: int, folder: Path, devic
     return {name: [(str(folder / f"{r['sent_id']}.png"), r["iou"]) for r in g] for name, g in chosen.items()}
 
 
-def train_config(targs: List[str], train_data: Path):
-    """The TrainConfig `refseg train` builds from a row's arguments (flags it does not know are left out)."""
-    from refseg.engine.config import add_config_arguments, config_from_args
+def recipe_command(entry: Entry, argv: Optional[List[str]] = None) -> str:
+    """The command line of a row's recipe: `refseg train --config configs/<model>.yaml --out runs/<model>`,
+    or `argv` (the bench's own, with its overrides) with the recipe named as in the checkout."""
+    if argv is None:
+        return shlex.join(["refseg", "train", "--config", entry.recipe, "--out", f"runs/{entry.shipped}"])
+    argv = list(argv)
+    argv[argv.index("--config") + 1] = entry.recipe
+    return shlex.join(["refseg", *argv])
 
-    parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
-    return config_from_args(parser.parse_known_args(targs + ["--data", str(train_data)])[0])
 
-
-def shipped_model(name: str, device):
+def shipped_model(entry: Entry, name: str, device):
     """(model, info) of a shipped model; info as `trained_model`'s, read from its card."""
     import refseg
     from refseg.engine.config import TrainConfig
@@ -325,82 +365,92 @@ def shipped_model(name: str, device):
     return refseg.load(name, device=device), {
         "source": f"shipped model {name}", "train_seconds": None if span is None else 60.0 * span,
         "train_time_source": "model card (logged training span)", "config": cfg,
-        "train_command": "; ".join(training.get("commands", [])) or "(not recorded in the card)"}
+        "train_command": recipe_command(entry)}
 
 
-def trained_model(entry: Entry, ctx: "Context", train_data: Path, targs: List[str], like=None):
-    """(model, info) of a row's run in WORK: reused when a bench training finished it, else trained (or resumed).
+def trained_model(entry: Entry, ctx: "Context", argv: List[str], like=None):
+    """(model, info) of a row's recipe run in WORK: reused when a bench training finished it, else trained
+    (a run stopped part-way goes on: finished stages are skipped, the unfinished one resumed).
 
-    info: {"source", "train_seconds", "train_time_source", "train_command",
-    "config"}. like: the row's untrained instance, copied instead of
-    rebuilding the encoders when the run is loaded.
+    argv: the row's `refseg train` arguments (train_argv). info: {"source",
+    "train_seconds", "train_time_source", "train_command"}. like: the row's
+    untrained instance, copied instead of rebuilding the encoders.
     """
     from refseg.cli import main as cli
-    from refseg.engine.checkpoint import find_checkpoint, load_model
+    from refseg.engine.checkpoint import load_model
+    from refseg.engine.recipe import RUN_FILE
 
-    run = ctx.work / "runs" / f"{ctx.preset.data}-s{ctx.seed}" / entry.name
-    command = ["refseg", "train", "--data", str(train_data), "--out", str(run), *targs]
+    run = Path(argv[argv.index("--out") + 1])
     machine = ["--threads", str(ctx.threads), "--device", str(ctx.device), "--no-progress",
                "--cache-dir", str(ctx.work / "cache")]
     timing = run / "bench_train.json"  # written when a training this bench started has finished
-    if timing.exists() and find_checkpoint(run, "last") is not None and not ctx.retrain:
+    if timing.exists() and not ctx.retrain:
         source = f"run reused from {run}"
     else:
-        resume = find_checkpoint(run, "last") is not None and not ctx.retrain  # an interrupted training goes on
-        argv = ["train", "--resume", str(run), *machine] if resume else \
-            ["train", "--data", str(train_data), "--out", str(run), *targs, *machine,
-             *(["--overwrite"] if run.exists() else [])]  # a retrain, or a run stopped before its first checkpoint
+        resume = (run / RUN_FILE).exists() and not ctx.retrain
+        full = [*argv, *machine, *(["--overwrite"] if ctx.retrain and run.exists() else [])]
         start = time.perf_counter()
-        if cli(argv) != 0:
-            raise RuntimeError(f"training failed: refseg {shlex.join(argv)}")
+        if cli(full) != 0:
+            raise RuntimeError(f"training failed: refseg {shlex.join(full)}")
         seconds = time.perf_counter() - start
-        timing.write_text(json.dumps({"seconds": seconds, "resumed": resume, "command": shlex.join(command)}))
+        timing.write_text(json.dumps({"seconds": seconds, "resumed": resume, "command": shlex.join(argv)}))
         source = "resumed and finished by this bench" if resume else "trained by this bench"
     recorded = json.loads(timing.read_text())
     return load_model(run, device=ctx.device, like=like), {
-        "source": source, "train_seconds": recorded["seconds"], "train_command": shlex.join(command),
-        "config": train_config(targs, train_data),
+        "source": source, "train_seconds": recorded["seconds"], "train_command": recipe_command(entry, argv),
         "train_time_source": "measured (bench)" + (", since the resume" if recorded.get("resumed") else "")}
+
+
+def recipe_domain(entry: Entry) -> str:
+    """The SynthRef domain of a row's recipe (the row's test domain when the recipe names a folder)."""
+    from refseg.engine.recipe import load_recipe
+
+    data = load_recipe(entry.recipe_file()).data
+    return data["domain"] if isinstance(data, dict) else entry.domain
+
+
+def row_argv(entry: Entry, ctx: "Context") -> List[str]:
+    """The `refseg train` arguments the bench trains a row with (WORK/runs/<preset>-s<seed>/<row>)."""
+    run = ctx.work / "runs" / f"{ctx.preset.data}-s{ctx.seed}" / entry.name
+    own = data_folder(ctx.data_root, recipe_domain(entry), ctx.preset.data, ctx.seed) if ctx.preset.own_split \
+        else None
+    return train_argv(entry, ctx.preset, ctx.seed, run, ctx.data_root, own)
 
 
 def run_entry(entry: Entry, ctx: "Context") -> List[Dict[str, Any]]:
     """The row of a trained (or shipped) model, evaluated; and its untrained instance's row when asked."""
     from refseg.annotation import annotation_cost
     from refseg.data import load_refer
+    from refseg.engine.recipe import load_recipe
     from refseg.engine.train import build_model, seed_everything
 
-    targs = train_args(entry, ctx.preset, ctx.seed)
-    train_data = prepare_data(ctx.data_root, entry.data, ctx.preset.data, ctx.seed)
-    labels = prepare_data(ctx.data_root, entry.labels or entry.data, ctx.preset.data, ctx.seed)
+    test_folder = prepare_data(ctx.data_root, entry.domain, ctx.preset.data, ctx.seed)
     test_data = ctx.data(entry.domain)
     shipped = None if ctx.no_shipped else shipped_for(entry, ctx.preset.data)
+    fresh = None
     if shipped:
-        model, info = shipped_model(shipped, ctx.device)
+        model, info = shipped_model(entry, shipped, ctx.device)
         cfg = info.pop("config")
-        fresh = None
-        trained_on = Path(cfg.data.path) if cfg is not None else train_data
-        if trained_on.name != train_data.name:  # e.g. lts-synthref: trained on SynthRef natural `full`
-            if cfg.data.accurate_fraction is not None:  # weakened by refseg train itself
-                info["note"] = (f"trained on {trained_on.name} weakened to {cfg.data.accurate_fraction:g} accurate "
-                                f"expressions (--accurate-fraction, weak seed {cfg.data.weak_seed}): the annotation cost "
-                                f"is that of {train_data.name}'s training split")
-            elif (trained_on / "instances.json").exists():
-                labels = trained_on
-                info["note"] = f"trained on {trained_on.name}: the annotation cost is that of its training split"
-            else:
-                info["note"] = (f"trained on {trained_on.name}, not found here: the annotation cost is that of "
-                                f"{train_data.name}'s training split")
+        trained_on = load_recipe(entry.recipe_file()).data_folder(ctx.data_root) if entry.recipe_file().is_file() \
+            else Path(cfg.data.path)
     else:
-        cfg = train_config(targs, train_data)
-        fresh = None
+        argv = row_argv(entry, ctx)
+        cfg = command_configs(argv)[-1]  # the final stage: the model evaluated
+        trained_on = Path(cfg.data.path)
+        if ctx.preset.own_split:  # else `refseg train` makes the recipe's own split
+            prepare_data(ctx.data_root, recipe_domain(entry), ctx.preset.data, ctx.seed)
         if ctx.untrained:
-            seed_everything(cfg.run.seed)  # the state the training starts from
+            seed_everything(cfg.run.seed)  # the state the final stage's model is built in
             fresh = build_model(cfg).to(ctx.device).eval()
-        model, info = trained_model(entry, ctx, train_data, targs, like=fresh)
-        info.pop("config")
+        model, info = trained_model(entry, ctx, argv, like=fresh)
+    supervision = cfg.data.supervision if cfg is not None else "full"
+    labels, note = labels_folder(cfg, trained_on, test_folder, ctx.data_root) if cfg is not None \
+        else (test_folder, None)
+    if note:
+        info["note"] = note
     row = {"name": entry.name, "method": entry.method, "domain": entry.domain, "budget": entry.budget,
-           "supervision": entry.supervision, "trained": True, **info,
-           "annotation": annotation_cost(load_refer(labels), "train", entry.supervision)}
+           "supervision": supervision, "trained": True, **info,
+           "annotation": annotation_cost(load_refer(labels), "train", supervision)}
     row.update(evaluate_row(model, test_data, cfg, ctx, ctx.vis_tmp / entry.name))
     rows = [row]
     if ctx.untrained and cfg is not None:
@@ -461,7 +511,10 @@ def run_rows(entries, ctx: Context) -> Tuple[List[Dict[str, Any]], List[Dict[str
     """(rows, skipped): every entry run (trained + untrained rows), or skipped with its reason."""
     rows, skipped = [], []
     for entry in entries:
-        reason = missing_train_support(entry, train_args(entry, ctx.preset, ctx.seed))
+        try:
+            reason = missing_train_support(entry, row_argv(entry, ctx) if entry.recipe_file().is_file() else [])
+        except ValueError as e:  # a recipe that does not parse (ConfigError)
+            reason = f"{entry.method} training is not in this refseg: {' '.join(str(e).split())}"
         if reason and (ctx.no_shipped or not shipped_for(entry, ctx.preset.data)):
             skipped.append({"name": entry.name, "status": "not available", "reason": reason})
             print(f"refseg bench: {entry.name}: not available: {reason}", file=sys.stderr)
