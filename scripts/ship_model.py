@@ -64,7 +64,7 @@ def bank_record(folder: Path) -> dict:
 def recipe_run(run: Path):
     """(the run folder to ship, the recipe file): a recipe's run folder (RUN/recipe.json) gives its final
     stage and the recipe it was trained with; any other run folder gives itself and None."""
-    from refseg.engine.recipe import RUN_FILE, final_stage
+    from refseg.engine.checkpoint import RECIPE_RUN_FILE as RUN_FILE, final_stage
 
     final = final_stage(run)
     if final is None:

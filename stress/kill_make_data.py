@@ -58,7 +58,7 @@ def wait_for_progress(child: killing.Child, images: int) -> None:
 def check_after_kill(out: Path, reference: dict) -> str:
     """The checks listed in the module docstring; returns what the kill left."""
     from refseg.data import ReferFormatError, load_refer
-    from refseg.data.synthref.atomic import INCOMPLETE_MARKER
+    from refseg.data.atomic import INCOMPLETE_MARKER
 
     left = "nothing loadable"
     if out.exists():

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from refseg.cli import main as cli
 from refseg.data import ImageReadError, ReferFileNotFoundError, ReferFormatError, load_image_rgb, load_refer
 from refseg.data.refer import load_refs_file
-from refseg.data.synthref.atomic import INCOMPLETE_MARKER
+from refseg.data.atomic import INCOMPLETE_MARKER
 from refseg.engine.checkpoint import CheckpointError, load_model
 from refseg.engine.config import ConfigError, TrainConfig
 from refseg.expressions import check_expressions

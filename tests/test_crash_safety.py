@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from _engine_fixtures import one_thread, tiny_config, tiny_model  # noqa: F401 (one_thread: an autouse fixture)
 
-from refseg.data.synthref.atomic import INCOMPLETE_MARKER, remove_stale_staging
+from refseg.data.atomic import INCOMPLETE_MARKER, remove_stale_staging
 from refseg.data.synthref.vocab import PRESETS
 from refseg.engine.config import TrainConfig, write_text_atomic
 from refseg.engine.train import train

@@ -41,7 +41,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from refseg.data.image import MAX_PIXELS, load_image_rgb
-from refseg.data.synthref.atomic import INCOMPLETE_MARKER
+from refseg.data.atomic import INCOMPLETE_MARKER
 
 SPLIT_ORDER = ("train", "val", "testA", "testB", "test")
 POLYGON_MARGIN = 0.1  # polygon points may lie this share of the image size (+ 2 px) outside it

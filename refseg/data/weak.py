@@ -37,7 +37,7 @@ import numpy as np
 
 from refseg.argtypes import fraction, nonneg_int
 from refseg.data.refer import ReferFormatError, load_refer, load_refs_file
-from refseg.data.synthref.atomic import staged_directory
+from refseg.data.atomic import staged_directory
 from refseg.outputs import check_folder_output
 
 PICKLE_PROTOCOL = 4

@@ -53,10 +53,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from refseg.engine.checkpoint import RECIPE_RUN_FILE, STAGE_NAME
 from refseg.engine.config import (ConfigError, TrainConfig, flat_fields, from_file_values, given_flags, nest,
                                   read_config_file, write_text_atomic)
 
-RUN_FILE = "recipe.json"  # RUN/recipe.json: the state of a recipe's run folder
+RUN_FILE = RECIPE_RUN_FILE  # RUN/recipe.json: the state of a recipe's run folder (checkpoint.final_stage reads it)
 DATA_KEYS = ("domain", "preset", "seed")  # a SynthRef split
 SPLIT_KEY = "synthref"  # recipe key of a SynthRef split {domain, preset, seed}
 FOLDER_KEY = "dataset"  # recipe key of a refer-format folder
@@ -64,7 +65,6 @@ LEGACY_KEY = "data"  # the key of either in recipes written before the nested Tr
 SET_BY_RUN = (("data", "path"), ("run", "out"), ("run", "resume"), ("run", "overwrite"))  # set for each stage
 MACHINE_FIELDS = ("threads", "cache_dir", "out", "resume", "progress", "device", "workers")  # not a recipe's
 RESERVED_STAGE_NAMES = ("best", "last", "data", "tb", RUN_FILE)
-STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass
@@ -243,20 +243,6 @@ def stage_configs(recipe: Recipe, run: Union[str, Path], data_root: Union[str, P
 
 
 # ---- the run folder -------------------------------------------------------------------------
-
-
-def final_stage(run: Union[str, Path]) -> Optional[Path]:
-    """RUN/<final stage> when RUN is a recipe's run folder (RUN/recipe.json), else None."""
-    state_file = Path(run) / RUN_FILE
-    if not state_file.is_file():
-        return None
-    try:
-        final = json.loads(state_file.read_text(encoding="utf-8"))["final"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ConfigError(f"{state_file}: not a recipe run's state (no 'final' stage)") from None
-    if not isinstance(final, str) or not STAGE_NAME.match(final):
-        raise ConfigError(f"{state_file}: field 'final' must be a stage folder name, got {final!r}")
-    return Path(run) / final
 
 
 def is_recipe_run(args: argparse.Namespace) -> bool:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from refseg.argtypes import fraction_below_one, nonneg_int, processes
-from refseg.data.synthref.atomic import staged_directory
+from refseg.data.atomic import staged_directory
 from refseg.data.synthref.build import ImageTask, assemble, build_image
 from refseg.data.synthref.vocab import DOMAINS, IMAGE_SIZE, PRESETS, SPLITS, VOCABS
 
