@@ -34,11 +34,10 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Optional, Union
 
 BACKENDS = ("auto", "onnx", "torch")
 COMPLETE = "COMPLETE"

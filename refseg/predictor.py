@@ -19,7 +19,7 @@ that upsamples each logit map once and thresholds it in logit space.
 """
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Sequence, Union
 
 import numpy as np
 import torch

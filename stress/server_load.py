@@ -44,7 +44,6 @@ import json
 import os
 import random
 import socket
-import statistics
 import struct
 import subprocess
 import sys
