@@ -626,6 +626,47 @@ def build_demo(pool: ModelPool, examples: Sequence[Sequence[str]] = (), segment:
     return demo
 
 
+_ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "object", "required": ["code", "message"],
+                 "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}}
+_RESULT_SCHEMA = {
+    "type": "object",
+    "required": ["text", "score", "no_target", "no_target_prob", "point", "area", "bbox", "rle", "mask_png"],
+    "properties": {
+        "text": {"type": "string", "description": "the expression, as sent"},
+        "score": {"type": "number", "description": "mean foreground probability inside the mask (0 if empty)"},
+        "no_target": {"type": "boolean", "description": "the model's decision that the expression names nothing"},
+        "no_target_prob": {"type": "number"},
+        "point": {"type": "array", "items": {"type": "integer"}, "description": "[x, y] of the response map's peak"},
+        "area": {"type": "integer", "description": "mask pixels"},
+        "bbox": {"type": ["array", "null"], "items": {"type": "integer"}, "description": "[x, y, w, h] or null"},
+        "rle": {"type": "object", "description": "COCO RLE of the mask: size [h, w], compressed counts",
+                "properties": {"size": {"type": "array", "items": {"type": "integer"}}, "counts": {"type": "string"}}},
+        "mask_png": {"type": "string", "description": "base64 of a 0/255 PNG of the mask"},
+    },
+}
+SEGMENT_OPENAPI = {  # /segment reads its multipart form itself (limits first), so its schema is written out here
+    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["image", "text"],
+        "properties": {
+            "image": {"type": "string", "format": "binary", "description": "one image file (any format Pillow reads)"},
+            "text": {"type": "array", "items": {"type": "string"},
+                     "description": f"expressions, one form field each (at most {MAX_TEXTS})"},
+            "model": {"type": "string", "description": "a model the server was started with (default: its first)"},
+        }}}}},
+    "responses": {
+        "200": {"description": "one result per expression", "content": {"application/json": {"schema": {
+            "type": "object", "required": ["model", "width", "height", "results", "timing_ms"],
+            "properties": {"model": {"type": "string"}, "width": {"type": "integer"}, "height": {"type": "integer"},
+                           "results": {"type": "array", "items": _RESULT_SCHEMA},
+                           "timing_ms": {"type": "object", "additionalProperties": {"type": "number"}}}}}}},
+        "4XX": {"description": "bad input (400 form, 413 too large, 415 not an image, 422 limits)",
+                "content": {"application/json": {"schema": _ERROR_SCHEMA}}},
+        "5XX": {"description": "the model failed (503 model_failed) or the server did (500)",
+                "content": {"application/json": {"schema": _ERROR_SCHEMA}}},
+    },
+}
+
+
 def create_app(
     models: Optional[Mapping[str, ModelSource]] = None,
     default: Optional[str] = None,
@@ -716,7 +757,8 @@ def create_app(
         done = time.perf_counter()
         return rgb, records, {"decode": round((decoded - start) * 1e3, 1), "model": round((done - decoded) * 1e3, 1)}
 
-    @app.post("/segment")
+    @app.post("/segment", summary="Segment what each expression names in an image",
+              openapi_extra=SEGMENT_OPENAPI)
     async def segment(request: Request):
         try:
             form = await request.form(max_files=1, max_fields=4 * MAX_TEXTS)

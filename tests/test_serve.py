@@ -217,3 +217,22 @@ def test_demo_command_rejects_a_missing_model(tmp_path, capsys):
 
     assert cli(["demo", "--model", str(tmp_path / "nope")]) == 2
     assert "neither a shipped model" in capsys.readouterr().err
+
+
+def test_openapi_describes_segment_as_it_answers(client):
+    """/api/openapi.json (served as /api/docs) documents /segment's form fields and answer; a real answer has
+    exactly the documented keys, and a bad request's body has the documented error shape."""
+    spec = client.get("/api/openapi.json").json()
+    op = spec["paths"]["/segment"]["post"]
+    form = op["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(form["properties"]) == {"image", "text", "model"} and set(form["required"]) == {"image", "text"}
+    answer = op["responses"]["200"]["content"]["application/json"]["schema"]
+    result = answer["properties"]["results"]["items"]
+    body = post(client, png_bytes(red_square_image()), texts=["the red square"]).json()
+    assert set(body) == set(answer["properties"]) == set(answer["required"])
+    assert set(body["results"][0]) == set(result["properties"]) == set(result["required"])
+    error = op["responses"]["4XX"]["content"]["application/json"]["schema"]
+    bad = post(client, b"not an image")
+    assert 400 <= bad.status_code < 500 and set(bad.json()) == set(error["properties"])
+    assert set(bad.json()["error"]) == set(error["properties"]["error"]["required"])
+    assert client.get("/api/docs").status_code == 200
