@@ -9,6 +9,7 @@ the command imports a model or reads a file:
 """
 
 import argparse
+import json
 import math
 import re
 
@@ -161,3 +162,17 @@ def resolve_device(name: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def config_flags(values: dict) -> list:
+    """`refseg train` flags that set TrainConfig fields given by their flat names (bools as --x / --no-x)."""
+    argv: list = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
+        else:
+            argv += [flag, "none" if value is None else str(value)]
+    return argv

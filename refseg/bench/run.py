@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from refseg import argtypes
+from refseg.argtypes import config_flags
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: configs/ beside refseg/
 
@@ -136,20 +137,6 @@ def recipe_overrides(entry: Entry, preset: Preset, seed: int) -> Dict[str, Any]:
     return values
 
 
-def _flags(values: Dict[str, Any]) -> List[str]:
-    """`refseg train` flags of TrainConfig fields given by their flat names."""
-    argv = []
-    for name, value in values.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + name.replace("_", "-"))
-        elif isinstance(value, dict):
-            argv += [flag, json.dumps(value)]
-        else:
-            argv += [flag, "none" if value is None else str(value)]
-    return argv
-
-
 def train_argv(entry: Entry, preset: Preset, seed: int, run: Path, data_root: Path,
                train_data: Optional[Path] = None, recipe: Optional[str] = None) -> List[str]:
     """`refseg train` arguments of a row: its recipe, the run folder, where the recipe's split is made,
@@ -158,7 +145,7 @@ def train_argv(entry: Entry, preset: Preset, seed: int, run: Path, data_root: Pa
     argv = ["train", "--config", recipe or str(entry.recipe_file()), "--out", str(run), "--data-root", str(data_root)]
     if train_data is not None:
         argv += ["--data", str(train_data)]
-    return argv + _flags(recipe_overrides(entry, preset, seed))
+    return argv + config_flags(recipe_overrides(entry, preset, seed))
 
 
 def _train_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
-from refseg.argtypes import positive_int
+from refseg.argtypes import config_flags, positive_int
 from refseg.engine import distributed
 from refseg.engine.config import add_config_arguments, config_from_args, given_flags, read_config_file
 from refseg.engine.train import TrainError, train
@@ -60,17 +60,4 @@ def main(args: argparse.Namespace) -> int:
 
 def _to_argv(args: argparse.Namespace) -> List[str]:
     """The flags given (config fields present in the namespace, --config), for the torchrun relaunch."""
-    import json
-
-    argv = ["--config", args.config] if args.config else []
-    for name, value in given_flags(args).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + name.replace("_", "-"))
-        elif isinstance(value, dict):
-            argv += [flag, json.dumps(value)]
-        else:
-            argv += [flag, "none" if value is None else str(value)]
-    return argv
-
-
+    return (["--config", args.config] if args.config else []) + config_flags(given_flags(args))
