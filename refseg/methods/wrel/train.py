@@ -43,6 +43,7 @@ from refseg.engine import distributed
 from refseg.engine import train as engine
 from refseg.engine.config import TRAIN_SPLIT, TrainConfig, flat_view, read_config_file
 from refseg.engine.ema import ema_copy
+from refseg.engine.run_folder import check_resume_config, drop_replaced, open_run
 from refseg.methods.wrel.config import WRELConfig
 from refseg.modeling.text import TextFeatures
 
@@ -330,7 +331,7 @@ def train_wrel(cfg: TrainConfig, model: Optional[nn.Module] = None, data=None) -
     if cfg.run.cache_features == "off":
         raise engine.TrainError("method wrel needs the feature cache (frozen encoders): drop --cache-features off")
     run = Path(cfg.run.out or f"runs/wrel-{datetime.now():%Y%m%d-%H%M%S}")
-    lock = engine.open_run(run, cfg)  # refuses a folder holding a run (unless resumed / overwritten), locks it
+    lock = open_run(run, cfg)  # refuses a folder holding a run (unless resumed / overwritten), locks it
     try:
         return _train_wrel(cfg, model, data, run)
     finally:
@@ -348,7 +349,7 @@ def _train_wrel(cfg: TrainConfig, model: Optional[nn.Module], data, run: Path) -
     device = engine.resolve_device(cfg.run.device)
     resume = cfg.run.resume is not None
     if resume and (run / "config.json").exists():  # before config.json is rewritten with this config
-        engine.check_resume_config(cfg, read_config_file(run / "config.json"), run / "config.json")
+        check_resume_config(cfg, read_config_file(run / "config.json"), run / "config.json")
     run.mkdir(parents=True, exist_ok=True)
     with engine.writing(run / "config.json"):
         cfg.updated(out=str(run), resume=None, overwrite=False).save(run / "config.json")
@@ -420,7 +421,7 @@ def _train_wrel(cfg: TrainConfig, model: Optional[nn.Module], data, run: Path) -
             ckpt.save_checkpoint(run / "best", scored, None,
                                  {"step": summary["step"], "note": "no validation: the end of training",
                                   "config": cfg3.to_dict()}, include_frozen=cfg.run.save_frozen)
-    engine.drop_replaced(run)  # what --overwrite set aside
+    drop_replaced(run)  # what --overwrite set aside
     summary["stages"] = stages
     summary["seconds"] = round(time.time() - started, 1)
     return summary
