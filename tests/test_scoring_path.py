@@ -85,3 +85,21 @@ def test_evaluation_and_predictor_post_process_alike(predictor, hw):
         assert point == tuple(served.points[k].tolist())
         np.testing.assert_array_equal(lg, served.logits[k])
         assert mask.any() != bool(served.no_target[k])
+
+
+def test_bench_scores_what_refseg_eval_scores(synthref_tiny, tmp_path):
+    """`refseg bench` evaluates a row from the images as served, so its figures equal `refseg eval`'s
+    sentence by sentence (a feature cache in fp16 would move some IoUs)."""
+    from types import SimpleNamespace
+
+    from refseg.bench.run import evaluate_row
+
+    out = tmp_path / "eval.json"
+    assert cli(["eval", "--checkpoint", MODEL, "--data", str(synthref_tiny), "--split", "test", "--threads", "1",
+                "--out", str(out), "--per-sample"]) == 0
+    evaluated = json.loads(out.read_text())
+    ctx = SimpleNamespace(device=torch.device("cpu"), work=tmp_path / "work")
+    row = evaluate_row(refseg.load(MODEL), load_refer(synthref_tiny), None, ctx, None)
+    got = _strict(row["metrics"])
+    assert {k: got[k] for k in ("oIoU", "mIoU", "PointM", "n")} == \
+        {k: evaluated["metrics"][k] for k in ("oIoU", "mIoU", "PointM", "n")}

@@ -252,7 +252,7 @@ def test_features(model, data, supervision: str, device, cache_dir: Path):
     from refseg.data.dataset import RefSegDataset
     from refseg.engine import cache as feature_cache
 
-    ds = RefSegDataset(data, "test", int(getattr(model, "image_size", 320)), supervision)
+    ds = RefSegDataset(data, "test", model.image_size, supervision)
     if not feature_cache.encoders_frozen(model):
         return ds, None
     return ds, feature_cache.get_cache(model, ds, device, str(cache_dir), progress=False)
@@ -298,7 +298,8 @@ def evaluate_row(model, data, cfg, ctx: "Context", vis_dir: Optional[Path]) -> D
     ds, cache = test_features(model, data, cfg.data.supervision if cfg is not None else "text", ctx.device,
                               ctx.work / "cache")
     records: List[Dict[str, Any]] = []
-    metrics = evaluate_model(model, ds, device=ctx.device, progress=False, cache=cache, per_sample=records)
+    # scored from the images as served (fp32 encoder maps), not from the fp16 feature cache of the held-out loss
+    metrics = evaluate_model(model, ds, device=ctx.device, progress=False, per_sample=records)
     out = {"metrics": metrics, "heldout_loss": heldout_objective(model, ds, cache, cfg, ctx.device) if cfg else None}
     if vis_dir is not None:
         out["examples"] = render_examples(model, data, records, ctx.preset.examples, ctx.seed, vis_dir, ctx.device)
@@ -321,7 +322,7 @@ def render_examples(model, data, records, k: int, seed: int, folder: Path, devic
     groups = {"correct": [r for r in records if r["iou"] >= 0.5], "failed": [r for r in records if r["iou"] < 0.5]}
     chosen = {name: [g[i] for i in sorted(rng.permutation(len(g))[:k])] for name, g in groups.items()}
     wanted = {r["sent_id"] for g in chosen.values() for r in g}
-    ds = RefSegDataset(data, "test", int(getattr(model, "image_size", 320)), "eval")
+    ds = RefSegDataset(data, "test", model.image_size, "eval")
     ds.samples = [s for s in ds.samples if s.sent_id in wanted]
     if ds.samples:
         evaluate_model(model, ds, device=device, progress=False, save_vis=folder)
