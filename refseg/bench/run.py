@@ -94,9 +94,9 @@ TINY_HEADS = {
     "sag": {"dim": 64, "num_slots": 8, "iters": 2, "heads": 2, "decoder_hidden": 64},
 }
 # the tiny schedule, set on every stage: 40 steps of 16 sentences from 4 images at 160 px, no validation,
-# no time budget
+# no time budget, no flip views (each view is a feature cache of its own: 8 for --flip hvt)
 TINY = {"size": 160, "max_steps": 40, "batch_size": 16, "images_per_batch": 4, "lr": 1e-3, "warmup_steps": 4,
-        "time_budget": 0.0, "val_split": "", "log_every": 5}
+        "time_budget": 0.0, "val_split": "", "log_every": 5, "flip": "none"}
 # tiny LRB-WREL: its teacher as long as the run (the recipe's 750 steps exceed it) and 2 passes of the
 # reference bank over every weak ref (the recipe's 4 cost most of the row's time at this size)
 TINY_WREL = {"wrel_teacher_steps": 0, "wrel_bank_iters": 2}
