@@ -11,7 +11,8 @@ what is served.
 """
 
 import math
-from typing import NamedTuple, Tuple
+from dataclasses import dataclass
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -19,15 +20,17 @@ import torch
 from refseg.data.transforms import Letterbox
 
 
-class PostProcessed(NamedTuple):
-    """Post-processed outputs of B expressions about one (H, W) image (the fields of ``Prediction``).
+@dataclass
+class Prediction:
+    """Post-processed outputs of N expressions about one (H, W) image; what ``Predictor.predict`` returns.
 
-    masks:          (B, H, W) bool, ``logit > logit(mask_threshold)``; empty where ``no_target``.
-    scores:         (B,) float32, mean foreground probability over the mask's pixels (0 for an empty mask).
-    no_target:      (B,) bool, ``no_target_logit > 0``.
-    no_target_prob: (B,) float32, sigmoid of the no-target logit.
-    logits:         (B, H, W) float32, the un-letterboxed mask logits.
-    points:         (B, 2) int64, x, y of the argmax of ``logits`` (first one on ties).
+    masks:          (N, H, W) bool, ``logit > logit(mask_threshold)``; empty where ``no_target``.
+    scores:         (N,) float32 in [0, 1], mean foreground probability over the mask's pixels (0 for an
+                    empty mask).
+    no_target:      (N,) bool, the model's decision that the expression names nothing (``no_target_logit > 0``).
+    no_target_prob: (N,) float32 in [0, 1], sigmoid of the no-target logit.
+    logits:         (N, H, W) float32, the un-letterboxed mask logits at full resolution.
+    points:         (N, 2) int64, x, y of the argmax of ``logits`` (first one on ties).
     """
 
     masks: np.ndarray
@@ -47,8 +50,8 @@ def logit_threshold(mask_threshold: float) -> float:
 
 
 def postprocess(mask_logits: torch.Tensor, no_target_logits: torch.Tensor, orig_hw: Tuple[int, int],
-                letterbox: Letterbox, mask_threshold: float = 0.5) -> PostProcessed:
-    """Decoder outputs of B expressions about one image -> ``PostProcessed`` at the image's full resolution.
+                letterbox: Letterbox, mask_threshold: float = 0.5) -> Prediction:
+    """Decoder outputs of B expressions about one image -> ``Prediction`` at the image's full resolution.
 
     mask_logits: (B, 1, S, S) float tensor (any float dtype, any device), S = letterbox.size.
     no_target_logits: (B,) float tensor.
@@ -63,7 +66,7 @@ def postprocess(mask_logits: torch.Tensor, no_target_logits: torch.Tensor, orig_
     h, w = int(orig_hw[0]), int(orig_hw[1])
     b = int(mask_logits.shape[0])
     if b == 0:
-        return PostProcessed(np.zeros((0, h, w), bool), np.zeros(0, np.float32), np.zeros(0, bool),
+        return Prediction(np.zeros((0, h, w), bool), np.zeros(0, np.float32), np.zeros(0, bool),
                              np.zeros(0, np.float32), np.zeros((0, h, w), np.float32), np.zeros((0, 2), np.int64))
     nt_logits = no_target_logits.detach().float().cpu().numpy().reshape(b)  # (B,)
     no_target = nt_logits > 0  # (B,)
@@ -75,7 +78,7 @@ def postprocess(mask_logits: torch.Tensor, no_target_logits: torch.Tensor, orig_
     scores = np.zeros(b, np.float32)
     for i in np.flatnonzero(masks.reshape(b, -1).any(1)):
         scores[i] = _sigmoid(logits[i][masks[i]]).mean(dtype=np.float32)
-    return PostProcessed(masks, scores, no_target, _sigmoid(nt_logits), logits, points)
+    return Prediction(masks, scores, no_target, _sigmoid(nt_logits), logits, points)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -18,7 +18,6 @@ that upsamples each logit map once and thresholds it in logit space.
     result.masks        # (N, H, W) bool, full resolution of the input image
 """
 
-from dataclasses import dataclass
 from typing import Iterable, Sequence, Union
 
 import numpy as np
@@ -28,33 +27,11 @@ from refseg.data.image import load_image_rgb
 from refseg.data.transforms import Letterbox
 from refseg.expressions import check_expressions
 from refseg.modeling.base import RISModel
-from refseg.postprocess import postprocess
+from refseg.postprocess import Prediction, postprocess
 
 
 class ModelOutputError(RuntimeError):
     """The model's outputs hold NaN or infinite values (broken weights, or an input that breaks it)."""
-
-
-@dataclass
-class Prediction:
-    """What ``Predictor.predict`` returns for N expressions on one image.
-
-    masks:      (N, H, W) bool, at the input image's full resolution.
-    scores:     (N,) float32 in [0, 1], mean foreground probability inside the
-                predicted mask (0 when the mask is empty).
-    no_target:  (N,) bool, the model's decision that the expression names
-                nothing in the image (its mask is then empty).
-    no_target_prob: (N,) float32 in [0, 1].
-    logits:     (N, H, W) float32 mask logits at full resolution.
-    points:     (N, 2) int64, x, y of the response map's argmax (full resolution).
-    """
-
-    masks: np.ndarray
-    scores: np.ndarray
-    no_target: np.ndarray
-    no_target_prob: np.ndarray
-    logits: np.ndarray
-    points: np.ndarray
 
 
 ImageLike = Union[str, "os.PathLike", np.ndarray, "PIL.Image.Image"]  # noqa: F821
@@ -193,8 +170,7 @@ class Predictor:
             if bool(bad.any()):
                 raise ModelOutputError(f"the model's {key} hold NaN or infinite values for {int(bad.sum())} of "
                                        f"{len(bad)} expressions; its weights or this input break it")
-        return Prediction(*postprocess(out["mask_logits"], out["no_target_logits"], hw, self.letterbox,
-                                       self.mask_threshold))
+        return postprocess(out["mask_logits"], out["no_target_logits"], hw, self.letterbox, self.mask_threshold)
 
 
 def _concat(parts: list) -> Prediction:
